@@ -1,0 +1,115 @@
+"""Run folders: safetensors weights, config.json, and the resumable training state.
+
+A run folder holds ``config.json`` (every option, resolved), ``model.safetensors`` (the EMA
+weights used for sampling) and ``train_state.pt`` (raw and EMA weights, optimizer, step and
+RNG states for an exact resume; read with ``torch.load(weights_only=True)``). Every file is
+written atomically. Weights are never unpickled: a pickle file where weights are expected is
+refused unless the caller passes ``trust_pickle=True``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from difflab.config import RunConfig
+from difflab.diffusion import GaussianDiffusion
+from difflab.errors import UsageError
+from difflab.files import atomic_path, write_text
+from difflab.models import ContextUnet
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+TRAIN_STATE = "train_state.pt"
+METRICS = "metrics.jsonl"
+
+_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # raw pickle protocol >= 2, or a torch zip archive
+
+
+def save_weights(model: torch.nn.Module, path: str | Path, metadata: dict[str, Any] | None = None) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def _refuse_pickle(path: Path, trust_pickle: bool) -> None:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if any(head.startswith(m) for m in _PICKLE_MAGIC) and not trust_pickle:
+        raise UsageError(
+            f"{path}: this is a pickle checkpoint, which can run arbitrary code when loaded; "
+            "difflab reads safetensors only (pass --trust-pickle if you trust the file)"
+        )
+
+
+def load_weights(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: weights file not found")
+    if path.suffix != ".safetensors":
+        _refuse_pickle(path, trust_pickle)
+        if trust_pickle:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            return state.get("state_dict", state) if isinstance(state, dict) else state
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        _refuse_pickle(path, trust_pickle)
+        raise UsageError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def save_config(cfg: RunConfig, run_dir: str | Path) -> None:
+    write_text(Path(run_dir) / CONFIG, cfg.to_json())
+
+
+def check_run_dir(run: str | Path, need_weights: bool = True) -> Path:
+    run = Path(run)
+    if not run.is_dir():
+        raise UsageError(f"RUN {run}: no such run folder")
+    if not (run / CONFIG).is_file():
+        raise UsageError(f"RUN {run}: not a run folder (no {CONFIG})")
+    if need_weights and not (run / WEIGHTS).is_file():
+        raise UsageError(f"RUN {run}: has no {WEIGHTS} yet (train it first, or wait for its first checkpoint)")
+    return run
+
+
+def load_run(
+    run: str | Path, device: str | torch.device = "cpu", trust_pickle: bool = False
+) -> tuple[ContextUnet, GaussianDiffusion, RunConfig]:
+    """Everything needed to sample from a run folder: the EMA model, its diffusion, its config."""
+    run = check_run_dir(run)
+    cfg = RunConfig.load(run / CONFIG)
+    model = ContextUnet(cfg.model)
+    state = load_weights(run / WEIGHTS, trust_pickle=trust_pickle)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        key = (missing or unexpected)[0]
+        raise UsageError(f"{run / WEIGHTS}: weights do not fit config.json's model ({'missing' if missing else 'unexpected'} {key!r})")
+    model.to(device).eval()
+    return model, GaussianDiffusion(cfg.diffusion), cfg
+
+
+def weights_metadata(path: str | Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return {k: json.loads(v) for k, v in meta.items()}
+
+
+def save_train_state(state: dict[str, Any], run_dir: str | Path) -> None:
+    with atomic_path(Path(run_dir) / TRAIN_STATE) as tmp:
+        torch.save(state, tmp)
+
+
+def load_train_state(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / TRAIN_STATE
+    if not path.is_file():
+        raise UsageError(f"--resume: {path} not found; nothing to resume")
+    return torch.load(path, map_location="cpu", weights_only=True)

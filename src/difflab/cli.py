@@ -1,0 +1,162 @@
+"""The command line: parse, call one library function, print.
+
+Bad input becomes one line on stderr and exit code 2 (no traceback unless ``--debug``);
+a diverged training run exits with 1 and says which checkpoint was kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from difflab import __version__
+from difflab.errors import UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _float_list(s: str) -> list[float]:
+    return [float(v) for v in s.split(",")]
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a class-conditional DDPM into a run folder")
+    p.add_argument("--preset", default="quick", help="quick (CPU, minutes) or paper (GPU)")
+    p.add_argument("--dataset", help="mnist5k, digits, mnist, fashion-mnist, cifar10 or folder:PATH")
+    p.add_argument("--data-dir", help="where torchvision datasets live (default ./data)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--epochs", type=float, help="passes over the training split")
+    g.add_argument("--minutes", type=float, help="wall-clock training budget")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any option")
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="sample a labelled grid (.png) or arrays (.npz) from a run")
+    p.add_argument("run")
+    p.add_argument("--classes", help="comma-separated class indices (default: all)")
+    p.add_argument("--n-per-class", type=int, default=8)
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale s (diffusers convention)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--sampler", help="ddpm, ddim, dpm++, unipc or euler")
+    p.add_argument("--eta", type=float, help="DDIM eta (0 deterministic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="FILE.png or FILE.npz")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="conditional accuracy and Frechet distance of a run's samples")
+    p.add_argument("run")
+    p.add_argument("--n", type=int, default=100, help="samples per class")
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--sampler")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the whole DDPM lab on the embedded data, on the CPU")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--minutes", type=float, default=None, help="training budget (default: the quick preset's)")
+    p.add_argument("--device", default="auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="difflab", description="A lab bench for diffusion models.")
+    parser.add_argument("--version", action="version", version=f"difflab {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_add_train, _add_sample, _add_eval, _add_demo):
+        add(sub)
+    return parser
+
+
+def _train_config(args):
+    from dataclasses import replace
+
+    from difflab.config import get_preset
+
+    cfg = get_preset(args.preset)
+    tc = cfg.train
+    changes = {k: getattr(args, k) for k in ("dataset", "data_dir", "batch_size", "lr", "seed") if getattr(args, k) is not None}
+    if args.epochs is not None:
+        changes.update(epochs=args.epochs, minutes=None)
+    elif args.minutes is not None:
+        changes.update(minutes=args.minutes, epochs=None)
+    cfg = replace(cfg, train=replace(tc, **changes))
+    return cfg.override(args.set) if args.set else cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from difflab.training import resolve_device
+
+    if args.command == "train":
+        from difflab.training import train
+
+        cfg = _train_config(args)
+        result = train(cfg, args.out, device=resolve_device(args.device), resume=args.resume)
+        print(
+            f"trained {result.steps} steps in {result.seconds:.0f} s ({result.images_per_s:.0f} images/s); "
+            f"run folder: {result.run_dir}"
+        )
+    elif args.command == "sample":
+        from difflab.generate import sample_run
+
+        r = sample_run(
+            args.run, args.out, classes=args.classes, n_per_class=args.n_per_class, guidance=args.guidance,
+            steps=args.steps, sampler=args.sampler, eta=args.eta, seed=args.seed,
+            device=resolve_device(args.device),
+        )  # fmt: skip
+        n = r.images.shape[0]
+        print(f"wrote {args.out}: {n} samples in {r.seconds:.1f} s ({n / r.seconds:.0f} images/s)")
+    elif args.command == "eval":
+        from difflab.evaluation.evaluate import evaluate_run, format_eval
+
+        result = evaluate_run(
+            args.run, n_per_class=args.n, guidance=args.guidance, steps=args.steps, sampler=args.sampler,
+            seed=args.seed, device=resolve_device(args.device),
+        )  # fmt: skip
+        print(format_eval(result))
+    elif args.command == "demo":
+        from difflab.demo import run_demo
+
+        run_demo(args.out, minutes=args.minutes, device=resolve_device(args.device))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as e:
+        if args.debug:
+            raise
+        print(f"difflab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"difflab {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a known failure mode gets its message, not a traceback
+        from difflab.training import TrainingDiverged
+
+        if isinstance(e, TrainingDiverged) and not args.debug:
+            print(f"difflab {args.command}: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Configuration: frozen dataclasses, named presets, and strict loading.
+
+This module is the single source of defaults. A run's resolved configuration is saved as
+``config.json`` next to its weights and read back with :func:`RunConfig.from_dict`, which
+rejects unknown keys and wrong types by name. Options with a fixed set of values are
+``Literal`` types, and the error lists what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from difflab.errors import UsageError
+
+Schedule = Literal["linear", "cosine"]
+Objective = Literal["eps", "x0", "v"]
+LossWeighting = Literal["none", "min_snr"]
+SamplerName = Literal["ddpm", "ddim", "dpm++", "unipc", "euler"]
+Spacing = Literal["trailing", "leading", "linspace"]
+Precision = Literal["auto", "no", "bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the ContextUnet. Height and width must be divisible by 2**(len(channel_mults)-1)."""
+
+    in_channels: int = 1
+    height: int = 28
+    width: int = 28
+    num_classes: int = 10
+    class_names: tuple[str, ...] = ()  # filled in from the dataset when training starts
+    base_channels: int = 32
+    channel_mults: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 1
+    attention: bool = False  # self-attention at the lowest resolution
+    time_embed_dim: int = 128
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Noise schedule and training objective (Ho et al. 2020; Nichol & Dhariwal 2021)."""
+
+    schedule: Schedule = "linear"
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    objective: Objective = "eps"
+    loss_weighting: LossWeighting = "none"
+    min_snr_gamma: float = 5.0
+    clip_x0: bool = True  # clip the predicted x0 to [-1, 1] while sampling
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str = "mnist5k"
+    data_dir: str | None = None
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    epochs: float | None = None  # train for this many passes over the data ...
+    minutes: float | None = 2.0  # ... or for this long (epochs wins when both are set)
+    ema_decay: float = 0.999
+    ema_warmup: bool = True
+    grad_clip: float = 1.0
+    label_dropout: float = 0.1  # share of labels replaced by the "no class" token (for CFG)
+    mixed_precision: Precision = "auto"
+    channels_last: bool = False
+    seed: int = 0
+    log_every: int = 25
+    checkpoint_every: int = 500
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Defaults for sampling and evaluation from this run."""
+
+    sampler: SamplerName = "ddim"
+    steps: int = 50
+    guidance: float = 2.0
+    eta: float = 0.0
+    spacing: Spacing = "trailing"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    preset: str = "quick"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    # -- (de)serialisation --------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> RunConfig:
+        return _build(cls, data, where)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UsageError(f"{path}: no such file") from None
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        return cls.from_dict(data, where=str(path))
+
+    def override(self, assignments: list[str]) -> RunConfig:
+        """Apply ``section.key=value`` strings (values parsed as JSON, else as text)."""
+        data = self.to_dict()
+        for item in assignments:
+            key, sep, raw = item.partition("=")
+            parts = key.strip().split(".")
+            if not sep or len(parts) != 2 or parts[0] not in data or not isinstance(data[parts[0]], dict):
+                sections = ", ".join(k for k, v in data.items() if isinstance(v, dict))
+                raise UsageError(f"--set {item!r}: expected SECTION.KEY=VALUE with SECTION one of {sections}")
+            section, name = parts
+            if name not in data[section]:
+                allowed = ", ".join(data[section])
+                raise UsageError(f"--set {key}: unknown key; {section} has {allowed}")
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            data[section][name] = value
+        return RunConfig.from_dict(data, where="--set")
+
+
+# -- strict construction ----------------------------------------------------------------
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise UsageError(f"{where}: expected an object for {cls.__name__}, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UsageError(f"{where}: unknown key {unknown[0]!r} in {cls.__name__} (allowed: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        kwargs[f.name] = _coerce(hints[f.name], data[f.name], f"{where}: {f.name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise UsageError(f"{where}: {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, where)
+            except UsageError as e:
+                errors.append(str(e))
+        raise UsageError(errors[0] if errors else f"{where}: wrong type")
+    if origin is tuple:
+        (inner, *_rest) = get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise UsageError(f"{where}: expected a list, got {type(value).__name__}")
+        return tuple(_coerce(inner, v, where) for v in value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UsageError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UsageError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise UsageError(f"{where}: expected text, got {value!r}")
+        return value
+    return value
+
+
+# -- presets ----------------------------------------------------------------------------
+PRESETS: dict[str, RunConfig] = {
+    # CPU, minutes: the embedded 5k MNIST subset on two cores.
+    "quick": RunConfig(preset="quick"),
+    # The lab's recipe: a wider model on full MNIST, meant for a GPU.
+    "paper": RunConfig(
+        preset="paper",
+        model=ModelConfig(base_channels=64, channel_mults=(1, 2, 4), num_res_blocks=2),
+        train=TrainConfig(dataset="mnist", batch_size=256, lr=1e-3, epochs=20, minutes=None, warmup_steps=500),
+    ),
+}
+
+
+def get_preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise UsageError(f"--preset {name!r}: unknown preset; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+__all__ = [
+    "DiffusionConfig",
+    "ModelConfig",
+    "PRESETS",
+    "RunConfig",
+    "SampleConfig",
+    "TrainConfig",
+    "get_preset",
+    "replace",
+]

@@ -1,0 +1,242 @@
+"""Samplers as one generator: DDPM ancestral, DDIM, and any diffusers scheduler.
+
+:func:`sample_steps` is the only sampling loop in difflab. It yields one :class:`Step` per
+network evaluation, so figures, GIFs, progress bars, sweeps and the UI's live preview all
+consume the same trajectory. Classifier-free guidance follows diffusers' convention,
+``eps = eps_uncond + s * (eps_cond - eps_uncond)`` (s = 0 unconditional, 1 conditional),
+with the conditional and unconditional passes batched in one forward. Timestep indices are
+0-based as in diffusers: ``x_t`` at index ``t`` is the paper's ``x_{t+1}``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from difflab.diffusion import GaussianDiffusion
+from difflab.errors import UsageError
+
+OWN_SAMPLERS = ("ddpm", "ddim")
+DIFFUSERS_SAMPLERS = ("dpm++", "unipc", "euler")
+SAMPLERS = OWN_SAMPLERS + DIFFUSERS_SAMPLERS
+SPACINGS = ("trailing", "leading", "linspace")
+
+
+@dataclass(frozen=True)
+class Step:
+    index: int  # 0 .. num_steps - 1
+    num_steps: int
+    t: int  # timestep index of x_t (0-based, as the network sees it)
+    t_prev: int  # timestep index of x_prev; -1 means x_prev is the final sample x_0
+    x_t: torch.Tensor  # (B, C, H, W) input of this step
+    x0_pred: torch.Tensor  # (B, C, H, W) the guided estimate of x_0 made from x_t
+    x_prev: torch.Tensor  # (B, C, H, W) output of this step
+
+
+def make_timesteps(num_train: int, steps: int, spacing: str = "trailing") -> list[int]:
+    """Descending timestep indices, spaced as diffusers' ``timestep_spacing`` option."""
+    if not 1 <= steps <= num_train:
+        raise UsageError(f"--steps {steps}: must be between 1 and the run's T = {num_train}")
+    if spacing == "leading":
+        ratio = num_train // steps
+        ts = (np.arange(0, steps) * ratio).round()[::-1]
+    elif spacing == "trailing":
+        ts = np.round(np.arange(num_train, 0, -num_train / steps)) - 1
+    elif spacing == "linspace":
+        ts = np.linspace(0, num_train - 1, steps).round()[::-1]
+    else:
+        raise UsageError(f"spacing {spacing!r}: choose one of {', '.join(SPACINGS)}")
+    return [int(t) for t in ts]
+
+
+def check_sampling_args(sampler: str, steps: int, guidance: float, eta: float, num_train: int) -> None:
+    if sampler not in SAMPLERS:
+        raise UsageError(f"--sampler {sampler!r}: unknown sampler; choose one of {', '.join(SAMPLERS)}")
+    if not isinstance(steps, int) or steps < 1:
+        raise UsageError(f"--steps {steps}: must be a positive integer")
+    if steps > num_train:
+        raise UsageError(f"--steps {steps}: must be at most the run's T = {num_train}")
+    if not guidance >= 0:
+        raise UsageError(f"--guidance {guidance}: must be >= 0 (0 unconditional, 1 conditional, >1 guided)")
+    if not 0 <= eta <= 1:
+        raise UsageError(f"--eta {eta}: must be between 0 and 1")
+
+
+# -- one update each; eps and x0 come from the same (guided, clipped) prediction -------------
+def ddpm_update(
+    diffusion: GaussianDiffusion, x: torch.Tensor, t: int, t_prev: int, x0: torch.Tensor, noise: torch.Tensor | None
+) -> torch.Tensor:
+    """Ancestral step x_t -> x_{t_prev} through the posterior q(x_{t_prev} | x_t, x0) (eqs. 6-7).
+
+    For skipped steps the betas are those of the sub-sequence: beta = 1 - abar_t / abar_prev.
+    """
+    abar = diffusion.buf("alphas_cumprod", x.device)
+    a_t = abar[t]
+    a_prev = abar[t_prev] if t_prev >= 0 else torch.ones((), device=x.device)
+    alpha = a_t / a_prev
+    beta = 1 - alpha
+    mean = (a_prev.sqrt() * beta / (1 - a_t)) * x0 + (alpha.sqrt() * (1 - a_prev) / (1 - a_t)) * x
+    if t_prev < 0 or noise is None:
+        return mean
+    variance = ((1 - a_prev) / (1 - a_t) * beta).clamp(min=1e-20)  # "fixed_small"
+    return mean + variance.sqrt() * noise
+
+
+def ddim_update(
+    diffusion: GaussianDiffusion,
+    x: torch.Tensor,
+    t: int,
+    t_prev: int,
+    eps: torch.Tensor,
+    x0: torch.Tensor,
+    eta: float,
+    noise: torch.Tensor | None,
+) -> torch.Tensor:
+    """DDIM step (Song et al. 2021, eq. 12); eta = 0 is deterministic, eta = 1 is DDPM-like."""
+    abar = diffusion.buf("alphas_cumprod", x.device)
+    a_t = abar[t]
+    a_prev = abar[t_prev] if t_prev >= 0 else torch.ones((), device=x.device)
+    sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()  # eq. 16
+    x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+    if eta > 0 and noise is not None:
+        x_prev = x_prev + sigma * noise
+    return x_prev
+
+
+def diffusers_scheduler(name: str, diffusion: GaussianDiffusion, spacing: str = "trailing"):
+    """A diffusers scheduler set up with this run's betas, driving our eps predictions."""
+    import diffusers
+
+    common = dict(
+        num_train_timesteps=diffusion.num_timesteps,
+        trained_betas=diffusion.betas.numpy(),
+        prediction_type="epsilon",
+        timestep_spacing=spacing,
+    )
+    if name == "dpm++":
+        return diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **common)
+    if name == "unipc":
+        return diffusers.UniPCMultistepScheduler(**common)
+    if name == "euler":
+        return diffusers.EulerDiscreteScheduler(**common)
+    raise UsageError(f"--sampler {name!r}: choose one of {', '.join(SAMPLERS)}")
+
+
+class GuidedModel:
+    """The network with classifier-free guidance and the conversion of its output to (eps, x0)."""
+
+    def __init__(self, model: nn.Module, diffusion: GaussianDiffusion, guidance: float, autocast: str | None = None):
+        self.model, self.diffusion, self.guidance = model, diffusion, float(guidance)
+        self.autocast = autocast
+        self.null_label = model.num_classes
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, t: int, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b = x.shape[0]
+        tt = torch.full((b,), int(t), device=x.device, dtype=torch.long)
+        null = torch.full_like(labels, self.null_label)
+        s = self.guidance
+        ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if self.autocast == "bf16" else nullcontext()
+        with ctx:
+            if s == 1.0:
+                out = self.model(x, tt, labels)
+            elif s == 0.0:
+                out = self.model(x, tt, null)
+            else:  # both passes in one batch: (2B, C, H, W)
+                both = self.model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null]))
+                cond, uncond = both.float().chunk(2)
+                out = uncond + s * (cond - uncond)
+        out = out.float()
+        eps, x0 = self.diffusion.eps_x0_from_output(out, x, tt)
+        if self.diffusion.cfg.clip_x0:
+            x0 = x0.clamp(-1, 1)
+            eps = self.diffusion.predict_eps_from_x0(x, tt, x0)
+        return eps, x0
+
+
+def initial_noise(shape: tuple[int, ...], seed: int | None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """x_T drawn on the CPU so that a seed gives the same noise on every device."""
+    if generator is None:
+        generator = torch.Generator().manual_seed(0 if seed is None else seed)
+    return torch.randn(shape, generator=generator)
+
+
+def sample_steps(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    labels: torch.Tensor,
+    *,
+    guidance: float = 1.0,
+    steps: int = 50,
+    sampler: str = "ddim",
+    eta: float = 0.0,
+    spacing: str = "trailing",
+    seed: int | None = 0,
+    x_T: torch.Tensor | None = None,
+    autocast: str | None = None,
+) -> Iterator[Step]:
+    """Run the reverse process for ``labels`` (B,), yielding each :class:`Step`.
+
+    ``x_T`` (B, C, H, W) may be given to share the initial noise between calls (sweeps);
+    otherwise it is drawn from ``seed``. Step noise comes from a CPU generator seeded by
+    ``seed`` too, so a seed fixes the whole trajectory on a given device.
+    """
+    check_sampling_args(sampler, steps, guidance, eta, diffusion.num_timesteps)
+    device = next(model.parameters()).device
+    cfg = model.cfg
+    labels = labels.to(device=device, dtype=torch.long)
+    if labels.numel() and (labels.min() < 0 or labels.max() >= cfg.num_classes):
+        raise UsageError(f"--classes: class index out of range; this run has classes 0..{cfg.num_classes - 1}")
+    gen = torch.Generator().manual_seed(0 if seed is None else seed)
+    shape = (labels.shape[0], cfg.in_channels, cfg.height, cfg.width)
+    x = initial_noise(shape, seed, gen) if x_T is None else x_T.detach().cpu().float().clone()
+    if x_T is not None and tuple(x.shape) != shape:
+        raise UsageError(f"x_T has shape {tuple(x.shape)}, expected {shape}")
+    x = x.to(device)
+    net = GuidedModel(model, diffusion, guidance, autocast)
+    was_training = model.training
+    model.eval()
+    try:
+        if sampler in OWN_SAMPLERS:
+            ts = make_timesteps(diffusion.num_timesteps, steps, spacing)
+            for i, t in enumerate(ts):
+                t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+                eps, x0 = net(x, t, labels)
+                stochastic = sampler == "ddpm" or eta > 0
+                noise = torch.randn(shape, generator=gen).to(device) if stochastic and t_prev >= 0 else None
+                if sampler == "ddpm":
+                    x_prev = ddpm_update(diffusion, x, t, t_prev, x0, noise)
+                else:
+                    x_prev = ddim_update(diffusion, x, t, t_prev, eps, x0, eta, noise)
+                yield Step(i, len(ts), t, t_prev, x, x0, x_prev)
+                x = x_prev
+        else:
+            sched = diffusers_scheduler(sampler, diffusion, spacing)
+            sched.set_timesteps(steps, device=device)
+            ts = [int(round(float(t))) for t in sched.timesteps]
+            x = x * sched.init_noise_sigma
+            takes_generator = "generator" in inspect.signature(sched.step).parameters
+            extra = {"generator": gen} if takes_generator else {}
+            for i, t in enumerate(sched.timesteps):
+                x_in = sched.scale_model_input(x, t)  # the DDPM-scaled x_t the network was trained on
+                eps, x0 = net(x_in, ts[i], labels)
+                x_prev = sched.step(eps, t, x, **extra).prev_sample
+                t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+                yield Step(i, len(ts), ts[i], t_prev, x_in, x0, x_prev)
+                x = x_prev
+    finally:
+        model.train(was_training)
+
+
+def sample(model: nn.Module, diffusion: GaussianDiffusion, labels: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Run :func:`sample_steps` to the end and return x_0 (B, C, H, W) in [-1, 1]."""
+    x = None
+    for step in sample_steps(model, diffusion, labels, **kwargs):
+        x = step.x_prev
+    return x.clamp(-1, 1)

@@ -1,0 +1,309 @@
+"""The training loop: one Trainer on top of Hugging Face accelerate.
+
+Owns the DDPM training step (random t, q_sample, the objective's loss, label dropout for
+classifier-free guidance), AdamW with warm-up and cosine decay, EMA weights, gradient
+clipping, mixed precision, a NaN/Inf guard, progress and ``metrics.jsonl``, and atomic
+checkpoints with an exact resume: the data order and each step's random draws are derived
+from ``(seed, epoch)`` and ``(seed, step)``, so N steps straight and N/2 + resume + N/2 give
+the same weights on the CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from difflab import checkpoint as ckpt
+from difflab.config import RunConfig
+from difflab.data import ImageData, load_dataset
+from difflab.diffusion import GaussianDiffusion
+from difflab.errors import UsageError
+from difflab.files import append_jsonl, read_jsonl, write_text
+from difflab.models import ContextUnet
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf; the run folder keeps its last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    seconds: float
+    images_per_s: float
+    final_loss: float
+
+
+def resolve_device(device: str = "auto") -> str:
+    """auto -> cuda, then mps, then cpu; anything else must be available."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    base = device.split(":")[0]
+    if base not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {device!r}: choose one of auto, cpu, cuda, cuda:N, mps")
+    if base == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine (use auto or cpu)")
+    if base == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError(f"--device {device}: MPS is not available on this machine (use auto or cpu)")
+    return device
+
+
+def resolve_config(cfg: RunConfig, data: ImageData) -> RunConfig:
+    """Fit the model's input shape and class count to the dataset."""
+    model = replace(
+        cfg.model, in_channels=data.channels, height=data.height, width=data.width,
+        num_classes=data.num_classes,
+        class_names=tuple(data.class_names),
+    )
+    levels = len(model.channel_mults)
+    while levels > 1 and (data.height % 2 ** (levels - 1) or data.width % 2 ** (levels - 1)):
+        levels -= 1  # e.g. 8x8 digits cannot be halved three times
+    model = replace(model, channel_mults=model.channel_mults[:levels])
+    return replace(cfg, model=model)
+
+
+def _lr_factor(progress: float, step: int, warmup: int, schedule: str) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: str | Path,
+        device: str = "auto",
+        resume: bool = False,
+        progress: bool = True,
+    ) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        tc = cfg.train
+        if resume:
+            ckpt.check_run_dir(self.run_dir, need_weights=False)
+            saved = RunConfig.load(self.run_dir / ckpt.CONFIG)
+            # the run's own settings win; only the length of training may change
+            cfg = replace(saved, train=replace(saved.train, epochs=tc.epochs, minutes=tc.minutes))
+            tc = cfg.train
+        if tc.epochs is None and tc.minutes is None:
+            raise UsageError("train: give --epochs or --minutes")
+        if (tc.epochs is not None and tc.epochs <= 0) or (tc.minutes is not None and tc.minutes <= 0):
+            raise UsageError("train: --epochs and --minutes must be positive")
+        if tc.batch_size < 1:
+            raise UsageError(f"train.batch_size={tc.batch_size}: must be at least 1")
+        self.data = load_dataset(tc.dataset, "train", tc.data_dir)
+        self.cfg = resolve_config(cfg, self.data)
+        dev = resolve_device(device)
+        mp = tc.mixed_precision
+        if mp == "auto":
+            mp = "bf16" if dev.startswith("cuda") else "no"
+        self.accelerator = Accelerator(mixed_precision=mp, cpu=dev == "cpu")
+        self.device = self.accelerator.device
+        self.diffusion = GaussianDiffusion(self.cfg.diffusion)
+        set_seed(tc.seed)  # the initial weights depend on the seed alone
+        model = ContextUnet(self.cfg.model)
+        if tc.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.ema_model = copy.deepcopy(model).requires_grad_(False).to(self.device)
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, **fused)
+        self.model, self.optimizer = self.accelerator.prepare(model, opt)
+        self.images = self.data.images.to(self.device)  # uint8, small datasets live on the device
+        self.labels = self.data.labels.to(self.device)
+        self.step = 0
+        self.elapsed = 0.0
+        self.last_checkpoint = 0
+        self.steps_per_epoch = max(1, len(self.data) // tc.batch_size)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self._load_state()
+        else:
+            ckpt.save_config(self.cfg, self.run_dir)
+            (self.run_dir / ckpt.METRICS).unlink(missing_ok=True)
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def total_steps(self) -> int | None:
+        e = self.cfg.train.epochs
+        return None if e is None else max(1, math.ceil(e * self.steps_per_epoch))
+
+    def _state(self) -> dict[str, Any]:
+        raw = self.accelerator.unwrap_model(self.model)
+        return {
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "model": raw.state_dict(),
+            "ema": self.ema_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def _load_state(self) -> None:
+        state = ckpt.load_train_state(self.run_dir)
+        self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
+        self.ema_model.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.elapsed = float(state["elapsed"])
+        self.last_checkpoint = self.step
+        torch.set_rng_state(state["torch_rng"])
+        # drop metrics logged after the checkpoint we resume from
+        rows = [r for r in read_jsonl(self.run_dir / ckpt.METRICS) if r.get("step", 0) <= self.step]
+        import json
+
+        write_text(self.run_dir / ckpt.METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def save_checkpoint(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        ckpt.save_train_state(self._state(), self.run_dir)
+        meta = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "dataset": self.data.name}
+        ckpt.save_weights(self.ema_model, self.run_dir / ckpt.WEIGHTS, meta)
+        self.last_checkpoint = self.step
+
+    # -- one step ---------------------------------------------------------------------------
+    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tc = self.cfg.train
+        epoch, j = divmod(step, self.steps_per_epoch)
+        perm = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(tc.seed * 7919 + epoch))
+        idx = perm[j * tc.batch_size : (j + 1) * tc.batch_size].to(self.device)
+        x0 = self.images[idx].float().div_(127.5).sub_(1.0)  # (B, C, H, W) in [-1, 1]
+        if tc.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        return x0, self.labels[idx]
+
+    def _ema_decay(self) -> float:
+        tc = self.cfg.train
+        if not tc.ema_warmup:
+            return tc.ema_decay
+        return min(tc.ema_decay, (1 + self.step) / (10 + self.step))
+
+    def train_step(self, lr: float) -> float:
+        tc = self.cfg.train
+        x0, y = self._batch(self.step)
+        g = _step_generator(tc.seed, self.step)
+        b = x0.shape[0]
+        t = torch.randint(0, self.diffusion.num_timesteps, (b,), generator=g).to(self.device)
+        noise = torch.randn(x0.shape, generator=g).to(self.device, memory_format=torch.preserve_format)
+        drop = (torch.rand(b, generator=g) < tc.label_dropout).to(self.device)
+        y = torch.where(drop, torch.full_like(y, self.cfg.model.num_classes), y)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with self.accelerator.autocast():
+            out = self.model(self.diffusion.q_sample(x0, t, noise), t, y)
+        loss = self.diffusion.training_loss(out, x0, t, noise)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss became {loss.item()} at step {self.step}; stopped. {self.run_dir} keeps the "
+                f"checkpoint of step {self.last_checkpoint}. Try a lower --lr or --set train.grad_clip=1"
+            )
+        self.accelerator.backward(loss)
+        if tc.grad_clip > 0:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            decay = self._ema_decay()
+            raw = self.accelerator.unwrap_model(self.model)
+            for e, p in zip(self.ema_model.parameters(), raw.parameters(), strict=True):
+                e.lerp_(p.detach(), 1 - decay)
+        self.step += 1
+        return loss.item()
+
+    # -- the loop ---------------------------------------------------------------------------
+    def fit(self, stop_at_step: int | None = None, should_stop=None) -> TrainResult:
+        """Train until the epochs or minutes are spent (or ``stop_at_step``, or ``should_stop()``)."""
+        tc = self.cfg.train
+        total, budget = self.total_steps, None if tc.epochs is not None else tc.minutes * 60
+        start_step, t0, since_log = self.step, time.perf_counter() - self.elapsed, time.perf_counter()
+        losses: list[float] = []
+        bar = tqdm(
+            total=total if total is not None else int(budget),
+            initial=self.step if total is not None else int(self.elapsed),
+            unit="step" if total is not None else "s",
+            desc=f"train {self.data.name}",
+            disable=not self.progress or not self.accelerator.is_main_process,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        loss = float("nan")
+        try:
+            while True:
+                self.elapsed = time.perf_counter() - t0
+                done = self.step >= total if total is not None else self.elapsed >= budget
+                if done or (stop_at_step is not None and self.step >= stop_at_step) or (should_stop and should_stop()):
+                    break
+                progress = self.step / total if total is not None else self.elapsed / budget
+                lr = tc.lr * _lr_factor(progress, self.step, tc.warmup_steps, tc.lr_schedule)
+                loss = self.train_step(lr)
+                losses.append(loss)
+                if self.step % tc.log_every == 0 or (total is not None and self.step == total):
+                    now = time.perf_counter()
+                    rate = len(losses) * tc.batch_size / max(now - since_log, 1e-9)
+                    row = {
+                        "step": self.step,
+                        "epoch": round(self.step / self.steps_per_epoch, 4),
+                        "loss": sum(losses) / len(losses),
+                        "lr": lr,
+                        "images_per_s": round(rate, 1),
+                        "elapsed_s": round(now - t0, 2),
+                    }
+                    if self.accelerator.is_main_process:
+                        append_jsonl(self.run_dir / ckpt.METRICS, row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{rate:.0f}", step=self.step)
+                    losses, since_log = [], now
+                if total is not None:
+                    bar.update(1)
+                else:
+                    bar.update(int(time.perf_counter() - t0) - bar.n)
+                if self.step % tc.checkpoint_every == 0:
+                    self.elapsed = time.perf_counter() - t0
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        self.elapsed = time.perf_counter() - t0
+        if self.step != self.last_checkpoint or not (self.run_dir / ckpt.WEIGHTS).exists():
+            self.save_checkpoint()
+        steps = self.step - start_step
+        run_seconds = max(self.elapsed, 1e-9)
+        return TrainResult(self.run_dir, self.step, run_seconds, steps * tc.batch_size / run_seconds, loss)
+
+
+def train(
+    cfg: RunConfig,
+    out: str | Path,
+    device: str = "auto",
+    resume: bool = False,
+    progress: bool = True,
+    stop_at_step: int | None = None,
+) -> TrainResult:
+    """Train ``cfg`` into the run folder ``out`` (or resume the run there)."""
+    out = Path(out)
+    if not resume and out.exists() and (out / ckpt.TRAIN_STATE).exists():
+        raise UsageError(f"--out {out}: already holds a run; pass --resume to continue it or choose another --out")
+    if not out.parent.exists():
+        raise UsageError(f"--out {out}: folder {out.parent} does not exist")
+    return Trainer(cfg, out, device=device, resume=resume, progress=progress).fit(stop_at_step=stop_at_step)

@@ -1,0 +1,34 @@
+"""Small configurations shared by the tests: tiny models on tiny data, seconds per test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from difflab.config import DiffusionConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
+
+
+def tiny_config(dataset: str = "digits", epochs: float = 0.1, **train) -> RunConfig:
+    return RunConfig(
+        preset="test",
+        model=ModelConfig(base_channels=8, channel_mults=(1, 2), time_embed_dim=16),
+        diffusion=DiffusionConfig(timesteps=100, beta_end=0.2),
+        train=TrainConfig(
+            dataset=dataset,
+            batch_size=32,
+            epochs=epochs,
+            minutes=None,
+            warmup_steps=2,
+            log_every=1,
+            checkpoint_every=1000,
+            **train,
+        ),
+        sample=SampleConfig(steps=5),
+    )
+
+
+def tiny_run(tmp_path: Path, name: str = "run", **kw) -> Path:
+    from difflab.training import train
+
+    out = tmp_path / name
+    train(tiny_config(**kw), out, device="cpu", progress=False)
+    return out

@@ -1,0 +1,184 @@
+"""Parity of our DDPM and DDIM samplers with diffusers' schedulers on the same predictions."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from difflab.config import DiffusionConfig, ModelConfig
+from difflab.diffusion import GaussianDiffusion
+from difflab.errors import UsageError
+from difflab.models import ContextUnet
+from difflab.sampling import GuidedModel, ddim_update, ddpm_update, make_timesteps, sample, sample_steps
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(height=8, width=8, base_channels=8, channel_mults=(1, 2), time_embed_dim=16, **kw)
+    model = ContextUnet(cfg)
+    with torch.no_grad():  # the zero-initialised output layer would predict eps = 0 everywhere
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def reference_loop(scheduler, model, diffusion, labels, steps, guidance, seed, **step_kw):
+    """The plain diffusers loop that our generator must reproduce."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = model.cfg
+    x = torch.randn((labels.shape[0], cfg.in_channels, cfg.height, cfg.width), generator=gen)
+    scheduler.set_timesteps(steps)
+    net = GuidedModel(model, diffusion, guidance)
+    for t in scheduler.timesteps:
+        tt = torch.full((labels.shape[0],), int(t))
+        with torch.no_grad():
+            both = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, torch.full_like(labels, 10)]))
+        cond, uncond = both.chunk(2)
+        eps = uncond + guidance * (cond - uncond)
+        assert net.guidance == guidance
+        x = scheduler.step(eps, t, x, generator=gen, **step_kw).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("steps", [10, 50])
+def test_ddpm_matches_diffusers(spacing, steps):
+    model, d = tiny_model(), GaussianDiffusion(DiffusionConfig())
+    labels = torch.tensor([0, 3, 7])
+    ref = DDPMScheduler(num_train_timesteps=1000, clip_sample=True, timestep_spacing=spacing)
+    expect = reference_loop(ref, model, d, labels, steps, 2.0, seed=5)
+    ours = sample(model, d, labels, guidance=2.0, steps=steps, sampler="ddpm", spacing=spacing, seed=5)
+    # whole trajectories: float32 rounding accumulates over the steps
+    torch.testing.assert_close(ours, expect.clamp(-1, 1), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_ddim_matches_diffusers(eta, spacing):
+    model, d = tiny_model(), GaussianDiffusion(DiffusionConfig())
+    labels = torch.tensor([1, 2])
+    ref = DDIMScheduler(num_train_timesteps=1000, clip_sample=True, set_alpha_to_one=True, timestep_spacing=spacing)
+    expect = reference_loop(ref, model, d, labels, 20, 3.0, seed=1, eta=eta, use_clipped_model_output=True)
+    ours = sample(model, d, labels, guidance=3.0, steps=20, sampler="ddim", eta=eta, spacing=spacing, seed=1)
+    torch.testing.assert_close(ours, expect.clamp(-1, 1), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_single_steps_match_diffusers_to_1e5(clip, schedule):
+    """The same eps and noise give the same x_{t-1} as diffusers, to 1e-5, at every step."""
+    d = GaussianDiffusion(DiffusionConfig(schedule=schedule, clip_x0=clip))
+    beta = {"linear": "linear", "cosine": "squaredcos_cap_v2"}[schedule]
+    ddpm = DDPMScheduler(num_train_timesteps=1000, beta_schedule=beta, clip_sample=clip)
+    ddim = DDIMScheduler(num_train_timesteps=1000, beta_schedule=beta, clip_sample=clip, set_alpha_to_one=True)
+    for sched in (ddpm, ddim):
+        sched.set_timesteps(40)
+    ts = make_timesteps(1000, 40, "leading")
+    assert ts == [int(t) for t in ddpm.timesteps]
+    for i, t in enumerate(ts):
+        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        x, out = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+        eps, x0 = d.eps_x0_from_output(out, x, torch.full((2,), t))
+        if clip:
+            x0 = x0.clamp(-1, 1)
+            eps = d.predict_eps_from_x0(x, torch.full((2,), t), x0)
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(i))
+        ours = ddpm_update(d, x, t, t_prev, x0, noise if t > 0 else None)
+        ref = ddpm.step(out, t, x, generator=torch.Generator().manual_seed(i)).prev_sample
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+        for eta in (0.0, 0.5):
+            ours = ddim_update(d, x, t, t_prev, eps, x0, eta, noise)
+            ref = ddim.step(out, t, x, eta=eta, use_clipped_model_output=True, variance_noise=noise).prev_sample
+            torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_each_step_matches_diffusers_step():
+    """x_{t-1} from one step, for the same eps, with cosine betas and no clipping."""
+    d = GaussianDiffusion(DiffusionConfig(schedule="cosine", clip_x0=False))
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False)
+    ref.set_timesteps(50)
+    model = tiny_model()
+    steps = list(sample_steps(model, d, torch.tensor([4]), guidance=1.0, steps=50, sampler="ddpm", spacing="leading"))
+    assert [s.t for s in steps] == [int(t) for t in ref.timesteps]
+    for s in steps[:5] + steps[-3:]:
+        with torch.no_grad():
+            eps = model(s.x_t, torch.tensor([s.t]), torch.tensor([4]))
+        noise_free = ref.step(eps, s.t, s.x_t, generator=None)
+        torch.testing.assert_close(s.x0_pred, noise_free.pred_original_sample, atol=1e-5, rtol=1e-5)
+
+
+def test_v_prediction_matches_diffusers():
+    d = GaussianDiffusion(DiffusionConfig(objective="v", clip_x0=False))
+    ref = DDIMScheduler(num_train_timesteps=1000, prediction_type="v_prediction", clip_sample=False)
+    ref.set_timesteps(10)
+    x, v = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    t = int(ref.timesteps[3])
+    eps, x0 = d.eps_x0_from_output(v, x, torch.full((2,), t))
+    out = ref.step(v, t, x)
+    torch.testing.assert_close(x0, out.pred_original_sample, atol=1e-5, rtol=1e-5)
+
+
+def test_generator_yields_every_step_and_is_deterministic():
+    model, d = tiny_model(), GaussianDiffusion(DiffusionConfig())
+    labels = torch.arange(4)
+    steps = list(sample_steps(model, d, labels, guidance=2.0, steps=7, sampler="ddpm", seed=3))
+    assert len(steps) == 7 and [s.index for s in steps] == list(range(7))
+    assert steps[0].t == 999 and steps[-1].t_prev == -1
+    for a, b in zip(steps, steps[1:], strict=False):
+        assert torch.equal(a.x_prev, b.x_t) and a.t_prev == b.t
+    again = sample(model, d, labels, guidance=2.0, steps=7, sampler="ddpm", seed=3)
+    assert torch.equal(again, steps[-1].x_prev.clamp(-1, 1))
+    other = sample(model, d, labels, guidance=2.0, steps=7, sampler="ddpm", seed=4)
+    assert not torch.equal(again, other)
+
+
+def test_guidance_conventions():
+    model, d = tiny_model(), GaussianDiffusion(DiffusionConfig(clip_x0=False))
+    x = torch.randn(2, 1, 8, 8)
+    labels = torch.tensor([1, 2])
+    eps_c, _ = GuidedModel(model, d, 1.0)(x, 500, labels)
+    eps_u, _ = GuidedModel(model, d, 0.0)(x, 500, labels)
+    eps_g, _ = GuidedModel(model, d, 3.0)(x, 500, labels)
+    with torch.no_grad():
+        direct_c = model(x, torch.full((2,), 500), labels)
+        direct_u = model(x, torch.full((2,), 500), torch.full((2,), 10))
+    torch.testing.assert_close(eps_c, direct_c, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eps_u, direct_u, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eps_g, direct_u + 3.0 * (direct_c - direct_u), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sampler", ["dpm++", "unipc", "euler"])
+def test_diffusers_samplers_drive_our_model(sampler):
+    model, d = tiny_model(), GaussianDiffusion(DiffusionConfig())
+    steps = list(sample_steps(model, d, torch.tensor([0, 1]), guidance=2.0, steps=8, sampler=sampler, seed=0))
+    assert len(steps) == 8
+    assert steps[0].t == 999 and steps[-1].t_prev == -1
+    final = steps[-1].x_prev
+    assert torch.isfinite(final).all() and final.shape == (2, 1, 8, 8)
+
+
+def test_timesteps_match_diffusers_spacing():
+    for spacing in ["leading", "trailing", "linspace"]:
+        ref = DDIMScheduler(num_train_timesteps=1000, timestep_spacing=spacing)
+        ref.set_timesteps(25)
+        assert make_timesteps(1000, 25, spacing) == [int(t) for t in ref.timesteps]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"sampler": "plms"}, "--sampler"),
+        ({"steps": 0}, "--steps"),
+        ({"steps": 2000}, "--steps"),
+        ({"guidance": -1.0}, "--guidance"),
+    ],
+)
+def test_bad_sampling_arguments(kwargs, match):
+    model, d = tiny_model(), GaussianDiffusion(DiffusionConfig())
+    with pytest.raises(UsageError, match=match):
+        next(sample_steps(model, d, torch.tensor([0]), **kwargs))
+
+
+def test_class_out_of_range():
+    model, d = tiny_model(), GaussianDiffusion(DiffusionConfig())
+    with pytest.raises(UsageError, match="--classes"):
+        next(sample_steps(model, d, torch.tensor([10])))

@@ -1,0 +1,141 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from difflab import checkpoint as ckpt
+from difflab.config import RunConfig
+from difflab.errors import UsageError
+from difflab.training import Trainer, TrainingDiverged, train
+from helpers import tiny_config, tiny_run
+
+
+def test_train_writes_a_complete_run_folder(tmp_path):
+    run = tiny_run(tmp_path)
+    for name in ("config.json", "model.safetensors", "train_state.pt", "metrics.jsonl"):
+        assert (run / name).is_file(), name
+    cfg = RunConfig.load(run / "config.json")
+    assert cfg.model.height == 8 and cfg.model.num_classes == 10 and cfg.model.class_names[3] == "3"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    assert all(r["loss"] > 0 and r["images_per_s"] > 0 for r in rows)
+    assert ckpt.weights_metadata(run / "model.safetensors")["step"] == rows[-1]["step"]
+    model, diffusion, loaded = ckpt.load_run(run)
+    assert loaded == cfg and diffusion.num_timesteps == 100
+
+
+def test_loss_goes_down(tmp_path):
+    run = tiny_run(tmp_path, epochs=1.0)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    first = sum(r["loss"] for r in rows[:5]) / 5
+    last = sum(r["loss"] for r in rows[-5:]) / 5
+    assert last < 0.7 * first
+
+
+def test_resume_is_exact(tmp_path):
+    """N steps straight == N/2 steps, stop, resume, N/2 steps: identical weights."""
+    cfg = tiny_config(epochs=0.2)  # 9 steps of 32 on 1433 digits
+    straight = tmp_path / "straight"
+    r = train(cfg, straight, device="cpu", progress=False)
+    assert r.steps == 9
+    split = tmp_path / "split"
+    train(cfg, split, device="cpu", progress=False, stop_at_step=4)
+    assert ckpt.weights_metadata(split / "model.safetensors")["step"] == 4
+    train(cfg, split, device="cpu", progress=False, resume=True)
+    a, b = load_file(straight / "model.safetensors"), load_file(split / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa = torch.load(straight / "train_state.pt", weights_only=True)
+    sb = torch.load(split / "train_state.pt", weights_only=True)
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+    steps = [json.loads(line)["step"] for line in (split / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 10))
+
+
+def test_out_with_a_run_needs_resume(tmp_path):
+    run = tiny_run(tmp_path)
+    with pytest.raises(UsageError, match="--resume"):
+        train(tiny_config(), run, device="cpu", progress=False)
+
+
+def test_resume_without_state(tmp_path):
+    with pytest.raises(UsageError, match="no such run folder"):
+        train(tiny_config(), tmp_path / "nothing", device="cpu", progress=False, resume=True)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny_config(epochs=0.3)
+    cfg = cfg.override(["train.checkpoint_every=3"])
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu", progress=False)
+    original = trainer.diffusion.training_loss
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        loss = original(*a, **k)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(trainer.diffusion, "training_loss", poisoned)
+    good = None
+    with pytest.raises(TrainingDiverged, match="step 4.*checkpoint of step 3"):
+        trainer.fit()
+    good = load_file(tmp_path / "run" / "model.safetensors")
+    assert ckpt.weights_metadata(tmp_path / "run" / "model.safetensors")["step"] == 3
+    assert all(torch.isfinite(v).all() for v in good.values())
+
+
+def test_killed_checkpoint_write_leaves_previous_files(tmp_path, monkeypatch):
+    run = tiny_run(tmp_path)
+    before = (run / "train_state.pt").read_bytes()
+
+    def crash(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"half a file")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", crash)
+    trainer = Trainer(tiny_config(epochs=0.2), run, device="cpu", progress=False, resume=True)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert (run / "train_state.pt").read_bytes() == before
+    assert not [p for p in run.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    monkeypatch.undo()
+    ckpt.load_train_state(run)
+
+
+def test_config_rejects_unknown_and_wrong_typed_keys(tmp_path):
+    data = tiny_config().to_dict()
+    data["train"]["learning_rate"] = 1
+    with pytest.raises(UsageError, match="unknown key 'learning_rate'"):
+        RunConfig.from_dict(data)
+    data = tiny_config().to_dict()
+    data["train"]["batch_size"] = "big"
+    with pytest.raises(UsageError, match="batch_size: expected an integer"):
+        RunConfig.from_dict(data)
+    data = tiny_config().to_dict()
+    data["diffusion"]["schedule"] = "sigmoid"
+    with pytest.raises(UsageError, match="choose one of linear, cosine"):
+        RunConfig.from_dict(data)
+    assert RunConfig.from_dict(tiny_config().to_dict()) == tiny_config()
+
+
+def test_override_from_the_command_line():
+    cfg = tiny_config().override(["train.lr=0.01", "model.channel_mults=[1,2,2]", "diffusion.objective=v"])
+    assert cfg.train.lr == 0.01 and cfg.model.channel_mults == (1, 2, 2) and cfg.diffusion.objective == "v"
+    with pytest.raises(UsageError, match="unknown key"):
+        tiny_config().override(["train.nope=1"])
+
+
+def test_pickle_weights_are_refused(tmp_path):
+    run = tiny_run(tmp_path)
+    state = {k: v.clone() for k, v in load_file(run / "model.safetensors").items()}  # not mmapped
+    torch.save(state, run / "model.safetensors")  # a pickle where safetensors belong
+    with pytest.raises(UsageError, match="pickle"):
+        ckpt.load_run(run)
+    torch.save(state, tmp_path / "w.pt")
+    assert ckpt.load_weights(tmp_path / "w.pt", trust_pickle=True).keys() == state.keys()
+    with pytest.raises(UsageError, match="--trust-pickle"):
+        ckpt.load_weights(tmp_path / "w.pt")
