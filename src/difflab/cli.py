@@ -53,6 +53,7 @@ def _add_sample(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="FILE.png or FILE.npz")
+    p.add_argument("--trust-pickle", action="store_true", help="allow a pickle checkpoint (unsafe)")
 
 
 def _add_eval(sub) -> None:
@@ -117,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         r = sample_run(
             args.run, args.out, classes=args.classes, n_per_class=args.n_per_class, guidance=args.guidance,
             steps=args.steps, sampler=args.sampler, eta=args.eta, seed=args.seed,
-            device=resolve_device(args.device),
+            device=resolve_device(args.device), trust_pickle=args.trust_pickle,
         )  # fmt: skip
         n = r.images.shape[0]
         print(f"wrote {args.out}: {n} samples in {r.seconds:.1f} s ({n / r.seconds:.0f} images/s)")

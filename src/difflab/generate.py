@@ -100,12 +100,13 @@ def sample_run(
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
+    trust_pickle: bool = False,
 ) -> SampleResult:
     """``difflab sample``: check everything, sample, and write ``out`` (.png grid or .npz)."""
     out = check_out_path(out, (".png", ".npz"))
     if n_per_class < 1:
         raise UsageError(f"--n-per-class {n_per_class}: must be at least 1")
-    model, diffusion, cfg = load_run(run, device=device)
+    model, diffusion, cfg = load_run(run, device=device, trust_pickle=trust_pickle)
     sc = cfg.sample
     guidance = sc.guidance if guidance is None else guidance
     steps, sampler = steps or sc.steps, sampler or sc.sampler
