@@ -65,7 +65,10 @@ def test_posterior_matches_closed_form():
     mean, var = d.q_posterior_mean_variance(x0, xt, t)
     b = d.betas[10].item()
     a_bar, a_prev = d.alphas_cumprod[10].item(), d.alphas_cumprod[9].item()
-    expect = math.sqrt(a_prev) * b / (1 - a_bar) * x0 + math.sqrt(1 - b) * (1 - a_prev) / (1 - a_bar) * xt
+    expect = (
+        math.sqrt(a_prev) * b / (1 - a_bar) * x0
+        + math.sqrt(1 - b) * (1 - a_prev) / (1 - a_bar) * xt
+    )
     torch.testing.assert_close(mean, expect, atol=1e-6, rtol=1e-5)
     assert var.flatten()[0].item() == pytest.approx((1 - a_prev) / (1 - a_bar) * b, rel=1e-5)
 

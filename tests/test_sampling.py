@@ -8,12 +8,21 @@ from difflab.config import DiffusionConfig, ModelConfig
 from difflab.diffusion import GaussianDiffusion
 from difflab.errors import UsageError
 from difflab.models import ContextUnet
-from difflab.sampling import GuidedModel, ddim_update, ddpm_update, make_timesteps, sample, sample_steps
+from difflab.sampling import (
+    GuidedModel,
+    ddim_update,
+    ddpm_update,
+    make_timesteps,
+    sample,
+    sample_steps,
+)
 
 
 def tiny_model(seed=0, **kw):
     torch.manual_seed(seed)
-    cfg = ModelConfig(height=8, width=8, base_channels=8, channel_mults=(1, 2), time_embed_dim=16, **kw)
+    cfg = ModelConfig(
+        height=8, width=8, base_channels=8, channel_mults=(1, 2), time_embed_dim=16, **kw
+    )
     model = ContextUnet(cfg)
     with torch.no_grad():  # the zero-initialised output layer would predict eps = 0 everywhere
         for p in model.parameters():
@@ -31,7 +40,11 @@ def reference_loop(scheduler, model, diffusion, labels, steps, guidance, seed, *
     for t in scheduler.timesteps:
         tt = torch.full((labels.shape[0],), int(t))
         with torch.no_grad():
-            both = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, torch.full_like(labels, 10)]))
+            both = model(
+                torch.cat([x, x]),
+                torch.cat([tt, tt]),
+                torch.cat([labels, torch.full_like(labels, 10)]),
+            )
         cond, uncond = both.chunk(2)
         eps = uncond + guidance * (cond - uncond)
         assert net.guidance == guidance
@@ -46,7 +59,9 @@ def test_ddpm_matches_diffusers(spacing, steps):
     labels = torch.tensor([0, 3, 7])
     ref = DDPMScheduler(num_train_timesteps=1000, clip_sample=True, timestep_spacing=spacing)
     expect = reference_loop(ref, model, d, labels, steps, 2.0, seed=5)
-    ours = sample(model, d, labels, guidance=2.0, steps=steps, sampler="ddpm", spacing=spacing, seed=5)
+    ours = sample(
+        model, d, labels, guidance=2.0, steps=steps, sampler="ddpm", spacing=spacing, seed=5
+    )
     # whole trajectories: float32 rounding accumulates over the steps
     torch.testing.assert_close(ours, expect.clamp(-1, 1), atol=1e-4, rtol=1e-4)
 
@@ -56,9 +71,15 @@ def test_ddpm_matches_diffusers(spacing, steps):
 def test_ddim_matches_diffusers(eta, spacing):
     model, d = tiny_model(), GaussianDiffusion(DiffusionConfig())
     labels = torch.tensor([1, 2])
-    ref = DDIMScheduler(num_train_timesteps=1000, clip_sample=True, set_alpha_to_one=True, timestep_spacing=spacing)
-    expect = reference_loop(ref, model, d, labels, 20, 3.0, seed=1, eta=eta, use_clipped_model_output=True)
-    ours = sample(model, d, labels, guidance=3.0, steps=20, sampler="ddim", eta=eta, spacing=spacing, seed=1)
+    ref = DDIMScheduler(
+        num_train_timesteps=1000, clip_sample=True, set_alpha_to_one=True, timestep_spacing=spacing
+    )
+    expect = reference_loop(
+        ref, model, d, labels, 20, 3.0, seed=1, eta=eta, use_clipped_model_output=True
+    )
+    ours = sample(
+        model, d, labels, guidance=3.0, steps=20, sampler="ddim", eta=eta, spacing=spacing, seed=1
+    )
     torch.testing.assert_close(ours, expect.clamp(-1, 1), atol=1e-4, rtol=1e-4)
 
 
@@ -69,7 +90,9 @@ def test_single_steps_match_diffusers_to_1e5(clip, schedule):
     d = GaussianDiffusion(DiffusionConfig(schedule=schedule, clip_x0=clip))
     beta = {"linear": "linear", "cosine": "squaredcos_cap_v2"}[schedule]
     ddpm = DDPMScheduler(num_train_timesteps=1000, beta_schedule=beta, clip_sample=clip)
-    ddim = DDIMScheduler(num_train_timesteps=1000, beta_schedule=beta, clip_sample=clip, set_alpha_to_one=True)
+    ddim = DDIMScheduler(
+        num_train_timesteps=1000, beta_schedule=beta, clip_sample=clip, set_alpha_to_one=True
+    )
     for sched in (ddpm, ddim):
         sched.set_timesteps(40)
     ts = make_timesteps(1000, 40, "leading")
@@ -87,17 +110,25 @@ def test_single_steps_match_diffusers_to_1e5(clip, schedule):
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
         for eta in (0.0, 0.5):
             ours = ddim_update(d, x, t, t_prev, eps, x0, eta, noise)
-            ref = ddim.step(out, t, x, eta=eta, use_clipped_model_output=True, variance_noise=noise).prev_sample
+            ref = ddim.step(
+                out, t, x, eta=eta, use_clipped_model_output=True, variance_noise=noise
+            ).prev_sample
             torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_each_step_matches_diffusers_step():
     """x_{t-1} from one step, for the same eps, with cosine betas and no clipping."""
     d = GaussianDiffusion(DiffusionConfig(schedule="cosine", clip_x0=False))
-    ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False)
+    ref = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False
+    )
     ref.set_timesteps(50)
     model = tiny_model()
-    steps = list(sample_steps(model, d, torch.tensor([4]), guidance=1.0, steps=50, sampler="ddpm", spacing="leading"))
+    steps = list(
+        sample_steps(
+            model, d, torch.tensor([4]), guidance=1.0, steps=50, sampler="ddpm", spacing="leading"
+        )
+    )
     assert [s.t for s in steps] == [int(t) for t in ref.timesteps]
     for s in steps[:5] + steps[-3:]:
         with torch.no_grad():
@@ -149,7 +180,9 @@ def test_guidance_conventions():
 @pytest.mark.parametrize("sampler", ["dpm++", "unipc", "euler"])
 def test_diffusers_samplers_drive_our_model(sampler):
     model, d = tiny_model(), GaussianDiffusion(DiffusionConfig())
-    steps = list(sample_steps(model, d, torch.tensor([0, 1]), guidance=2.0, steps=8, sampler=sampler, seed=0))
+    steps = list(
+        sample_steps(model, d, torch.tensor([0, 1]), guidance=2.0, steps=8, sampler=sampler, seed=0)
+    )
     assert len(steps) == 8
     assert steps[0].t == 999 and steps[-1].t_prev == -1
     final = steps[-1].x_prev

@@ -51,7 +51,9 @@ def test_resume_is_exact(tmp_path):
     sb = torch.load(split / "train_state.pt", weights_only=True)
     for k in sa["model"]:
         assert torch.equal(sa["model"][k], sb["model"][k]), k
-    steps = [json.loads(line)["step"] for line in (split / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"] for line in (split / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == list(range(1, 10))
 
 
@@ -123,8 +125,14 @@ def test_config_rejects_unknown_and_wrong_typed_keys(tmp_path):
 
 
 def test_override_from_the_command_line():
-    cfg = tiny_config().override(["train.lr=0.01", "model.channel_mults=[1,2,2]", "diffusion.objective=v"])
-    assert cfg.train.lr == 0.01 and cfg.model.channel_mults == (1, 2, 2) and cfg.diffusion.objective == "v"
+    cfg = tiny_config().override(
+        ["train.lr=0.01", "model.channel_mults=[1,2,2]", "diffusion.objective=v"]
+    )
+    assert (
+        cfg.train.lr == 0.01
+        and cfg.model.channel_mults == (1, 2, 2)
+        and cfg.diffusion.objective == "v"
+    )
     with pytest.raises(UsageError, match="unknown key"):
         tiny_config().override(["train.nope=1"])
 

@@ -31,7 +31,9 @@ METRICS = "metrics.jsonl"
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # raw pickle protocol >= 2, or a torch zip archive
 
 
-def save_weights(model: torch.nn.Module, path: str | Path, metadata: dict[str, Any] | None = None) -> None:
+def save_weights(
+    model: torch.nn.Module, path: str | Path, metadata: dict[str, Any] | None = None
+) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
     with atomic_path(path) as tmp:
@@ -75,7 +77,9 @@ def check_run_dir(run: str | Path, need_weights: bool = True) -> Path:
     if not (run / CONFIG).is_file():
         raise UsageError(f"RUN {run}: not a run folder (no {CONFIG})")
     if need_weights and not (run / WEIGHTS).is_file():
-        raise UsageError(f"RUN {run}: has no {WEIGHTS} yet (train it first, or wait for its first checkpoint)")
+        raise UsageError(
+            f"RUN {run}: has no {WEIGHTS} yet (train it first, or wait for its first checkpoint)"
+        )
     return run
 
 
@@ -90,7 +94,9 @@ def load_run(
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         key = (missing or unexpected)[0]
-        raise UsageError(f"{run / WEIGHTS}: weights do not fit config.json's model ({'missing' if missing else 'unexpected'} {key!r})")
+        raise UsageError(
+            f"{run / WEIGHTS}: weights do not fit config.json's model ({'missing' if missing else 'unexpected'} {key!r})"
+        )
     model.to(device).eval()
     return model, GaussianDiffusion(cfg.diffusion), cfg
 

@@ -7,7 +7,6 @@ a diverged training run exits with 1 and says which checkpoint was kept.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 
@@ -27,7 +26,9 @@ def _float_list(s: str) -> list[float]:
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a class-conditional DDPM into a run folder")
     p.add_argument("--preset", default="quick", help="quick (CPU, minutes) or paper (GPU)")
-    p.add_argument("--dataset", help="mnist5k, digits, mnist, fashion-mnist, cifar10 or folder:PATH")
+    p.add_argument(
+        "--dataset", help="mnist5k, digits, mnist, fashion-mnist, cifar10 or folder:PATH"
+    )
     p.add_argument("--data-dir", help="where torchvision datasets live (default ./data)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--epochs", type=float, help="passes over the training split")
@@ -38,22 +39,39 @@ def _add_train(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any option")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override any option",
+    )
 
 
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="sample a labelled grid (.png) or arrays (.npz) from a run")
     p.add_argument("run")
     p.add_argument("--classes", help="comma-separated class indices (default: all)")
-    p.add_argument("--n-per-class", type=int, default=8)
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale s (diffusers convention)")
-    p.add_argument("--steps", type=int)
+    p.add_argument(
+        "--n-per-class",
+        type=int,
+        help="samples per class (default 8, or 1 when --cols is not sample)",
+    )
+    p.add_argument(
+        "--guidance",
+        help="classifier-free guidance scale s (diffusers convention), or a list: 0,1,3",
+    )
+    p.add_argument("--steps", help="sampling steps, or a list: 10,50")
     p.add_argument("--sampler", help="ddpm, ddim, dpm++, unipc or euler")
     p.add_argument("--eta", type=float, help="DDIM eta (0 deterministic)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="FILE.png or FILE.npz")
     p.add_argument("--trust-pickle", action="store_true", help="allow a pickle checkpoint (unsafe)")
+    p.add_argument("--rows", default="class", help="grid rows: class, sample, guidance or steps")
+    p.add_argument(
+        "--cols", help="grid columns: class, sample, guidance or steps (default: the swept option)"
+    )
 
 
 def _add_eval(sub) -> None:
@@ -70,8 +88,49 @@ def _add_eval(sub) -> None:
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the whole DDPM lab on the embedded data, on the CPU")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--minutes", type=float, default=None, help="training budget (default: the quick preset's)")
+    p.add_argument(
+        "--minutes", type=float, default=None, help="training budget (default: the quick preset's)"
+    )
     p.add_argument("--device", default="auto")
+
+
+def _add_figures(sub) -> None:
+    t_help = "comma-separated t in 0..T: integers or expressions like T, T/2, 3T/4 (default T,T/2,T/4,1,0)"
+    p = sub.add_parser(
+        "forward", help="figure of the forward process: real images dissolving into noise"
+    )
+    p.add_argument("--dataset", help="images to noise (default: the run's dataset, else mnist5k)")
+    p.add_argument("--data-dir", help="where torchvision datasets live (default ./data)")
+    p.add_argument("--run", help="use this run's noise schedule (default: linear, T = 1000)")
+    p.add_argument("--t", default="T,T/2,T/4,1,0", help=t_help + "; columns run from 0 to T")
+    p.add_argument("--per-class", type=int, default=1, help="images per class (rows)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="FILE.png")
+    p = sub.add_parser(
+        "reverse", help="figure of the reverse process: x_t and predicted x_0 per class"
+    )
+    p.add_argument("run")
+    p.add_argument("--t", default="T,T/2,T/4,1,0", help=t_help + "; columns run from T to 0")
+    p.add_argument("--classes", help="comma-separated class indices (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--guidance", type=float, help="classifier-free guidance scale s (default: the run's)"
+    )
+    p.add_argument("--sampler", help="ddpm (default), ddim, dpm++, unipc or euler")
+    p.add_argument(
+        "--steps", type=int, help="sampling steps (default: all T for ddpm, else the run's)"
+    )
+    p.add_argument("--eta", type=float, help="DDIM eta (0 deterministic)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="FILE.png")
+    p.add_argument(
+        "--gif", help="also an animation of every step (at most 120 frames, first and last kept)"
+    )
+    p.add_argument("--mp4", help="the same animation as an H.264 video")
+    p.add_argument("--trust-pickle", action="store_true", help="allow a pickle checkpoint (unsafe)")
+    p = sub.add_parser("plot", help="a run's training loss curve and noise schedule diagnostics")
+    p.add_argument("run")
+    p.add_argument("--out", help="folder for loss.png and schedule.png (default RUN/figures)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"difflab {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_train, _add_sample, _add_eval, _add_demo):
+    for add in (_add_train, _add_sample, _add_eval, _add_demo, _add_figures):
         add(sub)
     return parser
 
@@ -91,7 +150,11 @@ def _train_config(args):
 
     cfg = get_preset(args.preset)
     tc = cfg.train
-    changes = {k: getattr(args, k) for k in ("dataset", "data_dir", "batch_size", "lr", "seed") if getattr(args, k) is not None}
+    changes = {
+        k: getattr(args, k)
+        for k in ("dataset", "data_dir", "batch_size", "lr", "seed")
+        if getattr(args, k) is not None
+    }
     if args.epochs is not None:
         changes.update(epochs=args.epochs, minutes=None)
     elif args.minutes is not None:
@@ -118,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
         r = sample_run(
             args.run, args.out, classes=args.classes, n_per_class=args.n_per_class, guidance=args.guidance,
             steps=args.steps, sampler=args.sampler, eta=args.eta, seed=args.seed,
-            device=resolve_device(args.device), trust_pickle=args.trust_pickle,
+            device=resolve_device(args.device), trust_pickle=args.trust_pickle, rows=args.rows, cols=args.cols,
         )  # fmt: skip
         n = r.images.shape[0]
         print(f"wrote {args.out}: {n} samples in {r.seconds:.1f} s ({n / r.seconds:.0f} images/s)")
@@ -134,12 +197,41 @@ def run(args: argparse.Namespace) -> int:
         from difflab.demo import run_demo
 
         run_demo(args.out, minutes=args.minutes, device=resolve_device(args.device))
+    elif args.command in ("forward", "reverse", "plot"):
+        _figures(args, resolve_device)
     return 0
+
+
+def _figures(args: argparse.Namespace, resolve_device) -> None:
+    from difflab import figures, plots
+
+    if args.command == "forward":
+        r = figures.forward_figure(
+            args.out, dataset=args.dataset, run=args.run, t=args.t, per_class=args.per_class,
+            seed=args.seed, data_dir=args.data_dir,
+        )  # fmt: skip
+        print(f"wrote {r.path} (t = {', '.join(map(str, r.t))})")
+    elif args.command == "reverse":
+        r = figures.reverse_figure(
+            args.run, args.out, t=args.t, classes=args.classes, seed=args.seed, guidance=args.guidance,
+            sampler=args.sampler, steps=args.steps, eta=args.eta, gif=args.gif, mp4=args.mp4,
+            device=resolve_device(args.device), trust_pickle=args.trust_pickle,
+        )  # fmt: skip
+        extra = "".join(f", {p}" for p in r.extra) + (f" ({r.frames} frames)" if r.frames else "")
+        print(f"wrote {r.path}{extra} (t = {', '.join(map(str, r.t))})")
+    else:
+        r = plots.plot_run(args.run, args.out)
+        for note in r.skipped:
+            print(f"skipped {note}")
+        print("wrote " + ", ".join(map(str, r.written)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error (already printed)
+        return int(e.code or 0)
     try:
         return run(args)
     except UsageError as e:

@@ -28,7 +28,12 @@ Precision = Literal["auto", "no", "bf16", "fp16"]
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of the ContextUnet. Height and width must be divisible by 2**(len(channel_mults)-1)."""
+    """Shape of the ContextUnet.
+
+    ``patch_size`` p > 1 folds each p x p patch into channels first (pixel unshuffle), so the
+    U-Net works at H/p x W/p: far cheaper on a CPU. H and W must be divisible by
+    ``p * 2 ** (len(channel_mults) - 1)``.
+    """
 
     in_channels: int = 1
     height: int = 28
@@ -39,6 +44,7 @@ class ModelConfig:
     channel_mults: tuple[int, ...] = (1, 2, 2)
     num_res_blocks: int = 1
     attention: bool = False  # self-attention at the lowest resolution
+    patch_size: int = 1
     time_embed_dim: int = 128
 
 
@@ -125,9 +131,16 @@ class RunConfig:
         for item in assignments:
             key, sep, raw = item.partition("=")
             parts = key.strip().split(".")
-            if not sep or len(parts) != 2 or parts[0] not in data or not isinstance(data[parts[0]], dict):
+            if (
+                not sep
+                or len(parts) != 2
+                or parts[0] not in data
+                or not isinstance(data[parts[0]], dict)
+            ):
                 sections = ", ".join(k for k, v in data.items() if isinstance(v, dict))
-                raise UsageError(f"--set {item!r}: expected SECTION.KEY=VALUE with SECTION one of {sections}")
+                raise UsageError(
+                    f"--set {item!r}: expected SECTION.KEY=VALUE with SECTION one of {sections}"
+                )
             section, name = parts
             if name not in data[section]:
                 allowed = ", ".join(data[section])
@@ -143,12 +156,16 @@ class RunConfig:
 # -- strict construction ----------------------------------------------------------------
 def _build(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
-        raise UsageError(f"{where}: expected an object for {cls.__name__}, got {type(data).__name__}")
+        raise UsageError(
+            f"{where}: expected an object for {cls.__name__}, got {type(data).__name__}"
+        )
     hints = typing.get_type_hints(cls)
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise UsageError(f"{where}: unknown key {unknown[0]!r} in {cls.__name__} (allowed: {', '.join(sorted(names))})")
+        raise UsageError(
+            f"{where}: unknown key {unknown[0]!r} in {cls.__name__} (allowed: {', '.join(sorted(names))})"
+        )
     kwargs = {}
     for f in fields(cls):
         if f.name not in data:
@@ -164,7 +181,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
-            raise UsageError(f"{where}: {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+            raise UsageError(
+                f"{where}: {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}"
+            )
         return value
     if origin in (typing.Union, types.UnionType):
         args = get_args(tp)
@@ -211,7 +230,9 @@ PRESETS: dict[str, RunConfig] = {
     "paper": RunConfig(
         preset="paper",
         model=ModelConfig(base_channels=64, channel_mults=(1, 2, 4), num_res_blocks=2),
-        train=TrainConfig(dataset="mnist", batch_size=256, lr=1e-3, epochs=20, minutes=None, warmup_steps=500),
+        train=TrainConfig(
+            dataset="mnist", batch_size=256, lr=1e-3, epochs=20, minutes=None, warmup_steps=500
+        ),
     ),
 }
 

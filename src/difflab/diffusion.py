@@ -115,25 +115,42 @@ class GaussianDiffusion:
     # -- forward process ------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Eq. 4: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
-        return self._at("sqrt_alphas_cumprod", t, x0) * x0 + self._at("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+        return (
+            self._at("sqrt_alphas_cumprod", t, x0) * x0
+            + self._at("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+        )
 
     def q_posterior_mean_variance(
         self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Eqs. 6-7: mean and variance of q(x_{t-1} | x_t, x_0)."""
-        mean = self._at("posterior_mean_coef1", t, xt) * x0 + self._at("posterior_mean_coef2", t, xt) * xt
+        mean = (
+            self._at("posterior_mean_coef1", t, xt) * x0
+            + self._at("posterior_mean_coef2", t, xt) * xt
+        )
         return mean, self._at("posterior_variance", t, xt)
 
     # -- parameterisations -------------------------------------------------------------------
-    def predict_x0_from_eps(self, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        return (xt - self._at("sqrt_one_minus_alphas_cumprod", t, xt) * eps) / self._at("sqrt_alphas_cumprod", t, xt)
+    def predict_x0_from_eps(
+        self, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor
+    ) -> torch.Tensor:
+        return (xt - self._at("sqrt_one_minus_alphas_cumprod", t, xt) * eps) / self._at(
+            "sqrt_alphas_cumprod", t, xt
+        )
 
-    def predict_eps_from_x0(self, xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        return (xt - self._at("sqrt_alphas_cumprod", t, xt) * x0) / self._at("sqrt_one_minus_alphas_cumprod", t, xt)
+    def predict_eps_from_x0(
+        self, xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor
+    ) -> torch.Tensor:
+        return (xt - self._at("sqrt_alphas_cumprod", t, xt) * x0) / self._at(
+            "sqrt_one_minus_alphas_cumprod", t, xt
+        )
 
     def velocity(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022)."""
-        return self._at("sqrt_alphas_cumprod", t, x0) * eps - self._at("sqrt_one_minus_alphas_cumprod", t, x0) * x0
+        return (
+            self._at("sqrt_alphas_cumprod", t, x0) * eps
+            - self._at("sqrt_one_minus_alphas_cumprod", t, x0) * x0
+        )
 
     def eps_x0_from_output(
         self, out: torch.Tensor, xt: torch.Tensor, t: torch.Tensor
@@ -144,7 +161,10 @@ class GaussianDiffusion:
             return out, self.predict_x0_from_eps(xt, t, out)
         if obj == "x0":
             return self.predict_eps_from_x0(xt, t, out), out
-        a, s = self._at("sqrt_alphas_cumprod", t, xt), self._at("sqrt_one_minus_alphas_cumprod", t, xt)
+        a, s = (
+            self._at("sqrt_alphas_cumprod", t, xt),
+            self._at("sqrt_one_minus_alphas_cumprod", t, xt),
+        )
         x0 = a * xt - s * out  # v-prediction
         eps = s * xt + a * out
         return eps, x0

@@ -7,6 +7,7 @@ or an ``.npz`` with ``images`` (uint8, N x H x W x C) and ``labels`` (int64, N).
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from dataclasses import dataclass
@@ -37,21 +38,25 @@ def parse_classes(text: str | None, num_classes: int) -> list[int]:
     try:
         classes = [int(c) for c in text.split(",") if c.strip() != ""]
     except ValueError:
-        raise UsageError(f"--classes {text!r}: expected comma-separated class indices like 0,3,7") from None
+        raise UsageError(
+            f"--classes {text!r}: expected comma-separated class indices like 0,3,7"
+        ) from None
     if not classes:
         raise UsageError(f"--classes {text!r}: no class given")
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:
-        raise UsageError(f"--classes: {bad[0]} is out of range; this run has classes 0..{num_classes - 1}")
+        raise UsageError(
+            f"--classes: {bad[0]} is out of range; this run has classes 0..{num_classes - 1}"
+        )
     return classes
 
 
-def check_out_path(out: str | Path, suffixes: tuple[str, ...]) -> Path:
+def check_out_path(out: str | Path, suffixes: tuple[str, ...], option: str = "--out") -> Path:
     out = Path(out)
     if out.suffix.lower() not in suffixes:
-        raise UsageError(f"--out {out}: must end in {' or '.join(suffixes)}")
-    if not out.parent.exists():
-        raise UsageError(f"--out {out}: folder {out.parent} does not exist")
+        raise UsageError(f"{option} {out}: must end in {' or '.join(suffixes)}")
+    if not out.parent.is_dir():
+        raise UsageError(f"{option} {out}: folder {out.parent} does not exist")
     return out
 
 
@@ -74,7 +79,9 @@ def sample_labels(
     check_sampling_args(sampler, steps, guidance, eta, diffusion.num_timesteps)
     out = []
     chunks = list(labels.split(batch_size))
-    bar = tqdm(total=len(chunks) * steps, desc="sample", unit="step", disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        total=len(chunks) * steps, desc="sample", unit="step", disable=not progress, file=sys.stderr
+    )
     for k, chunk in enumerate(chunks):
         x = None
         for step in sample_steps(
@@ -88,53 +95,177 @@ def sample_labels(
     return torch.cat(out)
 
 
+GRID_AXES = ("class", "sample", "guidance", "steps")
+
+
+def parse_values(value, kind: type, option: str, example: str) -> list | None:
+    """``"0,1,3"`` / ``2.0`` / ``[10, 50]`` -> a list of ``kind``; None stays None."""
+    if value is None:
+        return None
+    items = (
+        value.split(",")
+        if isinstance(value, str)
+        else value
+        if isinstance(value, (list, tuple))
+        else [value]
+    )
+    try:
+        out = [kind(v.strip()) if isinstance(v, str) else kind(v) for v in items]
+    except (TypeError, ValueError):
+        raise UsageError(
+            f"{option} {value!r}: expected a value or a comma-separated list like {example}"
+        ) from None
+    if not out:
+        raise UsageError(f"{option} {value!r}: no value given")
+    if kind is int and any(isinstance(v, float) and not v.is_integer() for v in items):
+        raise UsageError(f"{option} {value!r}: expected whole numbers like {example}")
+    return out
+
+
+def grid_axes(rows: str, cols: str | None, sizes: dict[str, int]) -> tuple[list[str], str]:
+    """Row axes (the chosen one, then class/sample when they vary) and the column axis."""
+    if rows not in GRID_AXES:
+        raise UsageError(f"--rows {rows!r}: choose one of {', '.join(GRID_AXES)}")
+    if cols is None:  # the swept option goes on the columns, else the samples of a class
+        swept = [a for a in ("guidance", "steps") if sizes[a] > 1 and a != rows]
+        if len(swept) > 1:
+            raise UsageError(
+                "--guidance and --steps both have several values: put one on --rows, the other on --cols"
+            )
+        cols = swept[0] if swept else "sample" if rows != "sample" else "class"
+    if cols not in GRID_AXES:
+        raise UsageError(f"--cols {cols!r}: choose one of {', '.join(GRID_AXES)}")
+    if cols == rows:
+        raise UsageError(f"--cols {cols}: must differ from --rows {rows}")
+    for axis in ("guidance", "steps"):
+        if sizes[axis] > 1 and axis not in (rows, cols):
+            raise UsageError(f"--{axis}: several values need --rows {axis} or --cols {axis}")
+    folded = [a for a in ("class", "sample") if a not in (rows, cols) and sizes[a] > 1]
+    return [rows, *folded], cols
+
+
 def sample_run(
     run: str | Path,
     out: str | Path,
     classes: str | None = None,
-    n_per_class: int = 8,
-    guidance: float | None = None,
-    steps: int | None = None,
+    n_per_class: int | None = None,
+    guidance: float | str | list[float] | None = None,
+    steps: int | str | list[int] | None = None,
     sampler: str | None = None,
     eta: float | None = None,
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
     trust_pickle: bool = False,
+    rows: str = "class",
+    cols: str | None = None,
 ) -> SampleResult:
-    """``difflab sample``: check everything, sample, and write ``out`` (.png grid or .npz)."""
+    """``difflab sample``: check everything, sample, and write ``out`` (.png grid or .npz).
+
+    ``guidance`` and ``steps`` may be lists (``"0,1,3"``) for a PNG grid whose ``rows`` and
+    ``cols`` are any two of class, sample, guidance and steps (class and sample, when not
+    shown and several, repeat the rows). Every cell of a row starts from the same noise, so
+    cells differ only by the swept option. ``n_per_class`` defaults to 8 when the samples of
+    a class are an axis of the grid, else 1.
+    """
     out = check_out_path(out, (".png", ".npz"))
+    g_list = parse_values(guidance, float, "--guidance", "0,1,3")
+    s_list = parse_values(steps, int, "--steps", "10,50")
+    if out.suffix.lower() == ".npz" and (len(g_list or ()) > 1 or len(s_list or ()) > 1):
+        raise UsageError(
+            f"--out {out}: several --guidance/--steps values make a grid; write a .png"
+        )
+    sizes = {"guidance": len(g_list or [0]), "steps": len(s_list or [0])}
+    shown = grid_axes(rows, cols, {**sizes, "class": 2, "sample": 2})
+    if n_per_class is None:
+        n_per_class = 8 if "sample" in (shown[0][0], shown[1]) else 1
     if n_per_class < 1:
         raise UsageError(f"--n-per-class {n_per_class}: must be at least 1")
     model, diffusion, cfg = load_run(run, device=device, trust_pickle=trust_pickle)
     sc = cfg.sample
-    guidance = sc.guidance if guidance is None else guidance
-    steps, sampler = steps or sc.steps, sampler or sc.sampler
+    g_list = g_list or [sc.guidance]
+    s_list = s_list or [sc.steps]
+    sampler = sc.sampler if sampler is None else sampler
     eta = sc.eta if eta is None else eta
-    check_sampling_args(sampler, steps, guidance, eta, diffusion.num_timesteps)
+    for g, st in itertools.product(g_list, s_list):
+        check_sampling_args(sampler, st, g, eta, diffusion.num_timesteps)
     cls = parse_classes(classes, cfg.model.num_classes)
+    row_axes, col_axis = grid_axes(rows, cols, {**sizes, "class": len(cls), "sample": n_per_class})
     labels = torch.tensor(cls).repeat_interleave(n_per_class)
     t0 = time.perf_counter()
-    images = sample_labels(
-        model, diffusion, labels, guidance=guidance, steps=steps, sampler=sampler, eta=eta,
-        spacing=sc.spacing, seed=seed, progress=progress,
-    )  # fmt: skip
+    cells = {}  # (guidance index, steps index) -> (N, C, H, W); the same seed, so the same x_T
+    for (gi, g), (si, st) in itertools.product(enumerate(g_list), enumerate(s_list)):
+        cells[gi, si] = sample_labels(
+            model, diffusion, labels, guidance=g, steps=st, sampler=sampler, eta=eta,
+            spacing=sc.spacing, seed=seed, progress=progress,
+        )  # fmt: skip
     seconds = time.perf_counter() - t0
+    one = lambda v: v[0] if len(v) == 1 else v  # noqa: E731
     settings = {
-        "run": str(run), "classes": cls, "n_per_class": n_per_class, "guidance": guidance,
-        "steps": steps, "sampler": sampler, "eta": eta, "seed": seed, "spacing": sc.spacing,
+        "run": str(run), "classes": cls, "n_per_class": n_per_class, "guidance": one(g_list),
+        "steps": one(s_list), "sampler": sampler, "eta": eta, "seed": seed, "spacing": sc.spacing,
     }  # fmt: skip
-    arr = to_uint8(images)
+    images = torch.cat(list(cells.values()))
+    all_labels = labels.repeat(len(cells))
     if out.suffix.lower() == ".npz":
         with atomic_path(out) as tmp:
             with open(tmp, "wb") as f:
-                np.savez_compressed(f, images=arr, labels=labels.numpy().astype(np.int64))
+                np.savez_compressed(
+                    f, images=to_uint8(images), labels=all_labels.numpy().astype(np.int64)
+                )
     else:
+        settings.update(rows=row_axes[0], cols=col_axis)
         known = cfg.model.class_names
         names = [known[c] if c < len(known) else str(c) for c in cls]
-        grid = labelled_grid(
-            arr, nrow=len(cls), row_labels=names,
-            title=f"{sampler} {steps} steps, guidance {guidance:g}, seed {seed}",
-        )  # fmt: skip
+        values = {
+            "class": names,
+            "sample": list(range(n_per_class)),
+            "guidance": g_list,
+            "steps": s_list,
+        }
+        grid = sample_grid(cells, values, row_axes, col_axis, sampler, seed)
         save_png(out, grid, settings)
-    return SampleResult(images, labels, seconds, settings)
+    return SampleResult(images, all_labels, seconds, settings)
+
+
+def sample_grid(
+    cells: dict[tuple[int, int], torch.Tensor],
+    values: dict[str, list],
+    row_axes: list[str],
+    col_axis: str,
+    sampler: str,
+    seed: int,
+):
+    """Lay out ``cells[guidance index, steps index]`` (class-major, then sample) as a grid."""
+    label = {
+        "class": str, "sample": lambda k: f"#{k + 1}", "guidance": lambda g: f"s = {g:g}",
+        "steps": lambda n: f"{n} steps",
+    }  # fmt: skip
+    arrays = {key: to_uint8(v) for key, v in cells.items()}
+    per_class = len(values["sample"])
+    tiles, row_labels = [], []
+    for r in itertools.product(*(range(len(values[a])) for a in row_axes)):
+        at = dict(zip(row_axes, r, strict=True))
+        shown = [a for a in row_axes if a != "sample" or a == row_axes[0]]  # no "#k" on repeats
+        row_labels.append(" ".join(label[a](values[a][at[a]]) for a in shown))
+        for c in range(len(values[col_axis])):
+            at[col_axis] = c
+            item = at.get("class", 0) * per_class + at.get("sample", 0)
+            tiles.append(arrays[at.get("guidance", 0), at.get("steps", 0)][item])
+    col_labels = None if col_axis == "sample" else [label[col_axis](v) for v in values[col_axis]]
+    fixed = {
+        "steps": f"{values['steps'][0]} steps",
+        "guidance": f"guidance {values['guidance'][0]:g}",
+    }
+    fixed = [text for axis, text in fixed.items() if axis not in (row_axes[0], col_axis)]
+    title = ", ".join([sampler, *fixed, f"seed {seed}"])
+    if (row_axes[0], col_axis) != ("class", "sample"):
+        words = {"guidance": "guidance scale s", "steps": "sampling steps"}
+        title += f"\nrows: {words.get(row_axes[0], row_axes[0])}, columns: {words.get(col_axis, col_axis)}"
+    return labelled_grid(
+        np.stack(tiles),
+        nrow=len(row_labels),
+        row_labels=row_labels,
+        col_labels=col_labels,
+        title=title,
+    )

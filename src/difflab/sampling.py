@@ -55,22 +55,33 @@ def make_timesteps(num_train: int, steps: int, spacing: str = "trailing") -> lis
     return [int(t) for t in ts]
 
 
-def check_sampling_args(sampler: str, steps: int, guidance: float, eta: float, num_train: int) -> None:
+def check_sampling_args(
+    sampler: str, steps: int, guidance: float, eta: float, num_train: int
+) -> None:
     if sampler not in SAMPLERS:
-        raise UsageError(f"--sampler {sampler!r}: unknown sampler; choose one of {', '.join(SAMPLERS)}")
+        raise UsageError(
+            f"--sampler {sampler!r}: unknown sampler; choose one of {', '.join(SAMPLERS)}"
+        )
     if not isinstance(steps, int) or steps < 1:
         raise UsageError(f"--steps {steps}: must be a positive integer")
     if steps > num_train:
         raise UsageError(f"--steps {steps}: must be at most the run's T = {num_train}")
     if not guidance >= 0:
-        raise UsageError(f"--guidance {guidance}: must be >= 0 (0 unconditional, 1 conditional, >1 guided)")
+        raise UsageError(
+            f"--guidance {guidance}: must be >= 0 (0 unconditional, 1 conditional, >1 guided)"
+        )
     if not 0 <= eta <= 1:
         raise UsageError(f"--eta {eta}: must be between 0 and 1")
 
 
 # -- one update each; eps and x0 come from the same (guided, clipped) prediction -------------
 def ddpm_update(
-    diffusion: GaussianDiffusion, x: torch.Tensor, t: int, t_prev: int, x0: torch.Tensor, noise: torch.Tensor | None
+    diffusion: GaussianDiffusion,
+    x: torch.Tensor,
+    t: int,
+    t_prev: int,
+    x0: torch.Tensor,
+    noise: torch.Tensor | None,
 ) -> torch.Tensor:
     """Ancestral step x_t -> x_{t_prev} through the posterior q(x_{t_prev} | x_t, x0) (eqs. 6-7).
 
@@ -120,7 +131,9 @@ def diffusers_scheduler(name: str, diffusion: GaussianDiffusion, spacing: str = 
         timestep_spacing=spacing,
     )
     if name == "dpm++":
-        return diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **common)
+        return diffusers.DPMSolverMultistepScheduler(
+            algorithm_type="dpmsolver++", solver_order=2, **common
+        )
     if name == "unipc":
         return diffusers.UniPCMultistepScheduler(**common)
     if name == "euler":
@@ -131,18 +144,30 @@ def diffusers_scheduler(name: str, diffusion: GaussianDiffusion, spacing: str = 
 class GuidedModel:
     """The network with classifier-free guidance and the conversion of its output to (eps, x0)."""
 
-    def __init__(self, model: nn.Module, diffusion: GaussianDiffusion, guidance: float, autocast: str | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        diffusion: GaussianDiffusion,
+        guidance: float,
+        autocast: str | None = None,
+    ):
         self.model, self.diffusion, self.guidance = model, diffusion, float(guidance)
         self.autocast = autocast
         self.null_label = model.num_classes
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, t: int, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, x: torch.Tensor, t: int, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         b = x.shape[0]
         tt = torch.full((b,), int(t), device=x.device, dtype=torch.long)
         null = torch.full_like(labels, self.null_label)
         s = self.guidance
-        ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if self.autocast == "bf16" else nullcontext()
+        ctx = (
+            torch.autocast(x.device.type, dtype=torch.bfloat16)
+            if self.autocast == "bf16"
+            else nullcontext()
+        )
         with ctx:
             if s == 1.0:
                 out = self.model(x, tt, labels)
@@ -160,7 +185,9 @@ class GuidedModel:
         return eps, x0
 
 
-def initial_noise(shape: tuple[int, ...], seed: int | None, generator: torch.Generator | None = None) -> torch.Tensor:
+def initial_noise(
+    shape: tuple[int, ...], seed: int | None, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """x_T drawn on the CPU so that a seed gives the same noise on every device."""
     if generator is None:
         generator = torch.Generator().manual_seed(0 if seed is None else seed)
@@ -192,7 +219,9 @@ def sample_steps(
     cfg = model.cfg
     labels = labels.to(device=device, dtype=torch.long)
     if labels.numel() and (labels.min() < 0 or labels.max() >= cfg.num_classes):
-        raise UsageError(f"--classes: class index out of range; this run has classes 0..{cfg.num_classes - 1}")
+        raise UsageError(
+            f"--classes: class index out of range; this run has classes 0..{cfg.num_classes - 1}"
+        )
     gen = torch.Generator().manual_seed(0 if seed is None else seed)
     shape = (labels.shape[0], cfg.in_channels, cfg.height, cfg.width)
     x = initial_noise(shape, seed, gen) if x_T is None else x_T.detach().cpu().float().clone()
@@ -209,7 +238,11 @@ def sample_steps(
                 t_prev = ts[i + 1] if i + 1 < len(ts) else -1
                 eps, x0 = net(x, t, labels)
                 stochastic = sampler == "ddpm" or eta > 0
-                noise = torch.randn(shape, generator=gen).to(device) if stochastic and t_prev >= 0 else None
+                noise = (
+                    torch.randn(shape, generator=gen).to(device)
+                    if stochastic and t_prev >= 0
+                    else None
+                )
                 if sampler == "ddpm":
                     x_prev = ddpm_update(diffusion, x, t, t_prev, x0, noise)
                 else:
@@ -224,7 +257,9 @@ def sample_steps(
             takes_generator = "generator" in inspect.signature(sched.step).parameters
             extra = {"generator": gen} if takes_generator else {}
             for i, t in enumerate(sched.timesteps):
-                x_in = sched.scale_model_input(x, t)  # the DDPM-scaled x_t the network was trained on
+                x_in = sched.scale_model_input(
+                    x, t
+                )  # the DDPM-scaled x_t the network was trained on
                 eps, x0 = net(x_in, ts[i], labels)
                 x_prev = sched.step(eps, t, x, **extra).prev_sample
                 t_prev = ts[i + 1] if i + 1 < len(ts) else -1
@@ -234,7 +269,9 @@ def sample_steps(
         model.train(was_training)
 
 
-def sample(model: nn.Module, diffusion: GaussianDiffusion, labels: torch.Tensor, **kwargs) -> torch.Tensor:
+def sample(
+    model: nn.Module, diffusion: GaussianDiffusion, labels: torch.Tensor, **kwargs
+) -> torch.Tensor:
     """Run :func:`sample_steps` to the end and return x_0 (B, C, H, W) in [-1, 1]."""
     x = None
     for step in sample_steps(model, diffusion, labels, **kwargs):

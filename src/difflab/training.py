@@ -55,23 +55,36 @@ def resolve_device(device: str = "auto") -> str:
     if base not in ("cpu", "cuda", "mps"):
         raise UsageError(f"--device {device!r}: choose one of auto, cpu, cuda, cuda:N, mps")
     if base == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available on this machine (use auto or cpu)")
-    if base == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UsageError(f"--device {device}: MPS is not available on this machine (use auto or cpu)")
+        raise UsageError(
+            f"--device {device}: CUDA is not available on this machine (use auto or cpu)"
+        )
+    if base == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
+        raise UsageError(
+            f"--device {device}: MPS is not available on this machine (use auto or cpu)"
+        )
     return device
 
 
 def resolve_config(cfg: RunConfig, data: ImageData) -> RunConfig:
     """Fit the model's input shape and class count to the dataset."""
     model = replace(
-        cfg.model, in_channels=data.channels, height=data.height, width=data.width,
+        cfg.model,
+        in_channels=data.channels,
+        height=data.height,
+        width=data.width,
         num_classes=data.num_classes,
         class_names=tuple(data.class_names),
     )
-    levels = len(model.channel_mults)
-    while levels > 1 and (data.height % 2 ** (levels - 1) or data.width % 2 ** (levels - 1)):
+    levels, p = len(model.channel_mults), model.patch_size
+    while p > 1 and (data.height % p or data.width % p):
+        p -= 1
+    while levels > 1 and (
+        data.height % (p * 2 ** (levels - 1)) or data.width % (p * 2 ** (levels - 1))
+    ):
         levels -= 1  # e.g. 8x8 digits cannot be halved three times
-    model = replace(model, channel_mults=model.channel_mults[:levels])
+    model = replace(model, channel_mults=model.channel_mults[:levels], patch_size=p)
     return replace(cfg, model=model)
 
 
@@ -110,7 +123,9 @@ class Trainer:
             tc = cfg.train
         if tc.epochs is None and tc.minutes is None:
             raise UsageError("train: give --epochs or --minutes")
-        if (tc.epochs is not None and tc.epochs <= 0) or (tc.minutes is not None and tc.minutes <= 0):
+        if (tc.epochs is not None and tc.epochs <= 0) or (
+            tc.minutes is not None and tc.minutes <= 0
+        ):
             raise UsageError("train: --epochs and --minutes must be positive")
         if tc.batch_size < 1:
             raise UsageError(f"train.batch_size={tc.batch_size}: must be at least 1")
@@ -180,7 +195,11 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         ckpt.save_train_state(self._state(), self.run_dir)
-        meta = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "dataset": self.data.name}
+        meta = {
+            "step": self.step,
+            "epoch": self.step / self.steps_per_epoch,
+            "dataset": self.data.name,
+        }
         ckpt.save_weights(self.ema_model, self.run_dir / ckpt.WEIGHTS, meta)
         self.last_checkpoint = self.step
 
@@ -188,7 +207,9 @@ class Trainer:
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         tc = self.cfg.train
         epoch, j = divmod(step, self.steps_per_epoch)
-        perm = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(tc.seed * 7919 + epoch))
+        perm = torch.randperm(
+            len(self.data), generator=torch.Generator().manual_seed(tc.seed * 7919 + epoch)
+        )
         idx = perm[j * tc.batch_size : (j + 1) * tc.batch_size].to(self.device)
         x0 = self.images[idx].float().div_(127.5).sub_(1.0)  # (B, C, H, W) in [-1, 1]
         if tc.channels_last:
@@ -207,7 +228,9 @@ class Trainer:
         g = _step_generator(tc.seed, self.step)
         b = x0.shape[0]
         t = torch.randint(0, self.diffusion.num_timesteps, (b,), generator=g).to(self.device)
-        noise = torch.randn(x0.shape, generator=g).to(self.device, memory_format=torch.preserve_format)
+        noise = torch.randn(x0.shape, generator=g).to(
+            self.device, memory_format=torch.preserve_format
+        )
         drop = (torch.rand(b, generator=g) < tc.label_dropout).to(self.device)
         y = torch.where(drop, torch.full_like(y, self.cfg.model.num_classes), y)
         for group in self.optimizer.param_groups:
@@ -238,7 +261,11 @@ class Trainer:
         """Train until the epochs or minutes are spent (or ``stop_at_step``, or ``should_stop()``)."""
         tc = self.cfg.train
         total, budget = self.total_steps, None if tc.epochs is not None else tc.minutes * 60
-        start_step, t0, since_log = self.step, time.perf_counter() - self.elapsed, time.perf_counter()
+        start_step, t0, since_log = (
+            self.step,
+            time.perf_counter() - self.elapsed,
+            time.perf_counter(),
+        )
         losses: list[float] = []
         bar = tqdm(
             total=total if total is not None else int(budget),
@@ -254,7 +281,11 @@ class Trainer:
             while True:
                 self.elapsed = time.perf_counter() - t0
                 done = self.step >= total if total is not None else self.elapsed >= budget
-                if done or (stop_at_step is not None and self.step >= stop_at_step) or (should_stop and should_stop()):
+                if (
+                    done
+                    or (stop_at_step is not None and self.step >= stop_at_step)
+                    or (should_stop and should_stop())
+                ):
                     break
                 progress = self.step / total if total is not None else self.elapsed / budget
                 lr = tc.lr * _lr_factor(progress, self.step, tc.warmup_steps, tc.lr_schedule)
@@ -289,7 +320,9 @@ class Trainer:
             self.save_checkpoint()
         steps = self.step - start_step
         run_seconds = max(self.elapsed, 1e-9)
-        return TrainResult(self.run_dir, self.step, run_seconds, steps * tc.batch_size / run_seconds, loss)
+        return TrainResult(
+            self.run_dir, self.step, run_seconds, steps * tc.batch_size / run_seconds, loss
+        )
 
 
 def train(
@@ -303,7 +336,11 @@ def train(
     """Train ``cfg`` into the run folder ``out`` (or resume the run there)."""
     out = Path(out)
     if not resume and out.exists() and (out / ckpt.TRAIN_STATE).exists():
-        raise UsageError(f"--out {out}: already holds a run; pass --resume to continue it or choose another --out")
+        raise UsageError(
+            f"--out {out}: already holds a run; pass --resume to continue it or choose another --out"
+        )
     if not out.parent.exists():
         raise UsageError(f"--out {out}: folder {out.parent} does not exist")
-    return Trainer(cfg, out, device=device, resume=resume, progress=progress).fit(stop_at_step=stop_at_step)
+    return Trainer(cfg, out, device=device, resume=resume, progress=progress).fit(
+        stop_at_step=stop_at_step
+    )

@@ -9,7 +9,6 @@ is written to ``eval.json`` in the run folder, with the settings used.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,12 +19,22 @@ from difflab.checkpoint import load_run
 from difflab.data import load_dataset
 from difflab.errors import UsageError
 from difflab.evaluation.judge import get_judge
-from difflab.evaluation.metrics import conditional_accuracy, diversity, features_of, frechet_distance, real_floor
+from difflab.evaluation.metrics import (
+    conditional_accuracy,
+    diversity,
+    features_of,
+    frechet_distance,
+    real_floor,
+)
 from difflab.files import write_json
 
 
 def evaluate_samples(
-    images: torch.Tensor, labels: torch.Tensor, dataset: str, data_dir: str | None = None, device: str = "cpu"
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    dataset: str,
+    data_dir: str | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Metrics of (N, C, H, W) samples in [-1, 1] with their intended ``labels``."""
     judge = get_judge(dataset, root=data_dir, device=device)
@@ -68,7 +77,8 @@ def evaluate_run(
     model, diffusion, cfg = load_run(run, device=device)
     sc = cfg.sample
     guidance = sc.guidance if guidance is None else guidance
-    steps, sampler = steps or sc.steps, sampler or sc.sampler
+    steps = sc.steps if steps is None else steps
+    sampler = sc.sampler if sampler is None else sampler
     labels = torch.arange(cfg.model.num_classes).repeat_interleave(n_per_class)
     t0 = time.perf_counter()
     images = sample_labels(
@@ -95,7 +105,11 @@ def evaluate_run(
 def format_eval(r: dict[str, Any]) -> str:
     s = r["settings"]
     names = r.get("class_names") or [str(i) for i in range(len(r["accuracy_per_class"]))]
-    per = "  ".join(f"{n}:{a:.0%}" for n, a in zip(names, r["accuracy_per_class"], strict=False) if a is not None)
+    per = "  ".join(
+        f"{n}:{a:.0%}"
+        for n, a in zip(names, r["accuracy_per_class"], strict=False)
+        if a is not None
+    )
     return "\n".join(
         [
             f"{r['n']} samples ({s['sampler']} {s['steps']} steps, guidance {s['guidance']:g}, seed {s['seed']}) "

@@ -77,7 +77,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
-        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        out = F.scaled_dot_product_attention(
+            q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2)
+        )
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
@@ -86,19 +88,23 @@ class ContextUnet(nn.Module):
         super().__init__()
         self.cfg = cfg
         levels = len(cfg.channel_mults)
-        factor = 2 ** (levels - 1)
+        if cfg.patch_size < 1:
+            raise UsageError(f"model.patch_size={cfg.patch_size}: must be 1 or more")
+        factor = cfg.patch_size * 2 ** (levels - 1)
         if cfg.height % factor or cfg.width % factor:
             raise UsageError(
-                f"model: {cfg.height}x{cfg.width} images cannot be halved {levels - 1} times; "
-                f"height and width must be multiples of {factor} (or use fewer channel_mults)"
+                f"model: {cfg.height}x{cfg.width} images do not fit patch_size {cfg.patch_size} and "
+                f"{levels} levels; height and width must be multiples of {factor}"
             )
+        self.patch = cfg.patch_size
+        c_img = cfg.in_channels * cfg.patch_size**2  # channels after pixel unshuffle
         ch, emb_dim = cfg.base_channels, cfg.time_embed_dim
         self.num_classes = cfg.num_classes
         self.time_embed = nn.Sequential(
             SinusoidalEmbedding(ch), nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
         self.class_embed = nn.Embedding(cfg.num_classes + 1, emb_dim)  # last index: no class
-        self.stem = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.stem = nn.Conv2d(c_img, ch, 3, padding=1)
 
         widths = [ch * m for m in cfg.channel_mults]
         self.down = nn.ModuleList()
@@ -112,7 +118,9 @@ class ContextUnet(nn.Module):
                 skips.append(c)
             self.down.append(blocks)
             last = i == levels - 1
-            self.downsample.append(nn.Identity() if last else nn.Conv2d(c, c, 3, stride=2, padding=1))
+            self.downsample.append(
+                nn.Identity() if last else nn.Conv2d(c, c, 3, stride=2, padding=1)
+            )
 
         self.mid1 = ResBlock(c, c, emb_dim)
         self.mid_attn = Attention(c) if cfg.attention else nn.Identity()
@@ -128,13 +136,17 @@ class ContextUnet(nn.Module):
             self.up.append(blocks)
             self.upsample.append(nn.Conv2d(c, c, 3, padding=1) if i > 0 else nn.Identity())
 
-        self.out = nn.Sequential(nn.GroupNorm(_groups(c), c), nn.SiLU(), nn.Conv2d(c, cfg.in_channels, 3, padding=1))
+        self.out = nn.Sequential(
+            nn.GroupNorm(_groups(c), c), nn.SiLU(), nn.Conv2d(c, c_img, 3, padding=1)
+        )
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W); t: (B,) int timesteps; y: (B,) int labels, num_classes = no class."""
         emb = self.time_embed(t) + self.class_embed(y)  # (B, emb_dim)
+        if self.patch > 1:
+            x = F.pixel_unshuffle(x, self.patch)  # (B, C*p*p, H/p, W/p)
         h = self.stem(x)
         skips = []
         for blocks, down in zip(self.down, self.downsample, strict=True):
@@ -148,7 +160,8 @@ class ContextUnet(nn.Module):
                 h = block(torch.cat([h, skips.pop()], dim=1), emb)
             if not isinstance(up, nn.Identity):
                 h = up(F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        return self.out(h)
+        h = self.out(h)
+        return F.pixel_shuffle(h, self.patch) if self.patch > 1 else h
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

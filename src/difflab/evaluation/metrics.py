@@ -1,0 +1,177 @@
+"""Sample metrics measured with the reference classifier (the judge).
+
+Conditional accuracy asks whether a sample drawn for class *c* is recognised as *c*. The
+Fréchet distance, the kernel distance and the diversity are computed on the judge's own
+penultimate features (:meth:`Judge.features`), not on Inception-v3 features: they rank
+models trained on the same dataset and can be set against the real-vs-real floor
+(:func:`real_floor`: train split against test split), but they are NOT comparable with
+published Inception FID/KID numbers. Features of real splits are cached in memory per judge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+import weakref
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+import torch
+
+from difflab.errors import UsageError
+
+_FEATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_FLOORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _labels(labels: Any, n: int) -> torch.Tensor:
+    y = torch.as_tensor(np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels))
+    if y.ndim != 1 or y.numel() != n:
+        raise UsageError(f"labels: expected {n} class indices, got shape {tuple(y.shape)}")
+    if y.is_floating_point() or y.dtype == torch.bool:
+        raise UsageError(f"labels: expected integer class indices, got {y.dtype}")
+    return y.to(torch.int64)
+
+
+def _f64(x: Any, what: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().to(torch.float64).numpy()
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim != 2:
+        raise UsageError(f"{what}: expected an (N, D) feature array, got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise UsageError(f"{what}: features contain NaN or inf")
+    return a
+
+
+def conditional_accuracy(judge: Any, images: Any, labels: Any) -> dict[str, Any]:
+    """How often the judge recognises each sample as the class it was drawn for.
+
+    Returns ``overall`` (float), ``per_class`` (one float per class, None for a class with
+    no samples), ``counts`` (samples per class), ``confusion`` (rows: intended class,
+    columns: judged class) and ``n``.
+    """
+    y = _labels(labels, int(images.shape[0]))
+    k = judge.num_classes
+    if y.numel() == 0:
+        raise UsageError("images: no samples to evaluate")
+    if int(y.min()) < 0 or int(y.max()) >= k:
+        raise UsageError(
+            f"labels: class indices must be in 0..{k - 1} for the {judge.dataset} judge"
+        )
+    pred = judge.predict(images)
+    confusion = torch.zeros(k, k, dtype=torch.int64)
+    confusion.index_put_((y, pred), torch.ones_like(y), accumulate=True)
+    counts = confusion.sum(1)
+    per_class = [
+        float(confusion[c, c]) / int(counts[c]) if int(counts[c]) else None for c in range(k)
+    ]
+    return {
+        "overall": float((pred == y).double().mean()),
+        "per_class": per_class,
+        "counts": counts.tolist(),
+        "confusion": confusion.tolist(),
+        "n": int(y.numel()),
+    }
+
+
+def frechet_distance(feats_a: Any, feats_b: Any, eps: float = 1e-6) -> float:
+    """Fréchet distance between Gaussians fitted to two (N, D) feature sets, in float64.
+
+    ``||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))``; when the product is singular
+    ``eps`` is added to both diagonals; tiny imaginary parts of the square root are dropped.
+    """
+    a, b = _f64(feats_a, "feats_a"), _f64(feats_b, "feats_b")
+    if a.shape[1] != b.shape[1]:
+        raise UsageError(f"features: dimensions differ ({a.shape[1]} vs {b.shape[1]})")
+    if min(len(a), len(b)) < 2:
+        raise UsageError("features: the Fréchet distance needs at least 2 samples in each set")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        covmean = scipy.linalg.sqrtm(s_a @ s_b)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(len(s_a)) * eps
+            covmean = scipy.linalg.sqrtm((s_a + offset) @ (s_b + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3 * max(1.0, np.trace(s_a))):
+            warnings.warn("frechet_distance: sqrtm has a large imaginary part", stacklevel=2)
+        covmean = covmean.real
+    diff = mu_a - mu_b
+    fd = diff @ diff + np.trace(s_a) + np.trace(s_b) - 2.0 * np.trace(covmean)
+    return float(max(fd, 0.0))
+
+
+def kernel_distance(
+    feats_a: Any, feats_b: Any, subsets: int = 10, subset_size: int = 1000, seed: int = 0
+) -> float:
+    """KID-style unbiased MMD^2 with the cubic polynomial kernel, averaged over subsets."""
+    a, b = _f64(feats_a, "feats_a"), _f64(feats_b, "feats_b")
+    m = min(len(a), len(b), subset_size)
+    if m < 2 or a.shape[1] != b.shape[1]:
+        raise UsageError("features: the kernel distance needs >= 2 samples of equal dimension")
+    rng, d, total = np.random.default_rng(seed), a.shape[1], 0.0
+    for _ in range(subsets):
+        x, y = a[rng.choice(len(a), m, replace=False)], b[rng.choice(len(b), m, replace=False)]
+        kxx, kyy, kxy = ((x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3)
+        off = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        total += off - 2 * kxy.mean()
+    return float(total / subsets)
+
+
+def _fingerprint(data: Any) -> str:
+    return hashlib.blake2b(data.images.contiguous().numpy().data, digest_size=16).hexdigest()
+
+
+def features_of(judge: Any, data: Any) -> torch.Tensor:
+    """The judge's features of a real ImageData split, cached in memory per judge."""
+    key = (data.name, getattr(data, "split", None), len(data), _fingerprint(data))
+    cache = _FEATURES.setdefault(judge, {})
+    if key not in cache:
+        cache[key] = judge.features(data.images)
+    return cache[key]
+
+
+def real_floor(judge: Any, train: Any, test: Any, n: int | None = None) -> float:
+    """Fréchet distance of real train images against the whole test split (real vs real).
+
+    ``n`` train images are drawn (fixed seed; default: as many as the test split has), so
+    the floor has the sample-size bias of a sample FD measured with ``n`` samples against
+    the test split. A model's FD near the floor is as close as real data gets.
+    """
+    n = len(test) if n is None else int(n)
+    if n < 2:
+        raise UsageError(f"n {n}: the real-vs-real floor needs at least 2 images")
+    key = (train.name, len(train), _fingerprint(train), test.name, _fingerprint(test), n)
+    cache = _FLOORS.setdefault(judge, {})
+    if key not in cache:
+        fa, fb = features_of(judge, train), features_of(judge, test)
+        idx = torch.randperm(len(fa), generator=torch.Generator().manual_seed(0))[:n]
+        cache[key] = frechet_distance(fa[idx], fb)
+    return cache[key]
+
+
+def diversity(features: Any, labels: Any, num_classes: int | None = None) -> dict[str, Any]:
+    """Mean pairwise L2 feature distance within each class, and its mean over classes.
+
+    ``per_class`` holds None for a class with fewer than two samples; ``mean`` averages the
+    others. Identical samples give 0; mode collapse shows as a value far below real data's.
+    """
+    f = torch.as_tensor(_f64(features, "features"))
+    y = _labels(labels, len(f))
+    k = int(y.max()) + 1 if num_classes is None and y.numel() else int(num_classes or 0)
+    per_class: list[float | None] = []
+    for c in range(k):
+        fc = f[y == c]
+        m = len(fc)
+        if m < 2:
+            per_class.append(None)
+            continue
+        total = sum(float(torch.cdist(fc[i : i + 1024], fc).sum()) for i in range(0, m, 1024))
+        per_class.append(total / (m * (m - 1)))
+    valid = [v for v in per_class if v is not None]
+    if not valid:
+        raise UsageError("diversity: needs at least 2 samples of some class")
+    return {"per_class": per_class, "mean": float(np.mean(valid)), "n": int(len(f))}
