@@ -133,6 +133,127 @@ def _add_figures(sub) -> None:
     p.add_argument("--out", help="folder for loss.png and schedule.png (default RUN/figures)")
 
 
+def _add_sweep(sub) -> None:
+    p = sub.add_parser(
+        "sweep", help="resumable sweep of a run over guidance x steps (x sampler x seed), measured"
+    )
+    p.add_argument("run")
+    p.add_argument("--guidance", default="0,1,2,4,8", help="guidance scales (default 0,1,2,4,8)")
+    p.add_argument("--steps", default="10,25,50,250", help="step counts (default 10,25,50,250)")
+    p.add_argument("--sampler", default="ddim", help="samplers, e.g. ddim,ddpm (default ddim)")
+    p.add_argument("--seeds", default="0", help="seeds; each has its own shared x_T (default 0)")
+    p.add_argument("--n", type=int, default=20, help="samples per class per cell (default 20)")
+    p.add_argument("--grid-class", type=int, default=0, help="class shown in the image grid")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="sweep folder; the same command resumes it")
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="self-contained HTML report (+ Markdown) of runs and sweeps")
+    p.add_argument("inputs", nargs="+", metavar="RUN|DIR", help="run folders and sweep folders")
+    p.add_argument("--out", default="report.html", help="FILE.html; FILE.md is written beside it")
+    p.add_argument("--title", help="report title")
+
+
+def _add_sd(sub) -> None:
+    from difflab.sd import DEFAULT_CLIP_MODEL, DEFAULT_MODEL, SCHEDULER_NAMES
+
+    sd = sub.add_parser("sd", help="Stable Diffusion: generate images, sweep guidance x steps")
+    sd_sub = sd.add_subparsers(dest="sd_command", required=True, parser_class=_Parser)
+    g = sd_sub.add_parser("generate", help="images from a prompt, settings in every PNG")
+    s = sd_sub.add_parser("sweep", help="resumable prompts x guidance x steps x seeds sweep")
+    g.add_argument("--prompt", help="the prompt (empty only with --unconditional)")
+    g.add_argument("--unconditional", action="store_true", help="sample without a prompt")
+    g.add_argument("--guidance", type=float, default=7.5, help="CFG scale s: 0, 1 or > 1 (7.5)")
+    g.add_argument("--steps", type=int, default=50, help="inference steps (default 50)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the first image (image i: seed+i)")
+    g.add_argument("--n", type=int, default=1, help="number of images (default 1)")
+    s.add_argument("--prompts", nargs="+", required=True, metavar="FILE.txt|TEXT",
+                   help="prompts, or one .txt file with a prompt per line")  # fmt: skip
+    s.add_argument("--guidance", default="1,3,7.5,12,20", help="CFG scales (default 1,3,7.5,12,20)")
+    s.add_argument("--steps", default="10,25,50", help="step counts (default 10,25,50)")
+    s.add_argument(
+        "--seeds", default="0,1,2", help="seeds; each has its own latents (default 0,1,2)"
+    )
+    s.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL,
+                   help=f"CLIP for the CLIP score: Hub id or folder, or none (default {DEFAULT_CLIP_MODEL})")  # fmt: skip
+    for p in (g, s):
+        p.add_argument("--negative-prompt", default="", help="what to steer away from")
+        p.add_argument("--size", default="512x512", help="WIDTHxHEIGHT, multiples of 8 (512x512)")
+        p.add_argument("--scheduler", help=f"{', '.join(SCHEDULER_NAMES)} (default: the model's)")
+        p.add_argument(
+            "--model", default=DEFAULT_MODEL, help="Hub id, diffusers folder or FILE.safetensors"
+        )
+        p.add_argument(
+            "--model-config", help="local diffusers folder with the configs of a single file"
+        )
+        p.add_argument("--vae", help="another VAE: Hub id or diffusers folder")
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+        p.add_argument(
+            "--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp16, bf16, fp32"
+        )
+        p.add_argument(
+            "--no-safety-checker", action="store_true", help="do not screen images (warns)"
+        )
+        p.add_argument("--trust-pickle", action="store_true", help="allow a .ckpt pickle (unsafe)")
+        p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (4)")
+        p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+        p.add_argument(
+            "--out", required=True, help="output folder (for sweep: the same command resumes it)"
+        )
+
+
+def _sd(args: argparse.Namespace, resolve_device) -> None:
+    common = dict(
+        negative_prompt=args.negative_prompt, size=args.size, scheduler=args.scheduler,
+        model=args.model, device=resolve_device(args.device), dtype=args.dtype,
+        safety_checker=not args.no_safety_checker, trust_pickle=args.trust_pickle,
+        model_config=args.model_config, vae=args.vae, batch_size=args.batch_size,
+        compile=args.compile,
+    )  # fmt: skip
+    if args.sd_command == "generate":
+        from difflab.sd.generate import generate
+
+        r = generate(
+            args.prompt, args.out, guidance=args.guidance, steps=args.steps, seed=args.seed,
+            n=args.n, unconditional=args.unconditional, **common,
+        )  # fmt: skip
+        names = ", ".join(rec.png.name for rec in r.images)
+        for note in r.notes:
+            print(f"difflab sd: warning: {note}", file=sys.stderr)
+        print(
+            f"wrote {len(r.images)} image(s) to {r.out} ({r.seconds_per_image:.2f} s/image): {names}"
+        )
+        if r.flagged:
+            print(
+                f"{len(r.flagged)} of {len(r.images)} flagged by the safety checker and returned "
+                f"black: {', '.join(x.png.name for x in r.flagged)}; try another seed or prompt"
+            )
+        for rec in r.black_unflagged:
+            print(f"{rec.png.name}: {rec.diagnosis.note}")
+    else:
+        from difflab.sd.sweep import sd_sweep
+
+        r = sd_sweep(
+            args.prompts, args.out, guidance=args.guidance, steps=args.steps, seeds=args.seeds,
+            clip_model=args.clip_model, **common,
+        )  # fmt: skip
+        for note in r.notes:
+            print(f"difflab sd: warning: {note}", file=sys.stderr)
+        done = r.cells_total - r.cells_run
+        print(
+            f"sd sweep {r.out}: {r.cells_run} cells computed in {r.seconds:.0f} s"
+            + (f", {done} already done" if done else "")
+            + f"; {r.flagged} of {len(r.rows)} images filtered by the safety checker"
+            + (
+                f", {r.black_unflagged} black but NOT flagged (see metrics.csv)"
+                if r.black_unflagged
+                else ""
+            )
+            + f"; tables metrics.csv, summary.csv, metrics.json; {len(r.figures)} figures"
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="difflab", description="A lab bench for diffusion models.")
     parser.add_argument("--version", action="version", version=f"difflab {__version__}")
@@ -140,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (_add_train, _add_sample, _add_eval, _add_demo, _add_figures):
         add(sub)
+    for add in (_add_sweep, _add_report):
+        add(sub)
+    _add_sd(sub)
     return parser
 
 
@@ -197,6 +321,29 @@ def run(args: argparse.Namespace) -> int:
         from difflab.demo import run_demo
 
         run_demo(args.out, minutes=args.minutes, device=resolve_device(args.device))
+    elif args.command == "sweep":
+        from difflab.sweep import sweep_run
+
+        r = sweep_run(
+            args.run, args.out, guidance=args.guidance, steps=args.steps, sampler=args.sampler,
+            seeds=args.seeds, n_per_class=args.n, grid_class=args.grid_class,
+            device=resolve_device(args.device),
+        )  # fmt: skip
+        done = r.cells_total - r.cells_run
+        print(
+            f"sweep {r.out}: {r.cells_run} cells computed in {r.seconds:.0f} s"
+            + (f", {done} already done" if done else "")
+            + f"; tables metrics.csv, summary.csv, metrics.json; {len(r.figures)} figures"
+        )
+    elif args.command == "report":
+        from difflab.report import write_report
+
+        r = write_report(args.inputs, args.out, title=args.title)
+        print(f"wrote {r.html} and {r.markdown} ({len(r.images)} images)")
+        for line in r.conclusions:
+            print(f"  - {line}")
+    elif args.command == "sd":
+        _sd(args, resolve_device)
     elif args.command in ("forward", "reverse", "plot"):
         _figures(args, resolve_device)
     return 0

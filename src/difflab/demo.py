@@ -3,12 +3,16 @@
 Trains the ``quick`` preset on ``mnist5k`` (resuming if the run folder already holds a
 finished run of the same settings), writes the lab's figures into ``figures/`` (a labelled
 grid of every class, the forward and reverse processes with a GIF of every step, a guidance
-grid, the loss curve and the schedule diagnostics), and prints the reference classifier's
-conditional accuracy and Fréchet distance.
+grid, the loss curve and the schedule diagnostics), prints the reference classifier's
+conditional accuracy, Fréchet distance and KID, runs a small resumable sweep over guidance
+and steps into ``sweep/`` and ends by writing the lab report, ``report.html`` (self-contained)
+and ``report.md``.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +22,12 @@ from difflab.evaluation.evaluate import evaluate_run, format_eval
 from difflab.figures import forward_figure, reverse_figure
 from difflab.generate import sample_run
 from difflab.plots import plot_run
+from difflab.report import write_report
+from difflab.sweep import SWEEP_FILE, sweep_identity, sweep_run
 from difflab.training import train
+
+# The demo's sweep: small enough for well under a minute on two CPU cores.
+SWEEP = dict(guidance="0,1,2,4", steps="10,25", sampler="ddim", seeds="0", n_per_class=6)
 
 
 def run_demo(
@@ -46,7 +55,29 @@ def run_demo(
     write_figures(out, figures, device=device)
     report = evaluate_run(out, n_per_class=100, device=device)
     print(format_eval(report))
+    sweep_and_report(out, device=device)
     return report
+
+
+def sweep_and_report(run: Path, device: str = "cpu") -> Path:
+    """The demo's small sweep into ``run/sweep``, then ``run/report.html`` and ``report.md``."""
+    folder = run / "sweep"
+    if (folder / SWEEP_FILE).is_file():  # the demo's own folder: redo it when anything changed
+        old = json.loads((folder / SWEEP_FILE).read_text(encoding="utf-8"))
+        if old != sweep_identity(run, **SWEEP):
+            print(
+                f"{run} or the demo's sweep settings changed since {folder} was made; sweeping again"
+            )
+            shutil.rmtree(folder)
+    sweep = sweep_run(run, folder, device=device, **SWEEP)
+    print(
+        f"sweep {folder}: {sweep.cells_total} cells ({sweep.cells_run} computed) in {sweep.seconds:.0f} s"
+    )
+    result = write_report([run, folder], run / "report.html")
+    print(f"wrote {result.html} and {result.markdown}; conclusions:")
+    for line in result.conclusions:
+        print(f"  - {line}")
+    return result.html
 
 
 def write_figures(run: Path, figures: Path, device: str = "cpu") -> list[Path]:

@@ -1,6 +1,6 @@
 """Evaluation of samples: a reference classifier (the "judge") trained once per dataset and
-cached, and the metrics computed with it — conditional accuracy, Fréchet and kernel distances
-on the judge's features with the real-vs-real floor, and within-class diversity.
+cached, and the metrics computed with it: conditional accuracy, the Fréchet distance on the
+judge's features beside the real-vs-real floor, and within-class diversity.
 """
 
 from difflab.evaluation.judge import Judge, JudgeNet, get_judge, train_judge
@@ -9,7 +9,6 @@ from difflab.evaluation.metrics import (
     diversity,
     features_of,
     frechet_distance,
-    kernel_distance,
     real_floor,
 )
 
@@ -21,7 +20,6 @@ __all__ = [
     "features_of",
     "frechet_distance",
     "get_judge",
-    "kernel_distance",
     "real_floor",
     "train_judge",
 ]

@@ -2,8 +2,8 @@
 
 Draws ``n_per_class`` samples for every class through the one sampling generator, then
 reports the reference classifier's conditional accuracy (overall and per class), the
-Fréchet distance on the classifier's features against the test split beside the
-real-vs-real floor (train split vs test split), and within-class diversity. The result
+Fréchet distance and KID on the classifier's features against the test split (the FD beside
+the real-vs-real floor, train split vs test split), and within-class diversity. The result
 is written to ``eval.json`` in the run folder, with the settings used.
 """
 
@@ -18,7 +18,8 @@ import torch
 from difflab.checkpoint import load_run
 from difflab.data import load_dataset
 from difflab.errors import UsageError
-from difflab.evaluation.judge import get_judge
+from difflab.evaluation.judge import Judge, get_judge
+from difflab.evaluation.kid import kid
 from difflab.evaluation.metrics import (
     conditional_accuracy,
     diversity,
@@ -35,14 +36,21 @@ def evaluate_samples(
     dataset: str,
     data_dir: str | None = None,
     device: str = "cpu",
+    judge: Judge | None = None,
 ) -> dict[str, Any]:
-    """Metrics of (N, C, H, W) samples in [-1, 1] with their intended ``labels``."""
-    judge = get_judge(dataset, root=data_dir, device=device)
+    """Metrics of (N, C, H, W) samples in [-1, 1] with their intended ``labels``.
+
+    Pass the same ``judge`` to many calls (a sweep) so that the features of the real splits
+    are computed once: they are cached per judge object.
+    """
+    judge = get_judge(dataset, root=data_dir, device=device) if judge is None else judge
     train = load_dataset(dataset, "train", data_dir)
     test = load_dataset(dataset, "test", data_dir)
     acc = conditional_accuracy(judge, images, labels)
     feats = judge.features(images)
-    fd = frechet_distance(feats, features_of(judge, test))
+    test_feats = features_of(judge, test)
+    fd = frechet_distance(feats, test_feats)
+    kd = kid(feats, test_feats)
     floor = real_floor(judge, train, test)
     div = diversity(feats, labels)
     real_div = diversity(features_of(judge, test), test.labels)
@@ -52,6 +60,8 @@ def evaluate_samples(
         "fd": fd,
         "fd_floor": floor,
         "fd_ratio": fd / floor if floor > 0 else float("inf"),
+        "kid": kd.mean,
+        "kid_std": kd.std,
         "diversity": div["mean"],
         "diversity_real": real_div["mean"],
         "judge_test_accuracy": judge.test_accuracy,
@@ -95,7 +105,7 @@ def evaluate_run(
         "samples_per_s": labels.numel() / seconds,
         **metrics,
         "class_names": list(cfg.model.class_names),
-        "note": "fd is measured on the reference classifier's features; it is not comparable with Inception FID",
+        "note": "fd and kid are measured on the reference classifier's features; they are not comparable with Inception FID/KID",
     }  # fmt: skip
     if write:
         write_json(Path(run) / "eval.json", result)
@@ -119,6 +129,11 @@ def format_eval(r: dict[str, Any]) -> str:
             f"per class: {per}",
             f"Frechet distance (classifier features): {r['fd']:.3f}   real-vs-real floor {r['fd_floor']:.3f}"
             f"   ratio {r['fd_ratio']:.2f}x",
+            *(
+                [f"KID (classifier features): {r['kid']:.4f} ± {r['kid_std']:.4f}"]
+                if "kid" in r
+                else []
+            ),
             f"diversity (mean pairwise feature distance): {r['diversity']:.3f}   real test split "
             f"{r['diversity_real']:.3f}",
         ]

@@ -1,7 +1,8 @@
 """The reference classifier ("judge") that grades class-conditional samples.
 
 A small CNN (:class:`JudgeNet`) is trained once per dataset on its train split
-(:func:`train_judge`: seeded, random shifts of up to 2 px, AdamW with a one-cycle schedule)
+(:func:`train_judge`: seeded, random shifts of up to 2 px, label smoothing, AdamW with a
+one-cycle schedule)
 and cached as safetensors plus a JSON sidecar; :func:`get_judge` loads it, or trains it on
 first use, and returns a :class:`Judge` that classifies images and exposes the network's
 penultimate features, on which the sample metrics in :mod:`difflab.evaluation.metrics` are
@@ -33,6 +34,7 @@ RECIPE_VERSION = 1
 FEATURE_DIM = 128
 EVAL_BATCH = 500
 SHIFT = 2
+LABEL_SMOOTHING = 0.1
 CL = torch.channels_last  # about 25 % faster convolutions on CPU
 
 
@@ -73,10 +75,6 @@ class JudgeNet(nn.Module):
         return self.head(self.body(x))
 
 
-def default_width(channels: int) -> int:
-    return 16 if channels == 1 else 32
-
-
 def default_epochs(n_train: int) -> int:
     """About 40k training images seen, between 3 and 10 epochs (10 for mnist5k)."""
     return int(min(10, max(3, math.ceil(40_000 / max(n_train, 1)))))
@@ -90,9 +88,8 @@ def _shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     dx = torch.randint(0, 2 * SHIFT + 1, (n,), generator=gen)
     rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
-    return xp[
-        torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols
-    ]
+    items, chans = torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None]
+    return xp[items, chans, rows, cols]
 
 
 @torch.no_grad()
@@ -111,7 +108,7 @@ def train_judge(
     test: Any | None = None,
     epochs: int | None = None,
     seed: int = 0,
-    batch_size: int = 128,
+    batch_size: int | None = None,
     lr: float = 5e-3,
     device: str | torch.device = "cpu",
     progress: bool = True,
@@ -119,23 +116,25 @@ def train_judge(
     """Train a :class:`JudgeNet` on ``train`` (an ImageData); report accuracy on ``test``.
 
     Deterministic for a given seed, device and torch version; the caller's global RNG is
-    left untouched. ``epochs=None`` picks :func:`default_epochs`. Returns the net in eval
-    mode and an info dict (test_accuracy, train_accuracy, epochs, seconds, ...).
+    left untouched. ``epochs=None`` picks :func:`default_epochs`; ``batch_size=None`` picks
+    128, or 32 for a train split of at most 2000 images. Returns the net in eval
+    mode and an info dict (test_accuracy, epochs, seconds, ...).
     """
-    if len(train) < 2 or train.num_classes < 2:
-        raise UsageError(f"dataset {train.name!r}: the judge needs >= 2 images and >= 2 classes")
-    if min(train.height, train.width) < 8:
-        raise UsageError(f"dataset {train.name!r}: images must be at least 8x8 for the judge")
+    if len(train) < 2 or train.num_classes < 2 or min(train.height, train.width) < 8:
+        raise UsageError(
+            f"--dataset {train.name}: the judge needs >= 2 images, >= 2 classes and >= 8x8 pixels"
+        )
     epochs = default_epochs(len(train)) if epochs is None else int(epochs)
-    if epochs < 1:
-        raise UsageError(f"epochs {epochs}: must be >= 1")
-    dev = torch.device(device)
+    batch_size = (128 if len(train) > 2000 else 32) if batch_size is None else int(batch_size)
+    if epochs < 1 or batch_size < 2:
+        raise UsageError(f"epochs {epochs}, batch_size {batch_size}: need >= 1 and >= 2")
+    dev = torch.device(_device(device))
     t0 = time.perf_counter()
     steps_per_epoch = math.ceil(len(train) / batch_size)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        net = JudgeNet(train.channels, train.num_classes, default_width(train.channels))
+        net = JudgeNet(train.channels, train.num_classes, 16 if train.channels == 1 else 32)
         net = net.to(dev, memory_format=CL)
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=5e-4)
         sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -155,7 +154,7 @@ def train_judge(
                 if len(idx) < 2:  # BatchNorm needs two images
                     continue
                 x = _shift(x_all[idx], gen).to(dev, memory_format=CL)
-                loss = F.cross_entropy(net(x), y_all[idx].to(dev))
+                loss = F.cross_entropy(net(x), y_all[idx].to(dev), label_smoothing=LABEL_SMOOTHING)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -166,21 +165,11 @@ def train_judge(
         bar.close()
     train_seconds = time.perf_counter() - t0
     net = net.to(memory_format=torch.contiguous_format).eval()
-    info: dict[str, Any] = {
-        "dataset": train.name,
-        "recipe_version": RECIPE_VERSION,
-        "test_accuracy": _accuracy(net, test, dev) if test is not None and len(test) else None,
-        "train_accuracy": _accuracy(net, train, dev),
-        "epochs": epochs,
-        "seconds": round(train_seconds, 2),
-        "seed": seed,
-        "batch_size": batch_size,
-        "lr": lr,
-        "num_train": len(train),
-        "num_test": len(test) if test is not None else 0,
-        "device": str(dev),
-        "torch": torch.__version__,
-    }
+    test_acc = _accuracy(net, test, dev) if test is not None and len(test) else None
+    info = dict(dataset=train.name, recipe_version=RECIPE_VERSION, test_accuracy=test_acc,
+                epochs=epochs, seconds=round(train_seconds, 2), seed=seed, lr=lr,
+                batch_size=batch_size, num_train=len(train), device=str(dev),
+                num_test=len(test) if test is not None else 0, torch=torch.__version__)  # fmt: skip
     return net, info
 
 
@@ -192,7 +181,7 @@ class Judge:
     """
 
     def __init__(self, net: JudgeNet, meta: dict[str, Any], device: str | torch.device = "cpu"):
-        self.device = torch.device(device)
+        self.device = torch.device(_device(device))
         self.net = net.to(self.device, memory_format=CL).eval()
         self.meta = dict(meta)
         self.dataset: str = meta.get("dataset", "?")
@@ -237,13 +226,21 @@ class Judge:
         return torch.cat(outs)
 
     def logits(self, x: Any) -> torch.Tensor:
+        """Class logits (N, num_classes), float32 on the CPU."""
         return self._apply(x, self.net, self.num_classes)
 
     def predict(self, x: Any) -> torch.Tensor:
         return self.logits(x).argmax(1).to(torch.int64)
 
     def features(self, x: Any) -> torch.Tensor:
+        """Penultimate features (N, FEATURE_DIM), float32 on the CPU."""
         return self._apply(x, self.net.features, FEATURE_DIM)
+
+
+def _device(device: str | torch.device) -> str:
+    from difflab.training import resolve_device  # "auto" -> cuda, mps or cpu
+
+    return resolve_device(str(device))
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -274,7 +271,7 @@ def _load_cached(stem: Path, device: str | torch.device) -> Judge | None:
             return None
         net = JudgeNet(meta["in_channels"], meta["num_classes"], meta["net_width"])
         net.load_state_dict(load_file(weights))
-    except (OSError, ValueError, KeyError, RuntimeError):  # stale or damaged: retrain
+    except Exception:  # stale or damaged (bad JSON, truncated safetensors): retrain
         return None
     return Judge(net, meta, device)
 
@@ -304,28 +301,16 @@ def get_judge(
         return judge
     train = load_dataset(dataset, "train", root)
     if judge is not None:  # a folder may have changed since its judge was trained
-        if judge.meta.get("class_names") == list(train.class_names) and judge.meta.get(
-            "num_train"
-        ) == len(train):
+        meta = judge.meta
+        if meta["class_names"] == list(train.class_names) and meta["num_train"] == len(train):
             return judge
     test = load_dataset(dataset, "test", root)
-    print(
-        f"training the reference classifier for {dataset} (first use, cached in {folder})",
-        file=sys.stderr,
-    )
+    msg = f"training the reference classifier for {dataset} (first use, cached in {folder})"
+    print(msg, file=sys.stderr)
     net, info = train_judge(train, test, device=device, progress=progress)
-    meta = {
-        **info,
-        "dataset": dataset,
-        "key": stem.name,
-        "in_channels": train.channels,
-        "num_classes": train.num_classes,
-        "net_width": net.width,
-        "height": train.height,
-        "width": train.width,
-        "feature_dim": FEATURE_DIM,
-        "class_names": list(train.class_names),
-    }
+    meta = dict(info, key=stem.name, in_channels=train.channels, num_classes=train.num_classes,
+                net_width=net.width, height=train.height, width=train.width,
+                feature_dim=FEATURE_DIM, class_names=list(train.class_names))  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     with atomic_path(stem.with_suffix(".safetensors")) as tmp:

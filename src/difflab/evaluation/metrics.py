@@ -1,11 +1,11 @@
 """Sample metrics measured with the reference classifier (the judge).
 
 Conditional accuracy asks whether a sample drawn for class *c* is recognised as *c*. The
-Fréchet distance, the kernel distance and the diversity are computed on the judge's own
-penultimate features (:meth:`Judge.features`), not on Inception-v3 features: they rank
+Fréchet distance and the diversity (and the KID of :mod:`.kid`) are computed on the judge's
+own penultimate features (:meth:`Judge.features`), not on Inception-v3 features: they rank
 models trained on the same dataset and can be set against the real-vs-real floor
 (:func:`real_floor`: train split against test split), but they are NOT comparable with
-published Inception FID/KID numbers. Features of real splits are cached in memory per judge.
+published Inception FID numbers. Features of real splits are cached in memory per judge.
 """
 
 from __future__ import annotations
@@ -102,23 +102,6 @@ def frechet_distance(feats_a: Any, feats_b: Any, eps: float = 1e-6) -> float:
     diff = mu_a - mu_b
     fd = diff @ diff + np.trace(s_a) + np.trace(s_b) - 2.0 * np.trace(covmean)
     return float(max(fd, 0.0))
-
-
-def kernel_distance(
-    feats_a: Any, feats_b: Any, subsets: int = 10, subset_size: int = 1000, seed: int = 0
-) -> float:
-    """KID-style unbiased MMD^2 with the cubic polynomial kernel, averaged over subsets."""
-    a, b = _f64(feats_a, "feats_a"), _f64(feats_b, "feats_b")
-    m = min(len(a), len(b), subset_size)
-    if m < 2 or a.shape[1] != b.shape[1]:
-        raise UsageError("features: the kernel distance needs >= 2 samples of equal dimension")
-    rng, d, total = np.random.default_rng(seed), a.shape[1], 0.0
-    for _ in range(subsets):
-        x, y = a[rng.choice(len(a), m, replace=False)], b[rng.choice(len(b), m, replace=False)]
-        kxx, kyy, kxy = ((x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3)
-        off = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-        total += off - 2 * kxy.mean()
-    return float(total / subsets)
 
 
 def _fingerprint(data: Any) -> str:

@@ -1,0 +1,110 @@
+"""Seconds per image of ``difflab sd`` beside a plain ``StableDiffusionPipeline`` call.
+
+Loads one pipeline (``--model``; default: the tiny random pipeline of
+:mod:`difflab.sd.tiny`, built in a temporary folder) and times, with the same prompt, size,
+steps, guidance, scheduler and seeds: (1) the plain diffusers call
+``pipe(prompt, generator=[...], output_type="np")``, (2) difflab's pipeline call
+(:func:`difflab.sd.generate.run_pipeline`: prompt encoded once, latents drawn per seed on the
+CPU), (3) ``difflab sd generate`` end to end (PNG + sidecar writes included, model already
+loaded). One warm-up call each, then the median of ``--repeats``. Prints a Markdown table;
+``--json FILE`` saves the rows. For SD 1.5 on a GPU:
+
+    python benchmarks/bench_sd.py --model DIR --size 512x512 --steps 50 --device cuda
+    OMP_NUM_THREADS=1 python benchmarks/bench_sd.py            # tiny model, CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from difflab.sd.generate import encode, generate, parse_size, run_pipeline
+from difflab.sd.load import load_pipeline
+from difflab.sd.tiny import build_tiny_sd
+from difflab.training import resolve_device
+
+
+def _timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="Hub id or diffusers folder (default: the tiny random model)")
+    p.add_argument("--size", default=None, help="WxH (default 64x64 tiny, 512x512 otherwise)")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--n", type=int, default=4, help="images per call")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--scheduler", default="euler")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--json", help="save the rows here")
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or build_tiny_sd(Path(tmp) / "tiny-sd")
+        size = args.size or ("64x64" if args.model is None else "512x512")
+        w, h = parse_size(size)
+        loaded = load_pipeline(model, device, args.dtype, args.scheduler)
+        pipe, prompt, seeds = (
+            loaded.pipe,
+            "a photograph of an astronaut riding a horse",
+            list(range(args.n)),
+        )
+
+        def plain():
+            pipe(
+                prompt, num_images_per_prompt=args.n, guidance_scale=args.guidance, num_inference_steps=args.steps, width=w,
+                height=h, generator=[torch.Generator().manual_seed(s) for s in seeds],
+                output_type="np",
+            )  # fmt: skip
+
+        def ours():
+            run_pipeline(loaded, encode(loaded, prompt, ""), args.guidance, args.steps, seeds, w, h)
+
+        def end_to_end():
+            generate(
+                prompt, Path(tmp) / "out", guidance=args.guidance, steps=args.steps, n=args.n,
+                size=size, batch_size=args.n, loaded=loaded, progress=False,
+            )  # fmt: skip
+
+        rows = []
+        for name, fn in (("plain StableDiffusionPipeline call", plain),
+                         ("difflab run_pipeline", ours),
+                         ("difflab sd generate (with PNG writes)", end_to_end)):  # fmt: skip
+            s = _timed(fn, args.repeats)
+            rows.append({"what": name, "s_per_image": s / args.n, "seconds_per_call": s})
+    label = "tiny random SD (difflab.sd.tiny)" if args.model is None else args.model
+    print(
+        f"model {label}, {size}, {args.steps} steps, guidance {args.guidance:g}, "
+        f"{args.scheduler}, {args.n} images per call, {loaded.dtype} on {device} "
+        f"({platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads), median of {args.repeats}\n"
+    )
+    print("| what | s/image |\n|---|---|")
+    for r in rows:
+        print(f"| {r['what']} | {r['s_per_image']:.4f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Sentences for a report's conclusions, generated from measured numbers only.
+
+:func:`sweep_conclusions` reads a sweep's summary rows (seed means per sampler, steps and
+guidance, as :func:`difflab.sweep.summarise` makes them) and says which guidance gave the
+best conditional accuracy, how accuracy moves with guidance, from how many steps the
+Fréchet distance stops improving, where within-class diversity collapses (below
+:data:`COLLAPSE` of the real test images' diversity), and whether too much guidance drives
+the Fréchet distance back up (samples leave the data distribution: artifacts).
+:func:`eval_conclusions` summarises one ``eval.json``. Every number in a sentence is taken
+from the input, so the conclusions change when the measurements do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+COLLAPSE = 0.8  # diversity below this share of the real images' counts as collapsed
+SATURATED = 0.05  # FD within this share of its best counts as "no longer improving"
+OVERGUIDED = 0.10  # FD this much above its minimum at the largest guidance: over-guidance
+
+
+def _pct(v: float) -> str:
+    """Whole percent, or one decimal when rounding would hide the difference (99.5 % ≠ 100 %)."""
+    return f"{v:.0%}" if abs(v * 100 - round(v * 100)) < 0.05 else f"{v:.1%}"
+
+
+def _pm(r: dict, metric: str, fmt) -> str:
+    std = r.get(f"{metric}_std")
+    return fmt(r[f"{metric}_mean"]) + ("" if std is None else f" ± {fmt(std)}")
+
+
+def _by_guidance(rows: list[dict], metric: str) -> dict[float, float]:
+    """Seed means of ``metric`` averaged over step counts, per guidance."""
+    out: dict[float, list[float]] = {}
+    for r in rows:
+        out.setdefault(r["guidance"], []).append(r[f"{metric}_mean"])
+    return {g: float(np.mean(v)) for g, v in sorted(out.items())}
+
+
+def sweep_conclusions(summary: list[dict], refs: dict[str, Any] | None = None) -> list[str]:
+    """Plain sentences about one sweep (per sampler when it has several)."""
+    refs = refs or {}
+    samplers = list(dict.fromkeys(r["sampler"] for r in summary))
+    out = []
+    for smp in samplers:
+        rows = [r for r in summary if r["sampler"] == smp]
+        tag = f" ({smp})" if len(samplers) > 1 else ""
+        out += _sampler_conclusions(rows, refs, tag)
+    return out
+
+
+def _sampler_conclusions(rows: list[dict], refs: dict, tag: str) -> list[str]:
+    out = []
+    # highest accuracy; ties go to the smaller guidance, then to fewer steps
+    best = max(rows, key=lambda r: (round(r["accuracy_mean"], 6), -r["guidance"], -r["steps"]))
+    g_best, st_best = best["guidance"], best["steps"]
+    out.append(
+        f"The best conditional accuracy{tag}, {_pm(best, 'accuracy', _pct)}, came with guidance "
+        f"s = {g_best:g} at {st_best} steps."
+    )
+    at_steps = sorted((r for r in rows if r["steps"] == st_best), key=lambda r: r["guidance"])
+    if len(at_steps) > 1:
+        lo, hi = at_steps[0], at_steps[-1]
+        chance = (
+            f" (unconditional; chance is {_pct(1 / refs['num_classes'])})"
+            if lo["guidance"] == 0 and refs.get("num_classes")
+            else ""
+        )
+        text = (
+            f"At {st_best} steps, accuracy goes from {_pct(lo['accuracy_mean'])} at s = "
+            f"{lo['guidance']:g}{chance} to {_pct(best['accuracy_mean'])} at s = {g_best:g}"
+        )
+        if hi["guidance"] > g_best and hi["accuracy_mean"] < best["accuracy_mean"] - 0.02:
+            text += f", and back down to {_pct(hi['accuracy_mean'])} at s = {hi['guidance']:g}"
+        spread = max(r["accuracy_mean"] for r in at_steps) - min(
+            r["accuracy_mean"] for r in at_steps
+        )
+        strength = "strongly" if spread >= 0.15 else "moderately" if spread >= 0.05 else "hardly"
+        out.append(text + f": accuracy depends {strength} on guidance.")
+    steps = sorted({r["steps"] for r in rows})
+    if len(steps) > 1:
+        per_best = {r["steps"]: r["guidance"] for r in _best_per_steps(rows)}
+        if len(set(per_best.values())) > 1:
+            listed = "; ".join(f"{st} steps: s = {g:g}" for st, g in sorted(per_best.items()))
+            out.append(f"The most accurate guidance depends on the step count ({listed}).")
+        line = sorted((r for r in rows if r["guidance"] == g_best), key=lambda r: r["steps"])
+        fd = [r["fd_mean"] for r in line]
+        enough = next(
+            r["steps"] for r, v in zip(line, fd, strict=True) if v <= min(fd) * (1 + SATURATED)
+        )
+        first, last = line[0], line[-1]
+        acc = [r["accuracy_mean"] for r in line]
+        change = max(max(acc) - min(acc), 0.3 * (max(fd) / max(min(fd), 1e-12) - 1))
+        strength = (
+            "strongly" if change >= 0.15 else "moderately" if change >= 0.05 else "only slightly"
+        )
+        text = (
+            f"At s = {g_best:g}, going from {first['steps']} to {last['steps']} steps moves accuracy "
+            f"from {_pct(first['accuracy_mean'])} to {_pct(last['accuracy_mean'])} and the Fréchet "
+            f"distance from {first['fd_mean']:.2f} to {last['fd_mean']:.2f} (quality depends "
+            f"{strength} on the step count), while the time per cell grows from "
+            f"{first['seconds_mean']:.1f} s to {last['seconds_mean']:.1f} s."
+        )
+        if enough < last["steps"]:
+            text += (
+                f" The Fréchet distance is within {SATURATED:.0%} of its best from {enough} steps "
+                "on: more steps buy little beyond that."
+            )
+        else:
+            text += " The Fréchet distance is still improving at the largest step count."
+        out.append(text)
+    out += _guidance_side_effects(rows, refs, tag)
+    return out
+
+
+def _best_per_steps(rows: list[dict]) -> list[dict]:
+    best: dict[int, dict] = {}
+    for r in sorted(rows, key=lambda r: r["guidance"]):
+        if r["steps"] not in best or r["accuracy_mean"] > best[r["steps"]]["accuracy_mean"] + 1e-9:
+            best[r["steps"]] = r
+    return list(best.values())
+
+
+def _guidance_side_effects(rows: list[dict], refs: dict, tag: str) -> list[str]:
+    """Diversity collapse and over-guidance, from means over the step counts."""
+    div, fd = _by_guidance(rows, "diversity"), _by_guidance(rows, "fd")
+    gs = list(div)
+    if len(gs) < 2:
+        return []
+    out = []
+    real = refs.get("diversity")
+    ref = real if real else div[gs[0]]
+    ref_of = "the real test images' diversity" if real else f"the diversity at s = {gs[0]:g}"
+    collapsed = [g for g in gs if div[g] < COLLAPSE * ref]
+    trend = (
+        f"Within-class diversity{tag} goes from {div[gs[0]]:.2f} at s = {gs[0]:g} to "
+        f"{div[gs[-1]]:.2f} at s = {gs[-1]:g}"
+        + (f" (real test images: {real:.2f})" if real else "")
+    )
+    if collapsed:
+        g = collapsed[0]
+        out.append(
+            f"{trend}; it collapses from s = {g:g} on ({div[g]:.2f}, {div[g] / ref:.0%} of "
+            f"{ref_of}, below the {COLLAPSE:.0%} mark)."
+        )
+    else:
+        low = min(gs, key=lambda g: div[g])
+        out.append(
+            f"{trend}; it does not collapse in this range: its lowest value, {div[low]:.2f} at "
+            f"s = {low:g}, is {div[low] / ref:.0%} of {ref_of}."
+        )
+    g_min = min(gs, key=lambda g: fd[g])
+    top = gs[-1]
+    if top > g_min and fd[top] > fd[g_min] * (1 + OVERGUIDED):
+        out.append(
+            f"The Fréchet distance{tag} (mean over step counts) is lowest at s = {g_min:g} "
+            f"({fd[g_min]:.2f}) and rises to {fd[top]:.2f} at s = {top:g} "
+            f"(+{fd[top] / fd[g_min] - 1:.0%}): too much guidance pushes the samples away from "
+            "the real images, the artifacts of over-guidance."
+        )
+    else:
+        out.append(
+            f"The Fréchet distance{tag} (mean over step counts) is lowest at s = {g_min:g} "
+            f"({fd[g_min]:.2f}); up to s = {top:g} it shows no clear sign of over-guidance."
+        )
+    return out
+
+
+def eval_conclusions(ev: dict[str, Any]) -> list[str]:
+    """Sentences about one ``eval.json``."""
+    s = ev.get("settings", {})
+    how = f"{s.get('sampler')}, {s.get('steps')} steps, guidance s = {s.get('guidance', 0):g}"
+    text = f"At the run's evaluation settings ({how}), the reference classifier recognises {_pct(ev['accuracy'])} of the samples"
+    if ev.get("judge_test_accuracy") is not None:
+        text += f" (on real test images it scores {_pct(ev['judge_test_accuracy'])})"
+    out = [text + "."]
+    names = ev.get("class_names") or [str(i) for i in range(len(ev["accuracy_per_class"]))]
+    per = [(a, n) for a, n in zip(ev["accuracy_per_class"], names, strict=False) if a is not None]
+    if per:
+        worst, best = min(per), max(per)
+        if best[0] - worst[0] >= 0.1:
+            out.append(
+                f"The hardest class is {worst[1]} ({_pct(worst[0])}), the easiest {best[1]} ({_pct(best[0])})."
+            )
+    if ev.get("fd_floor"):
+        out.append(
+            f"Its Fréchet distance is {ev['fd']:.2f}, {ev['fd'] / ev['fd_floor']:.1f}× the "
+            f"real-vs-real floor of {ev['fd_floor']:.2f}."
+        )
+    return out

@@ -1,0 +1,346 @@
+"""The lab report: one self-contained HTML file and its Markdown twin, from run and sweep folders.
+
+:func:`write_report` (``difflab report RUN|DIR ... --out report.html``) builds one list of
+blocks (headings, paragraphs, tables, images) and renders it twice: ``report.html`` with
+every image inlined as a base64 ``data:`` URI (it opens offline, and can be mailed or handed
+in as one file), and ``report.md`` beside it whose images are PNG files in ``report_files/``.
+A run contributes its configuration, training curve, noise schedule, forward and reverse
+figures, sample grids and ``eval.json``; a sweep contributes its summary table (mean ± std
+over seeds), heat-maps, line plots and image grid. The conclusions are sentences generated
+from these numbers by :mod:`difflab.conclusions`. Every input is checked before any work.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from difflab import __version__
+from difflab.checkpoint import CONFIG, METRICS
+from difflab.conclusions import eval_conclusions, sweep_conclusions
+from difflab.config import RunConfig
+from difflab.errors import UsageError
+from difflab.files import atomic_path, read_jsonl, write_text
+from difflab.sweep import SWEEP_FILE
+
+RUN_FIGURES = (  # (file in RUN/figures, heading, what to run when it is missing)
+    ("forward.png", "Forward process", "difflab forward --run RUN --out RUN/figures/forward.png"),
+    ("reverse.png", "Reverse process", "difflab reverse RUN --out RUN/figures/reverse.png"),
+    ("samples.png", "Samples of every class", "difflab sample RUN --out RUN/figures/samples.png"),
+    ("guidance.png", "Samples against guidance",
+     "difflab sample RUN --guidance 0,1,3 --cols guidance --out RUN/figures/guidance.png"),
+)  # fmt: skip
+
+
+@dataclass
+class Block:
+    kind: str  # h1, h2, h3, p, note, list, table, image
+    text: str = ""
+    items: list[str] = field(default_factory=list)  # list items
+    rows: list[list[str]] = field(default_factory=list)  # table: header first
+    png: bytes = b""
+    name: str = ""  # image file name in the Markdown twin's folder
+
+
+@dataclass
+class ReportResult:
+    html: Path
+    markdown: Path
+    images: list[Path]
+    conclusions: list[str]
+
+
+def _png(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def _figure_png(fig) -> bytes:
+    from difflab.viz import render_figure
+
+    buf = io.BytesIO()
+    render_figure(fig).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, str]]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _flatten(v, f"{prefix}{k}.")
+        else:
+            shown = ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+            out.append((f"{prefix}{k}", "" if shown is None else str(shown)))
+    return out
+
+
+# -- inputs ---------------------------------------------------------------------------------
+def classify(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
+    """Run folders and sweep folders among ``inputs`` (a sweep brings its run along)."""
+    if not inputs:
+        raise UsageError("report: give at least one run folder or sweep folder")
+    runs, sweeps = [], []
+    for item in map(Path, inputs):
+        if (item / SWEEP_FILE).is_file():
+            if not (item / "metrics.json").is_file():
+                raise UsageError(f"{item}: this sweep has no finished cell yet (no metrics.json)")
+            sweeps.append(item)
+        elif (item / CONFIG).is_file():
+            runs.append(item)
+        else:
+            raise UsageError(
+                f"{item}: neither a run folder (no {CONFIG}) nor a sweep folder (no {SWEEP_FILE})"
+            )
+    for sw in sweeps:
+        run = Path(json.loads((sw / SWEEP_FILE).read_text(encoding="utf-8"))["run"])
+        if (run / CONFIG).is_file() and all(r.resolve() != run.resolve() for r in runs):
+            runs.append(run)
+    return runs, sweeps
+
+
+def read_sweep(folder: Path) -> dict:
+    """The ``metrics.json`` of a sweep folder: identity, cell rows and the summary."""
+    return json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+
+
+# -- sections -------------------------------------------------------------------------------
+def run_blocks(run: Path, slug: str) -> tuple[list[Block], list[str]]:
+    from difflab.plots import loss_figure, schedule_figure
+
+    cfg = RunConfig.load(run / CONFIG)
+    figs = run / "figures"
+    rows = [r for r in read_jsonl(run / METRICS) if isinstance(r.get("loss"), (int, float))]
+    blocks = [Block("h2", f"Run: {run.name}")]
+    about = f"Folder {run}; dataset {cfg.train.dataset}, preset {cfg.preset}, {cfg.model.height}×{cfg.model.width}×{cfg.model.in_channels} images, {cfg.model.num_classes} classes."
+    if rows:
+        last = rows[-1]
+        about += f" Trained {last['step']} steps ({last.get('epoch', 0):.1f} epochs) in {last.get('elapsed_s', 0):.0f} s; last logged loss {last['loss']:.4f}."
+    blocks.append(Block("p", about))
+    blocks.append(Block("h3", "Configuration"))
+    table = [["section", "options"]]
+    for section, values in cfg.to_dict().items():
+        if isinstance(values, dict):
+            table.append([section, " · ".join(f"{k} = {v}" for k, v in _flatten(values))])
+        else:
+            table.append([section, str(values)])
+    blocks.append(Block("table", rows=table))
+    blocks.append(Block("h3", "Training curve"))
+    if (figs / "loss.png").is_file():
+        blocks.append(
+            Block("image", "training loss", png=_png(figs / "loss.png"), name=f"{slug}_loss.png")
+        )
+    elif rows and all("step" in r for r in rows):
+        png = _figure_png(loss_figure(rows, cfg, run.name))
+        blocks.append(Block("image", "training loss", png=png, name=f"{slug}_loss.png"))
+    else:
+        blocks.append(Block("note", f"No training loss logged yet ({run / METRICS})."))
+    blocks.append(Block("h3", "Noise schedule"))
+    if (figs / "schedule.png").is_file():
+        png = _png(figs / "schedule.png")
+    else:
+        from difflab.diffusion import GaussianDiffusion
+
+        png = _figure_png(schedule_figure(GaussianDiffusion(cfg.diffusion, warn=False)))
+    blocks.append(Block("image", "noise schedule", png=png, name=f"{slug}_schedule.png"))
+    for file, heading, command in RUN_FIGURES:
+        blocks.append(Block("h3", heading))
+        if (figs / file).is_file():
+            blocks.append(Block("image", heading, png=_png(figs / file), name=f"{slug}_{file}"))
+        else:
+            blocks.append(Block("note", f"Not made yet: {command.replace('RUN', str(run))}"))
+    conclusions = []
+    if (run / "eval.json").is_file():
+        ev = json.loads((run / "eval.json").read_text(encoding="utf-8"))
+        blocks += eval_blocks(ev)
+        conclusions = eval_conclusions(ev)
+    else:
+        blocks += [
+            Block("h3", "Evaluation"),
+            Block("note", f"Not measured yet: difflab eval {run}"),
+        ]
+    return blocks, conclusions
+
+
+def eval_blocks(ev: dict) -> list[Block]:
+    s = ev["settings"]
+    rows = [
+        ["measure", "value"],
+        ["samples", f"{ev['n']} ({s['n_per_class']} per class; {s['sampler']}, {s['steps']} steps, guidance {s['guidance']:g}, seed {s['seed']})"],
+        ["conditional accuracy", f"{ev['accuracy']:.1%}"],
+        ["judge's accuracy on real test images", "" if ev.get("judge_test_accuracy") is None else f"{ev['judge_test_accuracy']:.1%}"],
+        ["Fréchet distance (judge features)", f"{ev['fd']:.3f}"],
+        ["real-vs-real floor (train vs test)", f"{ev['fd_floor']:.3f} (ratio {ev['fd_ratio']:.1f}×)"],
+    ]  # fmt: skip
+    if "kid" in ev:
+        rows.append(["KID (judge features)", f"{ev['kid']:.4f} ± {ev['kid_std']:.4f}"])
+    rows += [
+        ["within-class diversity", f"{ev['diversity']:.3f} (real test images {ev['diversity_real']:.3f})"],
+        ["sampling speed", f"{ev['samples_per_s']:.1f} samples/s"],
+    ]  # fmt: skip
+    names = ev.get("class_names") or [str(i) for i in range(len(ev["accuracy_per_class"]))]
+    per = [["class", *names], ["accuracy", *("–" if a is None else f"{a:.0%}" for a in ev["accuracy_per_class"])]]  # fmt: skip
+    return [
+        Block("h3", "Evaluation"),
+        Block("table", rows=rows),
+        Block("p", "Accuracy per class:"),
+        Block("table", rows=per),
+        Block("note", "FD, KID and diversity are measured on the reference classifier's features: they rank models of the same dataset but are not comparable with published Inception FID/KID."),
+    ]  # fmt: skip
+
+
+def _pm(r: dict, m: str, fmt: str) -> str:
+    std = r.get(f"{m}_std")
+    return format(r[f"{m}_mean"], fmt) + ("" if std is None else f" ± {format(std, fmt)}")
+
+
+def sweep_blocks(sweep: Path, slug: str) -> tuple[list[Block], list[str]]:
+    doc = read_sweep(sweep)
+    ident, summary = doc["sweep"], doc["summary"]
+    seeds = ident["seeds"]
+    blocks = [Block("h2", f"Sweep: {sweep.name}")]
+    text = (
+        f"Folder {sweep}; run {ident['run']}; samplers {', '.join(ident['samplers'])}; steps "
+        f"{', '.join(map(str, ident['steps']))}; guidance {', '.join(f'{g:g}' for g in ident['guidance'])}; "
+        f"seeds {', '.join(map(str, seeds))}; {ident['n_per_class']} samples per class per cell. "
+        "All cells of a seed start from the same noise, so they differ only by the swept settings."
+    )
+    if not doc["complete"]:
+        text += f" Incomplete: {doc['cells_done']} of {doc['cells_total']} cells are done."
+    blocks.append(Block("p", text))
+    spread = "mean ± std over seeds" if len(seeds) > 1 else "one seed"
+    header = ["sampler", "steps", "guidance", "accuracy", "FD", "KID", "diversity", "s / cell"]
+    table = [header] + [
+        [r["sampler"], str(r["steps"]), f"{r['guidance']:g}", _pm(r, "accuracy", ".1%"),
+         _pm(r, "fd", ".2f"), _pm(r, "kid", ".4f"), _pm(r, "diversity", ".2f"), _pm(r, "seconds", ".1f")]
+        for r in sorted(summary, key=lambda r: (r["sampler"], r["steps"], r["guidance"]))
+    ]  # fmt: skip
+    blocks += [Block("h3", f"Results ({spread})"), Block("table", rows=table)]
+    refs = [
+        f"judge on real test images: {doc['judge_test_accuracy']:.1%}" if doc.get("judge_test_accuracy") else "",
+        f"real-vs-real FD floor: {doc['fd_floor']:.2f}" if doc.get("fd_floor") else "",
+        f"diversity of real test images: {doc['diversity_real']:.2f}" if doc.get("diversity_real") else "",
+    ]  # fmt: skip
+    if any(refs):
+        blocks.append(Block("note", "References: " + "; ".join(r for r in refs if r) + "."))
+    figs = sweep / "figures"
+    for smp in ident["samplers"]:
+        for stem, heading in (
+            ("heatmaps", "Heat-maps"), ("vs_guidance", "Metrics against guidance"),
+            ("vs_steps", "Metrics against steps"), ("grid", "Samples: rows guidance, panels steps"),
+        ):  # fmt: skip
+            path = figs / f"{stem}_{smp}.png"
+            if path.is_file():
+                blocks.append(Block("h3", f"{heading} ({smp})"))
+                blocks.append(Block("image", heading, png=_png(path), name=f"{slug}_{path.name}"))
+    refs_num = {"diversity": doc.get("diversity_real"), "num_classes": ident.get("num_classes")}
+    return blocks, sweep_conclusions(summary, refs_num) if summary else []
+
+
+# -- rendering ------------------------------------------------------------------------------
+CSS = """body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
+h1{border-bottom:2px solid #08519c;padding-bottom:.2em}h2{margin-top:2em;border-bottom:1px solid #ccc;color:#08519c}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+th{background:#eef3f9}tr:nth-child(even) td{background:#fafafa}img{max-width:100%;height:auto;display:block;margin:.5em 0}
+.note{color:#555;font-size:.9em}.conclusions li{margin:.3em 0}"""
+
+
+def render_html(blocks: list[Block], title: str) -> str:
+    esc = html.escape
+    out = [f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>",
+           f"<style>{CSS}</style></head><body>"]  # fmt: skip
+    for b in blocks:
+        if b.kind in ("h1", "h2", "h3"):
+            out.append(f"<{b.kind}>{esc(b.text)}</{b.kind}>")
+        elif b.kind == "p":
+            out.append(f"<p>{esc(b.text)}</p>")
+        elif b.kind == "note":
+            out.append(f"<p class='note'>{esc(b.text)}</p>")
+        elif b.kind == "list":
+            items = "".join(f"<li>{esc(i)}</li>" for i in b.items)
+            out.append(f"<ul class='{esc(b.text)}'>{items}</ul>")
+        elif b.kind == "table":
+            head = "".join(f"<th>{esc(c)}</th>" for c in b.rows[0])
+            body = "".join(
+                "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in b.rows[1:]
+            )
+            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif b.kind == "image":
+            data = base64.b64encode(b.png).decode("ascii")
+            out.append(f"<img alt='{esc(b.text)}' src='data:image/png;base64,{data}'>")
+    out.append("</body></html>\n")
+    return "\n".join(out)
+
+
+def _md_cell(s: str) -> str:
+    return str(s).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(blocks: list[Block], files_dir: str) -> str:
+    out = []
+    for b in blocks:
+        if b.kind in ("h1", "h2", "h3"):
+            out.append("#" * int(b.kind[1]) + " " + b.text)
+        elif b.kind == "p":
+            out.append(b.text)
+        elif b.kind == "note":
+            out.append(f"*{b.text}*")
+        elif b.kind == "list":
+            out.append("\n".join(f"- {i}" for i in b.items))
+        elif b.kind == "table":
+            rows = [[_md_cell(c) for c in r] for r in b.rows]
+            lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+            out.append("\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows[1:]]))
+        elif b.kind == "image":
+            out.append(f"![{b.text}]({files_dir}/{b.name})")
+    return "\n\n".join(out) + "\n"
+
+
+def write_report(
+    inputs: Sequence[str | Path], out: str | Path = "report.html", title: str | None = None
+) -> ReportResult:
+    """``difflab report``: write ``out`` (.html, self-contained) and its ``.md`` twin."""
+    out = Path(out)
+    if out.suffix.lower() != ".html":
+        raise UsageError(f"--out {out}: must end in .html")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {out}: folder {out.parent} does not exist")
+    runs, sweeps = classify(inputs)
+    title = title or "Diffusion lab report: " + ", ".join(p.name for p in [*runs, *sweeps])
+    blocks = [
+        Block("h1", title),
+        Block("note", f"Made by difflab {__version__} on {time.strftime('%Y-%m-%d %H:%M')}."),
+    ]
+    conclusions: list[str] = []
+    for i, run in enumerate(runs):
+        b, c = run_blocks(run, f"run{i}")
+        blocks += b
+        conclusions += c
+    for i, sweep in enumerate(sweeps):
+        b, c = sweep_blocks(sweep, f"sweep{i}")
+        blocks += b
+        conclusions += c
+    blocks.append(Block("h2", "Conclusions"))
+    if conclusions:
+        blocks.append(Block("list", "conclusions", items=conclusions))
+    else:
+        blocks.append(
+            Block("note", "No measurements yet: run difflab eval or difflab sweep first.")
+        )
+    md_path = out.with_suffix(".md")
+    files_dir = out.parent / f"{out.stem}_files"
+    files_dir.mkdir(exist_ok=True)
+    images = []
+    for b in blocks:
+        if b.kind == "image":
+            path = files_dir / b.name
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(b.png)
+            images.append(path)
+    write_text(md_path, render_markdown(blocks, files_dir.name))
+    write_text(out, render_html(blocks, title))
+    return ReportResult(out, md_path, images, conclusions)

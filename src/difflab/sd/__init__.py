@@ -1,0 +1,15 @@
+"""Stable Diffusion experiments on the stock diffusers ``StableDiffusionPipeline``.
+
+:mod:`~difflab.sd.load` resolves ``--model`` (Hub id, diffusers folder or single file),
+device, dtype and scheduler; :mod:`~difflab.sd.generate` makes images with A1111-style PNG
+metadata and an honest safety report; :mod:`~difflab.sd.sweep` runs resumable guidance x
+steps x seed sweeps measured by :mod:`~difflab.sd.metrics` (CLIP score, detail) and drawn by
+:mod:`~difflab.sd.figures`. Heavy imports (diffusers, transformers) happen inside functions,
+so importing this package is cheap.
+"""
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
+SCHEDULER_NAMES = (
+    "euler", "euler_a", "dpm++_2m", "dpm++_2m_karras", "ddim", "pndm", "lms", "heun", "unipc",
+)  # fmt: skip

@@ -1,0 +1,284 @@
+"""``difflab sd generate``: images from a prompt with the stock pipeline, settings in every PNG.
+
+:func:`generate` checks every option before any work (empty prompt only with
+``unconditional``; guidance 0, 1 or > 1; steps >= 1; size a multiple of 8), loads the
+pipeline, warns when a prompt is longer than CLIP's 77 tokens (saying what was cut), encodes
+the prompt once with ``pipe.encode_prompt`` and calls the stock ``StableDiffusionPipeline``
+with ``prompt_embeds`` / ``negative_prompt_embeds``. Image ``i`` uses seed ``seed + i``: its
+initial latents come from its own CPU ``torch.Generator`` (the same draw the pipeline would
+make, so a PNG's ``Seed`` reproduces it on any device) and that generator then feeds the
+scheduler's noise. Guidance follows diffusers: ``eps_uncond + s (eps_cond - eps_uncond)``;
+the stock pipeline skips guidance for ``s <= 1``, so ``s = 1`` is the plain conditional model,
+``s = 0`` is run as the unconditional (negative-prompt) model, and ``0 < s < 1`` is refused.
+Each image is written as ``NNNNN-SEED.png`` (A1111 ``parameters`` chunk) plus a JSON sidecar
+with the safety diagnosis of :mod:`difflab.sd.safety`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from difflab import __version__
+from difflab.errors import UsageError
+from difflab.sd.load import DEFAULT_MODEL, LoadedPipeline, check_scheduler, load_pipeline
+from difflab.sd.metadata import format_parameters, save_image
+from difflab.sd.safety import Diagnosis, diagnose, to_uint8
+
+
+@dataclass
+class ImageRecord:
+    png: Path
+    sidecar: Path
+    seed: int
+    diagnosis: Diagnosis
+
+
+@dataclass
+class GenerateResult:
+    out: Path
+    images: list[ImageRecord]
+    seconds: float  # in the pipeline, all images
+    seconds_per_image: float
+    settings: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def flagged(self) -> list[ImageRecord]:
+        return [r for r in self.images if r.diagnosis.nsfw]
+
+    @property
+    def black_unflagged(self) -> list[ImageRecord]:
+        return [r for r in self.images if not r.diagnosis.nsfw and r.diagnosis.note]
+
+
+# -- checks (no work done) -------------------------------------------------------------------
+def parse_size(size: str | int | tuple[int, int]) -> tuple[int, int]:
+    """``"512x768"`` (W x H) or ``512`` -> (width, height), each a positive multiple of 8."""
+    if isinstance(size, tuple):
+        w, h = size
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*(?:[xX×]\s*(\d+))?\s*", str(size))
+        if not m:
+            raise UsageError(f"--size {size!r}: expected WIDTHxHEIGHT like 512x512")
+        w, h = int(m[1]), int(m[2] or m[1])
+    if w < 8 or h < 8 or w % 8 or h % 8:
+        raise UsageError(f"--size {w}x{h}: width and height must be multiples of 8 (e.g. 512x512)")
+    return w, h
+
+
+def check_guidance(g: float, option: str = "--guidance") -> float:
+    if not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
+        shown = f"{g:g}" if isinstance(g, (int, float)) else repr(g)
+        raise UsageError(f"{option} {shown}: must be a number >= 0 (7.5 is SD's default)")
+    if 0 < g < 1:
+        raise UsageError(
+            f"{option} {g:g}: diffusers' StableDiffusionPipeline skips guidance below 1; "
+            "use 0 (unconditional), 1 (conditional, no guidance) or more than 1"
+        )
+    return float(g)
+
+
+def check_steps(steps: int, option: str = "--steps") -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise UsageError(f"{option} {steps}: must be a whole number >= 1")
+    return steps
+
+
+def check_prompt(prompt: str | None, unconditional: bool) -> str:
+    prompt = "" if prompt is None else str(prompt)
+    if unconditional and prompt.strip():
+        raise UsageError(
+            "--unconditional samples without a prompt; drop --prompt or --unconditional"
+        )
+    if not unconditional and not prompt.strip():
+        raise UsageError(
+            "--prompt is empty; give a prompt, or --unconditional to sample without one"
+        )
+    return "" if unconditional else prompt
+
+
+def check_seed(seed: int, option: str = "--seed") -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise UsageError(f"{option} {seed}: must be a whole number from 0 to 2^63 - 1")
+    return seed
+
+
+def truncation_note(tokenizer: Any, text: str, option: str) -> str | None:
+    """A warning when ``text`` is longer than the text encoder reads, quoting what is cut."""
+    limit = int(tokenizer.model_max_length)  # 77 for CLIP, with the start and end tokens
+    try:
+        enc = tokenizer(text, truncation=False, verbose=False, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+    except (NotImplementedError, TypeError, ValueError):  # a slow tokenizer: no offsets
+        enc, offsets = tokenizer(text, truncation=False, verbose=False), None
+    ids = enc["input_ids"]
+    if len(ids) <= limit:
+        return None
+    if offsets is not None:
+        cut = text[offsets[limit - 1][0] :].strip()
+    else:
+        cut = tokenizer.decode(ids[limit - 1 : -1], skip_special_tokens=True).strip()
+    return (
+        f"{option} has {len(ids) - 2} tokens but CLIP reads {limit - 2}; "
+        f"this end was cut and has no effect: {cut!r}"
+    )
+
+
+# -- the pipeline call -----------------------------------------------------------------------
+@torch.no_grad()
+def encode(loaded: LoadedPipeline, prompt: str, negative_prompt: str) -> tuple[torch.Tensor, ...]:
+    """(prompt_embeds, negative_prompt_embeds), each (1, 77, D), computed once per prompt."""
+    pipe = loaded.pipe
+    return pipe.encode_prompt(
+        prompt, torch.device(loaded.device), 1, True, negative_prompt=negative_prompt or None
+    )
+
+
+def initial_latents(pipe: Any, seed: int, width: int, height: int) -> tuple[torch.Tensor, Any]:
+    """x_T (1, C, H/f, W/f) for ``seed`` drawn as the pipeline draws it, and the CPU
+    generator, now past that draw, for the scheduler's noise."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    g = torch.Generator("cpu").manual_seed(seed)
+    f = pipe.vae_scale_factor
+    shape = (1, pipe.unet.config.in_channels, height // f, width // f)
+    return randn_tensor(shape, generator=g, device=torch.device("cpu"), dtype=pipe.text_encoder.dtype), g  # fmt: skip
+
+
+def run_pipeline(
+    loaded: LoadedPipeline, embeds: tuple[torch.Tensor, torch.Tensor], guidance: float,
+    steps: int, seeds: list[int], width: int, height: int,
+) -> tuple[np.ndarray, list[bool | None]]:  # fmt: skip
+    """One stock pipeline call for ``seeds`` -> images (N, H, W, 3) floats in [0, 1] (NaN
+    kept) and the safety checker's flag per image (None when no checker ran)."""
+    pipe = loaded.pipe
+    pe, npe = embeds
+    drawn = [initial_latents(pipe, s, width, height) for s in seeds]
+    cond = npe if guidance == 0 else pe  # s = 0: eps_uncond alone
+    k = len(seeds)
+    out = pipe(
+        prompt_embeds=cond.repeat(k, 1, 1), negative_prompt_embeds=npe.repeat(k, 1, 1),
+        guidance_scale=guidance, num_inference_steps=steps, width=width, height=height,
+        latents=torch.cat([lat for lat, _ in drawn]), generator=[g for _, g in drawn],
+        output_type="np",
+    )  # fmt: skip
+    flags = out.nsfw_content_detected
+    return np.asarray(out.images), [None] * k if flags is None else [bool(f) for f in flags]
+
+
+def attention_name(pipe: Any) -> str:
+    procs = {type(p).__name__ for p in pipe.unet.attn_processors.values()}
+    return ",".join(sorted(procs)) or "none"
+
+
+def image_settings(
+    loaded: LoadedPipeline, prompt: str, negative_prompt: str, guidance: float, steps: int,
+    seed: int, width: int, height: int,
+) -> tuple[str, dict[str, Any]]:  # fmt: skip
+    """The A1111 ``parameters`` text and the sidecar settings of one image."""
+    fields = {
+        "Steps": steps, "Sampler": loaded.sampler, "CFG scale": guidance, "Seed": seed,
+        "Size": f"{width}x{height}", "Model": loaded.source.label,
+    }  # fmt: skip
+    text = format_parameters(prompt, negative_prompt, fields)
+    import diffusers
+
+    sidecar = {
+        "prompt": prompt, "negative_prompt": negative_prompt, "guidance": guidance,
+        "steps": steps, "seed": seed, "width": width, "height": height,
+        "scheduler": loaded.scheduler, "sampler": loaded.sampler,
+        "model": loaded.source.location, "model_kind": loaded.source.kind,
+        "device": loaded.device, "dtype": loaded.dtype, "attention": attention_name(loaded.pipe),
+        "safety_checker": loaded.safety_checker, "parameters": text,
+        "versions": {"difflab": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__},
+    }  # fmt: skip
+    return text, sidecar
+
+
+def _next_index(out: Path) -> int:
+    nums = [int(m[1]) for p in out.glob("*.png") if (m := re.match(r"(\d{5,})-", p.name))]
+    return max(nums, default=0) + 1
+
+
+def generate(
+    prompt: str | None,
+    out: str | Path,
+    negative_prompt: str = "",
+    guidance: float = 7.5,
+    steps: int = 50,
+    seed: int = 0,
+    n: int = 1,
+    size: str | tuple[int, int] = "512x512",
+    scheduler: str | None = None,
+    model: str | Path = DEFAULT_MODEL,
+    device: str = "cpu",
+    dtype: str = "auto",
+    unconditional: bool = False,
+    safety_checker: bool = True,
+    trust_pickle: bool = False,
+    model_config: str | Path | None = None,
+    vae: str | Path | None = None,
+    batch_size: int = 4,
+    compile: bool = False,
+    progress: bool = True,
+    loaded: LoadedPipeline | None = None,
+) -> GenerateResult:
+    """``difflab sd generate``: ``n`` images into the folder ``out`` (see module doc).
+
+    ``loaded`` reuses a pipeline from :func:`~difflab.sd.load.load_pipeline` (the UI does).
+    """
+    prompt = check_prompt(prompt, unconditional)
+    negative_prompt = negative_prompt or ""
+    guidance, steps, seed = check_guidance(guidance), check_steps(steps), check_seed(seed)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UsageError(f"--n {n}: must be a whole number >= 1")
+    check_seed(seed + n - 1, "--seed + --n - 1")
+    width, height = parse_size(size)
+    check_scheduler(scheduler)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file, not a folder")
+    if loaded is None:
+        loaded = load_pipeline(
+            model, device, dtype, scheduler, safety_checker, trust_pickle, model_config, vae,
+            compile, progress,
+        )  # fmt: skip
+    notes = list(loaded.notes)
+    for text, option in ((prompt, "--prompt"), (negative_prompt, "--negative-prompt")):
+        note = truncation_note(loaded.pipe.tokenizer, text, option) if text else None
+        notes += [note] if note else []
+    embeds = encode(loaded, prompt, negative_prompt)
+    seeds = [seed + i for i in range(n)]
+    images, flags, seconds = [], [], 0.0
+    for start in range(0, n, max(1, batch_size)):
+        t0 = time.perf_counter()
+        imgs, fl = run_pipeline(
+            loaded, embeds, guidance, steps, seeds[start : start + batch_size], width, height
+        )
+        seconds += time.perf_counter() - t0
+        images.extend(imgs)
+        flags.extend(fl)
+    out.mkdir(parents=True, exist_ok=True)
+    first = _next_index(out)
+    records = []
+    for i, (img, flag, s) in enumerate(zip(images, flags, seeds, strict=True)):
+        text, settings = image_settings(
+            loaded, prompt, negative_prompt, guidance, steps, s, width, height
+        )
+        d = diagnose(img, flag)
+        png = out / f"{first + i:05d}-{s}.png"
+        sidecar = {
+            **settings, "unconditional": unconditional, **d.as_dict(), "seconds": seconds / n,
+        }  # fmt: skip
+        records.append(ImageRecord(png, save_image(png, to_uint8(img), text, sidecar), s, d))
+    per_image = ("seed", "parameters", "nsfw", "black", "nan_fraction", "note")
+    settings = {k: v for k, v in sidecar.items() if k not in per_image}
+    return GenerateResult(out, records, seconds, seconds / n, settings, notes)

@@ -1,0 +1,353 @@
+"""Loading a Stable Diffusion pipeline: where the model is, on which device, in which dtype.
+
+:func:`resolve_model` checks ``--model`` without loading anything: a Hub id (default
+``stable-diffusion-v1-5/stable-diffusion-v1-5``; the removed ``runwayml/stable-diffusion-v1-5``
+is redirected with a note), a local diffusers folder (``model_index.json`` naming a 1.x/2.x
+pipeline) or a single ``.safetensors`` file; a ``.ckpt``/pickle file is refused unless the
+user trusts it. :func:`load_pipeline` then builds the stock ``StableDiffusionPipeline`` (SDPA
+attention is diffusers' default), swaps in the scheduler named as in A1111/diffusers
+(:data:`SCHEDULERS`, through ``from_config`` so the model's betas are kept), optionally another
+VAE, moves it to the device in the dtype (``auto``: fp16 on CUDA/MPS, fp32 on CPU) and keeps
+the safety checker unless it is switched off with a warning. A model that cannot be fetched
+(offline, not found) becomes one :class:`~difflab.errors.UsageError` line saying how to point
+``--model`` at a local copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from difflab.errors import UsageError
+from difflab.sd import DEFAULT_MODEL
+
+MOVED = {"runwayml/stable-diffusion-v1-5": DEFAULT_MODEL}  # removed from the Hub -> mirror
+SAFETY_CHECKER_ID = "CompVis/stable-diffusion-safety-checker"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+NEEDED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# name -> (diffusers class, from_config overrides, A1111 "Sampler" label)
+SCHEDULERS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "euler": ("EulerDiscreteScheduler", {"use_karras_sigmas": False}, "Euler"),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "dpm++_2m": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
+        "DPM++ 2M",
+    ),
+    "dpm++_2m_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+        "DPM++ 2M Karras",
+    ),
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}, "PLMS"),
+    "lms": ("LMSDiscreteScheduler", {"use_karras_sigmas": False}, "LMS"),
+    "heun": ("HeunDiscreteScheduler", {"use_karras_sigmas": False}, "Heun"),
+    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: Literal["hub", "folder", "file"]
+    location: str  # Hub id, or an absolute path
+    label: str  # short name for the PNG "Model:" field
+    notes: tuple[str, ...] = ()
+
+
+@dataclass
+class LoadedPipeline:
+    pipe: Any  # diffusers.StableDiffusionPipeline
+    source: ModelSource
+    device: str
+    dtype: str  # fp16, bf16 or fp32
+    scheduler: str  # a SCHEDULERS name, or the class name of an unknown one
+    sampler: str  # its A1111 label
+    safety_checker: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def _offline_hint(what: str) -> str:
+    return (
+        f"download it where the Hub is reachable (`hf download {what} --local-dir DIR`) "
+        "and pass --model DIR, or pass --model FILE.safetensors"
+    )
+
+
+def resolve_model(model: str | Path, trust_pickle: bool = False) -> ModelSource:
+    """Classify ``--model`` and check it is usable, without loading it."""
+    text = str(model).strip()
+    if not text:
+        raise UsageError(
+            "--model is empty: pass a Hub id, a diffusers folder or a .safetensors file"
+        )
+    notes: list[str] = []
+    if text in MOVED:
+        notes.append(f"--model {text} was removed from the Hub; using its mirror {MOVED[text]}")
+        text = MOVED[text]
+    path = Path(text).expanduser()
+    suffix = path.suffix.lower()
+    where = f"--model {text}"
+    if suffix in PICKLE_SUFFIXES or suffix == ".safetensors":
+        if not path.is_file():
+            raise UsageError(f"{where}: no such file")
+        if suffix != ".safetensors" and not trust_pickle:
+            raise UsageError(
+                f"{where}: a {suffix} file is a pickle that can run code when loaded; convert it "
+                "to .safetensors, or pass --trust-pickle if you trust where it came from"
+            )
+        return ModelSource("file", str(path.resolve()), path.stem, tuple(notes))
+    if path.is_dir():
+        _check_folder(path, where)
+        return ModelSource("folder", str(path.resolve()), path.resolve().name, tuple(notes))
+    if path.exists():
+        raise UsageError(
+            f"{where}: is not a Stable Diffusion pipeline; expected a diffusers folder "
+            "(with model_index.json), a .safetensors file or a Hub id"
+        )
+    if text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1:
+        raise UsageError(f"{where}: no such file or folder")
+    if not _HUB_ID.match(text):
+        raise UsageError(
+            f"{where}: not a Hub id (owner/name), a diffusers folder or a .safetensors file"
+        )
+    return ModelSource("hub", text, text, tuple(notes))
+
+
+def _check_folder(path: Path, where: str) -> None:
+    index = path / "model_index.json"
+    if not index.is_file():
+        hint = " (it holds one component; pass the pipeline folder above it)"
+        raise UsageError(
+            f"{where}: not a diffusers pipeline folder: no model_index.json"
+            + (hint if (path / "config.json").is_file() else "")
+        )
+    try:
+        spec = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        raise UsageError(f"{where}: model_index.json is unreadable") from None
+    name = str(spec.get("_class_name", "?"))
+    if "text_encoder_2" in spec or not name.startswith("StableDiffusion") or "XL" in name:
+        raise UsageError(
+            f"{where}: is a {name}; difflab sd runs Stable Diffusion 1.x/2.x pipelines"
+        )
+    missing = [c for c in NEEDED if not (path / c).is_dir()]
+    if missing:
+        raise UsageError(
+            f"{where}: pipeline folder lacks {', '.join(missing)} (needs {', '.join(NEEDED)})"
+        )
+
+
+def model_fingerprint(source: ModelSource) -> dict[str, Any]:
+    """What identifies the weights, for a sweep's identity file. Cheap: every file of a folder
+    (or the single file) counts by name, size and a hash of its first MiB, which covers the
+    configs and the first tensors of each weight file (fine-tunes differ there)."""
+    if source.kind == "hub":
+        return {"hub_id": source.location}
+    path = Path(source.location)
+    files = [path] if source.kind == "file" else sorted(path.rglob("*"))
+    h = hashlib.sha256()
+    for p in files:
+        rel = p.name if source.kind == "file" else p.relative_to(path).as_posix()
+        if p.is_file() and not any(part.startswith(".") for part in rel.split("/")):
+            h.update(f"{rel}\0{p.stat().st_size}\0".encode())
+            with open(p, "rb") as f:
+                h.update(f.read(1 << 20))
+    return {source.kind: path.name, "sha256": h.hexdigest()}
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``auto`` -> fp16 on CUDA and MPS, fp32 on the CPU; otherwise one of :data:`DTYPES`."""
+    if dtype == "auto":
+        return "fp32" if device.split(":")[0] == "cpu" else "fp16"
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r}: choose one of auto, {', '.join(DTYPES)}")
+    return dtype
+
+
+def check_scheduler(name: str | None) -> str | None:
+    if name is not None and name not in SCHEDULERS:
+        raise UsageError(f"--scheduler {name!r}: unknown; choose one of {', '.join(SCHEDULERS)}")
+    return name
+
+
+def make_scheduler(name: str, config: Any) -> Any:
+    """The diffusers scheduler for ``name``, built from the model's scheduler ``config``."""
+    import diffusers
+
+    cls, overrides, _ = SCHEDULERS[check_scheduler(name)]
+    return getattr(diffusers, cls).from_config(config, **overrides)
+
+
+def scheduler_name(scheduler: Any) -> tuple[str, str]:
+    """(difflab name, A1111 label) of a scheduler object; its class name when not in the table."""
+    cls, config = type(scheduler).__name__, scheduler.config
+    for name, (c, overrides, label) in SCHEDULERS.items():
+        if c == cls and all(config.get(k, v) == v for k, v in overrides.items()):
+            return name, label
+    return cls, cls
+
+
+def load_pipeline(
+    model: str | Path = DEFAULT_MODEL,
+    device: str = "cpu",
+    dtype: str = "auto",
+    scheduler: str | None = None,
+    safety_checker: bool = True,
+    trust_pickle: bool = False,
+    model_config: str | Path | None = None,
+    vae: str | Path | None = None,
+    compile: bool = False,
+    progress: bool = False,
+) -> LoadedPipeline:
+    """Build the stock ``StableDiffusionPipeline`` for ``model`` on ``device`` (see module doc)."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    source = resolve_model(model, trust_pickle)
+    check_scheduler(scheduler)
+    dtype = resolve_dtype(dtype, device)
+    torch_dtype = DTYPES[dtype]
+    notes = list(source.notes)
+    if dtype == "fp16" and device.split(":")[0] == "cpu":
+        notes.append("--dtype fp16 on the CPU is slow and rarely used; fp32 is the CPU default")
+    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
+    if vae is not None:
+        kwargs["vae"] = _load_part(AutoencoderKL, vae, "--vae", torch_dtype)
+    if not safety_checker:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+        notes.append(
+            "--no-safety-checker: images are NOT screened for unsafe content; "
+            "you are responsible for what you generate and share"
+        )
+    try:
+        with quiet_loading():
+            if source.kind == "file":
+                pipe = _load_single_file(source, kwargs, safety_checker, model_config, torch_dtype)
+            else:
+                pipe = StableDiffusionPipeline.from_pretrained(source.location, **kwargs)
+    except UsageError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        moved = f" ({source.notes[0]})" if source.notes else ""
+        raise UsageError(_load_error(source, e) + moved) from None
+    if safety_checker and pipe.safety_checker is None:
+        notes.append(
+            f"{source.label} ships no safety checker: images are NOT screened for unsafe content"
+        )
+    if scheduler is not None:
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    name, label = scheduler_name(pipe.scheduler)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=not progress, leave=False)
+    if compile:
+        pipe.unet = torch.compile(pipe.unet)
+    return LoadedPipeline(
+        pipe, source, device, dtype, name, label, pipe.safety_checker is not None, notes
+    )
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Hide diffusers' and transformers' per-component loading bars (Hub download bars stay),
+    diffusers' loading warnings (a failure becomes one UsageError line) and the ``torch_dtype``
+    renaming notice (``torch_dtype`` works from diffusers 0.30 on)."""
+    from diffusers.utils import logging as dlog
+    from huggingface_hub import utils as hub
+    from transformers.utils import logging as tlog
+
+    was = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    hub_off, level = hub.are_progress_bars_disabled(), dlog.get_verbosity()
+    dlog.set_verbosity_error()  # "Couldn't connect to the Hub" etc.: our error line says it
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()  # this one also turns the Hub's bars off: turn them back on
+    if not hub_off:
+        hub.enable_progress_bars()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "`torch_dtype` is deprecated", FutureWarning)
+            yield
+    finally:
+        dlog.set_verbosity(level)
+        if was[0]:
+            dlog.enable_progress_bar()
+        if was[1]:
+            tlog.enable_progress_bar()
+        (hub.disable_progress_bars if hub_off else hub.enable_progress_bars)()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
+def _load_error(source: ModelSource, e: BaseException) -> str:
+    where = f"--model {source.location}"
+    if source.kind == "hub":
+        text = str(e)
+        why = (
+            "offline, and not in the local cache" if "cached" in text or "connect" in text.lower()
+            else "no such model on the Hub, or it needs a login" if "404" in text or "401" in text
+            or "not found" in text.lower() else _first_line(e)
+        )  # fmt: skip
+        return f"{where}: cannot load it ({why}); {_offline_hint(source.location)}"
+    if source.kind == "file":
+        return (
+            f"{where}: cannot build a pipeline from this file ({_first_line(e)}); a single file "
+            "needs its pipeline's configs: pass --model-config DIR (a local diffusers copy of the "
+            "same architecture), or convert it to a diffusers folder and pass --model DIR"
+        )
+    return f"{where}: is not a loadable Stable Diffusion pipeline ({_first_line(e)})"
+
+
+def _load_part(cls: Any, where: str | Path, option: str, torch_dtype: torch.dtype, **kw) -> Any:
+    try:
+        return cls.from_pretrained(str(where), torch_dtype=torch_dtype, **kw)
+    except (OSError, ValueError) as e:
+        raise UsageError(
+            f"{option} {where}: cannot load it ({_first_line(e)}); pass a local diffusers folder"
+        ) from None
+
+
+def _load_single_file(
+    source: ModelSource, kwargs: dict, safety_checker: bool, model_config, torch_dtype
+) -> Any:
+    """``from_single_file`` leaves the safety checker out; load it (and its image processor)
+    from ``model_config`` when that holds one, else from :data:`SAFETY_CHECKER_ID`."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPImageProcessor
+
+    kwargs = dict(kwargs)
+    if model_config is not None:
+        if not (Path(model_config) / "model_index.json").is_file():
+            raise UsageError(f"--model-config {model_config}: not a diffusers pipeline folder")
+        kwargs["config"] = str(model_config)
+    if safety_checker:
+        local = model_config is not None and (Path(model_config) / "safety_checker").is_dir()
+        where = str(model_config) if local else SAFETY_CHECKER_ID
+        sub = {"subfolder": "safety_checker"} if local else {}
+        try:
+            kwargs["safety_checker"] = StableDiffusionSafetyChecker.from_pretrained(
+                where, torch_dtype=torch_dtype, **sub
+            )
+            kwargs["feature_extractor"] = CLIPImageProcessor.from_pretrained(
+                where, **({"subfolder": "feature_extractor"} if local else {})
+            )
+        except (OSError, ValueError) as e:
+            raise UsageError(
+                f"--model {source.location}: a single file has no safety checker and {where} "
+                f"cannot be loaded ({_first_line(e)}); pass --model-config DIR with a local "
+                "pipeline copy that has safety_checker/, or --no-safety-checker"
+            ) from None
+    return StableDiffusionPipeline.from_single_file(source.location, **kwargs)

@@ -1,0 +1,400 @@
+"""Resumable sweeps of a run over guidance × steps × sampler × seed, measured by the judge.
+
+:func:`sweep_run` (``difflab sweep``) checks every option before any work, then samples each
+cell (one setting of sampler, steps, guidance and seed; ``n_per_class`` samples of every
+class) from the same initial noise ``x_T`` per seed, so cells of a seed differ only by the
+swept parameter, and measures it with the reference classifier (accuracy, FD, KID,
+diversity). The sweep folder holds ``sweep.json`` (its identity: run, hash of the run's
+weights, axes, sample count), ``cells/KEY.npz`` + ``cells/KEY.json`` per finished cell (each
+written atomically, the JSON last, so it marks the cell complete), and the tables
+``metrics.csv`` / ``metrics.json`` / ``summary.csv`` rebuilt from the cell files after each
+cell. A killed sweep re-run with the same command skips the finished cells; another run or
+other settings into the same folder are refused. Figures are drawn by
+:mod:`difflab.sweep_plots`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import itertools
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from difflab.checkpoint import CONFIG, WEIGHTS, check_run_dir, load_run
+from difflab.config import RunConfig
+from difflab.errors import UsageError
+from difflab.files import atomic_path, write_json, write_text
+from difflab.sampling import SAMPLERS, check_sampling_args, initial_noise, sample_steps
+from difflab.viz import to_uint8
+
+SWEEP_FILE = "sweep.json"
+CELLS_DIR = "cells"
+FORMAT = 1
+METRICS = ("accuracy", "fd", "kid", "diversity", "seconds")  # summarised as mean ± std
+CSV_COLUMNS = (
+    "sampler", "steps", "guidance", "seed", "n", "accuracy", "fd", "fd_ratio", "kid",
+    "kid_std", "diversity", "seconds", "eval_seconds",
+)  # fmt: skip
+OPTIONS = {"samplers": "--sampler", "steps": "--steps", "guidance": "--guidance", "seeds": "--seeds",
+           "n_per_class": "--n"}  # fmt: skip
+PRESENTATION = ("grid_class",)  # identity keys that may change without touching any cell
+CHUNK_SEED = 1_000_003  # batch k of a cell draws its step noise from seed + k * CHUNK_SEED
+
+
+@dataclass(frozen=True)
+class Cell:
+    sampler: str
+    steps: int
+    guidance: float
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.sampler}_steps{self.steps}_g{self.guidance:g}_seed{self.seed}"
+
+    @property
+    def cost(self) -> int:
+        """Network passes per sample: guided cells run the conditional and unconditional pass."""
+        return self.steps * (1 if self.guidance in (0.0, 1.0) else 2)
+
+
+@dataclass
+class SweepResult:
+    out: Path
+    cells_total: int
+    cells_run: int  # computed by this call (the others were already finished)
+    seconds: float
+    rows: list[dict] = field(default_factory=list)
+    summary: list[dict] = field(default_factory=list)
+    figures: list[Path] = field(default_factory=list)
+
+
+# -- input ----------------------------------------------------------------------------------
+def parse_list(
+    value: Any, kind: type, option: str, example: str, minimum: float | None = None
+) -> list:
+    """``"0,1,2"`` or ``[0, 1, 2]`` -> sorted distinct values of ``kind``; anything else fails.
+
+    The sorting makes ``--guidance 2,0`` and ``--guidance 0,2`` the same sweep.
+    """
+    what = {int: "whole numbers", float: "numbers", str: "names"}[kind]
+    items = list(value) if isinstance(value, (list, tuple)) else str(value).split(",")
+    bad = UsageError(f"{option} {value!r}: expected comma-separated {what} like {example}")
+    texts = [str(v).strip() for v in items]
+    if not texts or any(t == "" for t in texts):
+        raise bad
+    try:
+        if kind is int:
+            out = [int(t) for t in texts]  # int("2.5") fails: no silent rounding
+        elif kind is float:
+            out = [float(t) for t in texts]
+            if not all(math.isfinite(v) for v in out):
+                raise ValueError
+        else:
+            out = texts
+    except ValueError:
+        raise bad from None
+    if minimum is not None and any(v < minimum for v in out):
+        low = next(v for v in out if v < minimum)
+        raise UsageError(f"{option} {value!r}: {low:g} is below the smallest allowed, {minimum:g}")
+    if len(set(out)) != len(out):
+        dup = next(v for v in out if out.count(v) > 1)
+        raise UsageError(f"{option} {value!r}: {dup} is given twice")
+    return sorted(out)
+
+
+def weights_hash(run: Path) -> str:
+    h = hashlib.sha256()
+    with open(run / WEIGHTS, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sweep_identity(
+    run: str | Path,
+    guidance: Any = "0,1,2,4,8",
+    steps: Any = "10,25,50,250",
+    sampler: Any = "ddim",
+    seeds: Any = "0",
+    n_per_class: int = 20,
+    grid_class: int = 0,
+) -> dict[str, Any]:
+    """Check every option (no work done) and return the sweep's identity for ``sweep.json``."""
+    g_list = parse_list(guidance, float, "--guidance", "0,1,2,4", minimum=0)
+    s_list = parse_list(steps, int, "--steps", "10,25,50", minimum=1)
+    samplers = parse_list(sampler, str, "--sampler", "ddim,ddpm")
+    seed_list = parse_list(seeds, int, "--seeds", "0,1,2", minimum=0)
+    unknown = [s for s in samplers if s not in SAMPLERS]
+    if unknown:
+        raise UsageError(
+            f"--sampler {unknown[0]!r}: unknown sampler; choose from {', '.join(SAMPLERS)}"
+        )
+    if not isinstance(n_per_class, int) or n_per_class < 2:
+        raise UsageError(f"--n {n_per_class}: need at least 2 samples per class (for diversity)")
+    run = check_run_dir(run)
+    cfg = RunConfig.load(run / CONFIG)
+    sc, k = cfg.sample, cfg.model.num_classes
+    for smp, st, g in itertools.product(samplers, s_list, g_list):
+        check_sampling_args(smp, st, g, sc.eta, cfg.diffusion.timesteps)
+    if not 0 <= grid_class < k:
+        raise UsageError(
+            f"--grid-class {grid_class}: out of range; this run has classes 0..{k - 1}"
+        )
+    return {
+        "format": FORMAT, "run": str(run.resolve()), "weights_sha256": weights_hash(run),
+        "dataset": cfg.train.dataset, "samplers": samplers, "steps": s_list, "guidance": g_list,
+        "seeds": seed_list, "n_per_class": n_per_class, "num_classes": k, "eta": sc.eta,
+        "spacing": sc.spacing, "grid_class": grid_class,
+    }  # fmt: skip
+
+
+def prepare_folder(out: str | Path, identity: dict[str, Any]) -> Path:
+    """Create ``out`` for a new sweep, or accept it when it holds this very sweep."""
+    out = Path(out)
+    where = f"--out {out}"
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{where}: is a file, not a folder")
+    path = out / SWEEP_FILE
+    if path.exists():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            raise UsageError(f"{where}: {SWEEP_FILE} is unreadable; choose another --out") from None
+        hint = "re-run the command that started it to resume, or choose another --out"
+        if old.get("run") != identity["run"]:
+            raise UsageError(f"{where}: holds a sweep of another run ({old.get('run')}); {hint}")
+        if old.get("weights_sha256") != identity["weights_sha256"]:
+            raise UsageError(
+                f"{where}: the weights of {identity['run']} changed since this sweep started "
+                f"({WEIGHTS} differs); choose another --out"
+            )
+        for key, value in identity.items():
+            if old.get(key) == value or key in PRESENTATION:
+                continue
+            if key in OPTIONS:
+                raise UsageError(
+                    f"{where}: holds a sweep with {OPTIONS[key]} {_show(old.get(key))}, "
+                    f"not {_show(value)}; {hint}"
+                )
+            raise UsageError(
+                f"{where}: the run's {key} changed since this sweep started "
+                f"({_show(old.get(key))}, now {_show(value)}); choose another --out"
+            )
+        if any(old.get(k) != identity[k] for k in PRESENTATION):
+            write_json(path, identity)  # only how the figures look: no cell is affected
+        return out
+    if out.is_dir() and any(out.iterdir()):
+        raise UsageError(
+            f"{where}: folder is not empty and holds no {SWEEP_FILE}; choose another --out"
+        )
+    (out / CELLS_DIR).mkdir(parents=True, exist_ok=True)
+    write_json(path, identity)
+    return out
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, list):
+        return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)
+    return str(v)
+
+
+def all_cells(identity: dict[str, Any]) -> list[Cell]:
+    """Cells in run order: seed (one x_T each), then sampler, steps and guidance."""
+    i = identity
+    return [
+        Cell(smp, st, g, seed)
+        for seed, smp, st, g in itertools.product(
+            i["seeds"], i["samplers"], i["steps"], i["guidance"]
+        )
+    ]
+
+
+# -- cells ----------------------------------------------------------------------------------
+def load_cell(out: Path, cell: Cell) -> dict | None:
+    """The finished cell's record, or None when it is missing, torn or not this cell's."""
+    path, npz = out / CELLS_DIR / f"{cell.key}.json", out / CELLS_DIR / f"{cell.key}.npz"
+    if not (path.is_file() and npz.is_file()):
+        return None
+    try:
+        row = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    same = (row.get("sampler"), row.get("steps"), row.get("guidance"), row.get("seed"))
+    return row if same == (cell.sampler, cell.steps, cell.guidance, cell.seed) else None
+
+
+def sample_cell(
+    model, diffusion, labels: torch.Tensor, x_T: torch.Tensor, cell: Cell, identity: dict,
+    batch_size: int = 500, on_step=None,
+) -> torch.Tensor:  # fmt: skip
+    """The samples of one cell (N, C, H, W) in [-1, 1], from the seed's shared ``x_T``."""
+    out = []
+    for k, start in enumerate(range(0, len(labels), batch_size)):
+        part = slice(start, start + batch_size)
+        x = None
+        for step in sample_steps(
+            model, diffusion, labels[part], guidance=cell.guidance, steps=cell.steps,
+            sampler=cell.sampler, eta=identity["eta"], spacing=identity["spacing"],
+            seed=cell.seed + k * CHUNK_SEED, x_T=x_T[part],
+        ):  # fmt: skip
+            x = step.x_prev
+            if on_step is not None:
+                on_step(len(labels[part]))
+        out.append(x.clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+def _write_cell(out: Path, cell: Cell, images: torch.Tensor, labels: torch.Tensor, row: dict):
+    npz = out / CELLS_DIR / f"{cell.key}.npz"
+    with atomic_path(npz) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, images=to_uint8(images), labels=labels.numpy().astype(np.int64))
+    write_json(out / CELLS_DIR / f"{cell.key}.json", row)  # last: marks the cell finished
+
+
+def sweep_run(
+    run: str | Path,
+    out: str | Path,
+    guidance: Any = "0,1,2,4,8",
+    steps: Any = "10,25,50,250",
+    sampler: Any = "ddim",
+    seeds: Any = "0",
+    n_per_class: int = 20,
+    grid_class: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+    batch_size: int = 500,
+    plots: bool = True,
+) -> SweepResult:
+    """``difflab sweep``: run (or finish) the sweep into ``out`` and write tables and figures."""
+    from difflab.evaluation.evaluate import evaluate_samples
+    from difflab.evaluation.judge import get_judge
+
+    identity = sweep_identity(run, guidance, steps, sampler, seeds, n_per_class, grid_class)
+    out = prepare_folder(out, identity)
+    for stale in (out / CELLS_DIR).glob(".*.tmp*"):  # left by a killed write
+        stale.unlink(missing_ok=True)
+    cells = all_cells(identity)
+    todo = [c for c in cells if load_cell(out, c) is None]
+    t0 = time.perf_counter()
+    if todo:
+        model, diffusion, cfg = load_run(run, device=device)
+        judge = get_judge(
+            cfg.train.dataset, root=cfg.train.data_dir, device=device, progress=progress
+        )
+        labels = torch.arange(identity["num_classes"]).repeat_interleave(n_per_class)
+        shape = (len(labels), cfg.model.in_channels, cfg.model.height, cfg.model.width)
+        n_done = len(cells) - len(todo)
+        total = sum(c.cost for c in cells) * len(labels)
+        bar = tqdm(
+            total=total, initial=sum(c.cost for c in cells if c not in todo) * len(labels),
+            desc=f"sweep {n_done}/{len(cells)} cells", unit="img-pass", unit_scale=True,
+            disable=not progress, file=sys.stderr, dynamic_ncols=True,
+        )  # fmt: skip
+        x_T = {}  # seed -> (N, C, H, W): one initial noise per seed, shared by all its cells
+        try:
+            for cell in todo:
+                if cell.seed not in x_T:
+                    x_T = {cell.seed: initial_noise(shape, cell.seed)}
+                t1 = time.perf_counter()
+                images = sample_cell(
+                    model, diffusion, labels, x_T[cell.seed], cell, identity, batch_size,
+                    on_step=lambda b, c=cell: bar.update(b * (2 if c.cost > c.steps else 1)),
+                )  # fmt: skip
+                t2 = time.perf_counter()
+                m = evaluate_samples(
+                    images, labels, cfg.train.dataset, cfg.train.data_dir, device, judge=judge
+                )
+                row = {
+                    "key": cell.key, "sampler": cell.sampler, "steps": cell.steps,
+                    "guidance": cell.guidance, "seed": cell.seed, **m,
+                    "seconds": t2 - t1, "eval_seconds": time.perf_counter() - t2, "device": str(device),
+                }  # fmt: skip
+                _write_cell(out, cell, images, labels, row)
+                n_done += 1
+                bar.set_description(f"sweep {n_done}/{len(cells)} cells")
+                if not bar.disable:
+                    bar.write(
+                        f"{cell.key}: accuracy {m['accuracy']:.0%}, FD {m['fd']:.2f}, "
+                        f"KID {m['kid']:.4f}, diversity {m['diversity']:.2f} ({t2 - t1:.1f} s)"
+                    )
+                write_tables(out, identity, cells)
+        except KeyboardInterrupt:
+            bar.close()
+            print(
+                f"sweep stopped after {n_done}/{len(cells)} cells; the same command continues it",
+                file=sys.stderr,
+            )
+            raise
+        bar.close()
+    rows, summary = write_tables(out, identity, cells)
+    result = SweepResult(out, len(cells), len(todo), time.perf_counter() - t0, rows, summary)
+    if plots:
+        from difflab.sweep_plots import write_sweep_figures
+
+        result.figures = write_sweep_figures(out, identity, rows, summary)
+    return result
+
+
+# -- tables ---------------------------------------------------------------------------------
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and standard deviation across seeds (None for one seed) per sampler/steps/guidance."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["sampler"], r["steps"], r["guidance"]), []).append(r)
+    out = []
+    for (smp, st, g), rs in groups.items():
+        entry = {"sampler": smp, "steps": st, "guidance": g, "seeds": len(rs)}
+        for m in METRICS:
+            v = np.array([r[m] for r in rs], dtype=np.float64)
+            entry[f"{m}_mean"] = float(v.mean())
+            entry[f"{m}_std"] = float(v.std(ddof=1)) if len(v) > 1 else None
+        out.append(entry)
+    return out
+
+
+def _csv(rows: list[dict], columns: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, columns, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+    return buf.getvalue()
+
+
+def write_tables(out: Path, identity: dict, cells: list[Cell]) -> tuple[list[dict], list[dict]]:
+    """Rebuild ``metrics.csv``, ``metrics.json`` and ``summary.csv`` from the cell files."""
+    rows = [r for r in (load_cell(out, c) for c in cells) if r is not None]
+    summary = summarise(rows)
+    first = rows[0] if rows else {}
+    doc = {
+        "sweep": identity,
+        "complete": len(rows) == len(cells),
+        "cells_done": len(rows),
+        "cells_total": len(cells),
+        "fd_floor": first.get("fd_floor"),
+        "diversity_real": first.get("diversity_real"),
+        "judge_test_accuracy": first.get("judge_test_accuracy"),
+        "note": "fd, kid and diversity are on the reference classifier's features; "
+        "not comparable with Inception FID/KID",
+        "cells": rows,
+        "summary": summary,
+    }
+    write_json(out / "metrics.json", doc)
+    write_text(out / "metrics.csv", _csv(rows, list(CSV_COLUMNS)))
+    columns = ["sampler", "steps", "guidance", "seeds"]
+    columns += [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
+    write_text(out / "summary.csv", _csv(summary, columns))
+    return rows, summary

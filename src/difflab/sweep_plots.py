@@ -1,0 +1,207 @@
+"""Figures of a sweep folder: heat-maps, metric-vs-parameter lines and labelled image grids.
+
+:func:`write_sweep_figures` draws, per sampler, into ``DIR/figures/``: ``heatmaps_S.png``
+(accuracy, FD, KID and diversity over guidance × steps, seed means written in each square),
+``vs_guidance_S.png`` (each metric against the guidance scale, one line per step count, mean
+± std across seeds), ``vs_steps_S.png`` (against the step count, one line per guidance) and
+``grid_S.png`` (rows = guidance, one panel per step count, the first samples of the sweep's
+grid class and first seed; every row starts from the same noise). Reference levels (the
+judge's own test accuracy, the real-vs-real FD floor, the diversity of real test images) are
+drawn as dashed lines. Plots use matplotlib on an explicit Agg canvas; PNGs are written
+atomically with their settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.ticker import PercentFormatter
+
+from difflab.viz import Panel, draw_table, new_figure, render_figure, save_png
+
+PANELS = (  # (metric, axis label, higher is better)
+    ("accuracy", "conditional accuracy", True),
+    ("fd", "Fréchet distance (judge features)", False),
+    ("kid", "KID (judge features)", False),
+    ("diversity", "within-class diversity", True),
+)
+GRID_SAMPLES = 4  # samples of the grid class shown per cell
+
+
+def _table(summary: list[dict], sampler: str, metric: str, g: list, s: list) -> tuple:
+    """(mean, std) arrays of shape (len(g), len(s)); NaN where a cell is missing."""
+    mean, std = np.full((len(g), len(s)), np.nan), np.full((len(g), len(s)), np.nan)
+    for r in summary:
+        if r["sampler"] == sampler:
+            i, j = g.index(r["guidance"]), s.index(r["steps"])
+            mean[i, j] = r[f"{metric}_mean"]
+            std[i, j] = np.nan if r[f"{metric}_std"] is None else r[f"{metric}_std"]
+    return mean, std
+
+
+def _reference(ax, metric: str, refs: dict) -> None:
+    """A dashed line at the real-data level of ``metric``, labelled on the line itself."""
+    label = {
+        "accuracy": "judge on real test images",
+        "fd": "real vs real floor",
+        "diversity": "real test images",
+    }.get(metric)
+    value = refs.get(metric)
+    if label and value is not None:
+        ax.axhline(value, color="black", ls="--", lw=1)
+        ax.annotate(f"{label}: {_fmt(metric, value)}", (0.01, value), xycoords=("axes fraction", "data"),
+                    xytext=(0, 3), textcoords="offset points", fontsize=8, va="bottom",
+                    bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))  # fmt: skip
+
+
+def _fmt(metric: str, v: float) -> str:
+    if np.isnan(v):
+        return "–"
+    return f"{v:.0%}" if metric == "accuracy" else f"{v:.3f}" if metric == "kid" else f"{v:.2f}"
+
+
+def heatmaps(summary: list[dict], sampler: str, g: list, s: list, title: str):
+    fig = new_figure(11, 2.2 + 0.55 * len(g) * 2)
+    axes = fig.subplots(2, 2).ravel()
+    for ax, (metric, label, higher) in zip(axes, PANELS, strict=True):
+        mean, _ = _table(summary, sampler, metric, g, s)
+        im = ax.imshow(mean, cmap="viridis" if higher else "viridis_r", aspect="auto")
+        finite = mean[np.isfinite(mean)]
+        mid = (finite.min() + finite.max()) / 2 if finite.size else 0
+        for i, j in np.ndindex(mean.shape):
+            dark = (mean[i, j] < mid) == higher  # text on the dark end of viridis is white
+            ax.text(j, i, _fmt(metric, mean[i, j]), ha="center", va="center", fontsize=9,
+                    color="white" if dark else "black")  # fmt: skip
+        ax.set_xticks(range(len(s)), [str(v) for v in s])
+        ax.set_yticks(range(len(g)), [f"{v:g}" for v in g])
+        ax.set_xlabel("sampling steps")
+        ax.set_ylabel("guidance scale s")
+        better = "higher" if higher else "lower"
+        ax.set_title(f"{label} ({better} is better)", fontsize=10)
+        bar = fig.colorbar(im, ax=ax, shrink=0.9)
+        if metric == "accuracy":
+            bar.ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    fig.suptitle(title, fontweight="bold")
+    return fig
+
+
+def lines(summary: list[dict], sampler: str, g: list, s: list, refs: dict, x_axis: str, title: str):
+    """Each metric against ``x_axis`` ("guidance" or "steps"), one line per value of the other."""
+    fig = new_figure(11, 7.5)
+    axes = fig.subplots(2, 2).ravel()
+    xs, others = (g, s) if x_axis == "guidance" else (s, g)
+    cmap = colormaps["viridis"]
+    for ax, (metric, label, _) in zip(axes, PANELS, strict=True):
+        mean, std = _table(summary, sampler, metric, g, s)
+        if x_axis == "steps":
+            mean, std = mean.T, std.T  # (len(s), len(g)): rows follow the x axis
+        for k, other in enumerate(others):
+            colour = cmap(k / max(len(others) - 1, 1) * 0.9)
+            name = f"{other} steps" if x_axis == "guidance" else f"s = {other:g}"
+            y, e = mean[:, k], std[:, k]
+            ax.errorbar(xs, y, yerr=None if np.isnan(e).all() else np.nan_to_num(e), marker="o",
+                        ms=4, lw=1.8, capsize=3, color=colour, label=name)  # fmt: skip
+        _reference(ax, metric, refs)
+        if x_axis == "steps":
+            ax.set_xscale("log")
+            ax.set_xticks(s, [str(v) for v in s])
+            ax.minorticks_off()
+            ax.set_xlabel("sampling steps")
+        else:
+            ax.set_xticks(g, [f"{v:g}" for v in g])
+            ax.set_xlabel("guidance scale s  (0 unconditional, 1 conditional, >1 guided)")
+        if metric == "accuracy":
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    what = "step count" if x_axis == "guidance" else "guidance"
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), title=f"one line per {what}",
+               fontsize=9, title_fontsize=9, frameon=False)  # fmt: skip
+    fig.suptitle(title, fontweight="bold")
+    return fig
+
+
+def sample_grid(out: Path, identity: dict, sampler: str, class_name: str):
+    """Rows = guidance, one panel per step count: the first samples of the grid class."""
+    g, s, seed, c = (
+        identity["guidance"],
+        identity["steps"],
+        identity["seeds"][0],
+        identity["grid_class"],
+    )
+    k = min(GRID_SAMPLES, identity["n_per_class"])
+    panels, blank = [], None
+    for st in s:
+        rows = []
+        for gv in g:
+            key = f"{sampler}_steps{st}_g{gv:g}_seed{seed}"
+            path = out / "cells" / f"{key}.npz"
+            if path.is_file():
+                with np.load(path) as z:
+                    rows.append(z["images"][z["labels"] == c][:k])
+                    blank = np.full_like(rows[-1], 255)
+            else:
+                rows.append(None)
+        if blank is None:
+            continue
+        rows = [blank if r is None else r for r in rows]
+        panels.append(Panel(np.stack(rows), [], f"{st} steps"))
+    if not panels:
+        return None
+    title = (
+        f"Class {class_name}: {sampler}, seed {seed}; rows: guidance scale s, panels: sampling steps\n"
+        "every row starts from the same noise x_T, so cells differ only by guidance and steps"
+    )
+    return draw_table(panels, row_labels=[f"s = {v:g}" for v in g], title=title).image
+
+
+def write_sweep_figures(
+    out: Path, identity: dict, rows: list[dict], summary: list[dict]
+) -> list[Path]:
+    """All of a sweep's figures into ``out/figures``; returns the paths written."""
+    from difflab.checkpoint import CONFIG
+    from difflab.config import RunConfig
+
+    figures = Path(out) / "figures"
+    figures.mkdir(exist_ok=True)
+    if not rows:
+        return []
+    g, s = identity["guidance"], identity["steps"]
+    refs = {
+        "accuracy": rows[0].get("judge_test_accuracy"),
+        "fd": rows[0].get("fd_floor"),
+        "diversity": rows[0].get("diversity_real"),
+    }
+    names = [str(i) for i in range(identity["num_classes"])]
+    try:
+        known = RunConfig.load(Path(identity["run"]) / CONFIG).model.class_names
+        names = [known[i] if i < len(known) else n for i, n in enumerate(names)]
+    except Exception:  # the run may have moved since; fall back to class indices
+        pass
+    seeds = identity["seeds"]
+    about = f"{Path(identity['run']).name}, n = {identity['n_per_class']}/class, " + (
+        f"mean ± std over seeds {','.join(map(str, seeds))}"
+        if len(seeds) > 1
+        else f"seed {seeds[0]}"
+    )
+    written = []
+    settings = {"sweep": str(out), "run": identity["run"]}
+    for smp in identity["samplers"]:
+        figs = {
+            f"heatmaps_{smp}.png": heatmaps(summary, smp, g, s, f"Sweep: {smp} sampler ({about})"),
+            f"vs_guidance_{smp}.png": lines(summary, smp, g, s, refs, "guidance",
+                                            f"Metrics against guidance: {smp} ({about})"),
+            f"vs_steps_{smp}.png": lines(summary, smp, g, s, refs, "steps",
+                                         f"Metrics against sampling steps: {smp} ({about})"),
+        }  # fmt: skip
+        for name, fig in figs.items():
+            save_png(figures / name, render_figure(fig), {"figure": name[:-4], **settings})
+            written.append(figures / name)
+        grid = sample_grid(Path(out), identity, smp, names[identity["grid_class"]])
+        if grid is not None:
+            save_png(figures / f"grid_{smp}.png", grid, {"figure": "grid", **settings})
+            written.append(figures / f"grid_{smp}.png")
+    return written

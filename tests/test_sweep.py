@@ -1,0 +1,303 @@
+"""Sweeps: resumable after a kill, refused on another run or settings, shared x_T, bad input."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from difflab import sweep as sweep_mod
+from difflab.cli import main
+from difflab.evaluation import judge as judge_mod
+from difflab.sweep import parse_list, sweep_run
+from difflab.viz import png_settings
+from helpers import tiny_run
+
+AXES = dict(guidance="0,2", steps="2,3", seeds="0", n_per_class=2, progress=False, plots=False)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny digits run; the judge is cached in a temporary folder and trained for one epoch."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIFFLAB_CACHE", str(tmp / "cache"))
+        real = judge_mod.train_judge
+        mp.setattr(judge_mod, "train_judge", lambda *a, **k: real(*a, **{**k, "epochs": 1}))
+        yield tiny_run(tmp)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def one_line_error(capsys, match: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert match in err, err
+    return err
+
+
+def test_resume_after_kill_recomputes_nothing(run, tmp_path, monkeypatch):
+    out = tmp_path / "sw"
+    real, calls = sweep_mod.sample_cell, []
+
+    def killed_after_two(*args, **kwargs):
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        calls.append(args[4].key)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_mod, "sample_cell", killed_after_two)
+    with pytest.raises(RuntimeError, match="killed"):
+        sweep_run(run, out, **AXES)
+    table = (out / "metrics.csv").read_text().splitlines()
+    assert len(table) == 1 + 2  # the table holds exactly the two finished cells
+    assert sorted(p.stem for p in (out / "cells").glob("*.json")) == sorted(calls)
+    finished = snapshot(out / "cells")
+
+    first, calls2 = list(calls), []
+    monkeypatch.setattr(
+        sweep_mod, "sample_cell", lambda *a, **k: calls2.append(a[4].key) or real(*a, **k)
+    )
+    result = sweep_run(run, out, **AXES)
+    assert result.cells_total == 4 and result.cells_run == 2
+    assert len(calls2) == 2 and not set(calls2) & set(first)  # finished cells not recomputed
+    after = snapshot(out / "cells")
+    assert all(after[name] == data for name, data in finished.items())  # left untouched
+    rows = json.loads((out / "metrics.json").read_text())
+    assert rows["complete"] and len(rows["cells"]) == 4
+    keys = {(r["steps"], r["guidance"]) for r in rows["cells"]}
+    assert keys == {(2, 0.0), (2, 2.0), (3, 0.0), (3, 2.0)}
+    for r in rows["cells"]:
+        assert 0 <= r["accuracy"] <= 1 and r["fd"] >= 0 and np.isfinite(r["kid"])
+        assert r["diversity"] > 0 and r["seconds"] > 0 and r["n"] == 20
+    assert len((out / "metrics.csv").read_text().splitlines()) == 5
+    assert not list((out / "cells").glob(".*"))  # no temporary files left
+
+    sweep_run(run, out, **AXES)  # a finished sweep: nothing to compute
+    assert len(calls2) == 2
+
+
+def test_ctrl_c_exits_130_and_resumes(run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "sw"
+    real = sweep_mod.sample_cell
+    state = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        state["n"] += 1
+        if state["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_mod, "sample_cell", interrupted)
+    args = ["sweep", str(run), "--guidance", "0,2", "--steps", "2", "--n", "2", "--device", "cpu"]
+    assert main([*args, "--out", str(out)]) == 130
+    assert "1/2 cells; the same command continues it" in capsys.readouterr().err
+    assert main([*args, "--out", str(out)]) == 0
+    assert "1 cells computed" in capsys.readouterr().out and state["n"] == 3
+
+
+def test_cells_share_x_T_and_match_difflab_sample(run, tmp_path, monkeypatch):
+    seen = []
+    real = sweep_mod.sample_steps
+    monkeypatch.setattr(
+        sweep_mod,
+        "sample_steps",
+        lambda *a, **k: seen.append((k["seed"], k["x_T"])) or real(*a, **k),
+    )
+    sweep_run(
+        run,
+        tmp_path / "a",
+        guidance="0,2",
+        steps="2,3",
+        seeds="0,1",
+        n_per_class=2,
+        progress=False,
+        plots=False,
+    )
+    assert len(seen) == 8
+    by_seed = {0: [x for s, x in seen if s == 0], 1: [x for s, x in seen if s == 1]}
+    assert all(torch.equal(x, by_seed[0][0]) for x in by_seed[0])  # one x_T for all cells of a seed
+    assert all(torch.equal(x, by_seed[1][0]) for x in by_seed[1])
+    assert not torch.equal(by_seed[0][0], by_seed[1][0])
+
+    monkeypatch.setattr(sweep_mod, "sample_steps", real)
+    sweep_run(
+        run,
+        tmp_path / "b",
+        guidance="0,2",
+        steps="2,3",
+        seeds="0,1",
+        n_per_class=2,
+        progress=False,
+        plots=False,
+    )
+    for p in (tmp_path / "a" / "cells").glob("*.npz"):  # same settings, another folder: same images
+        a, b = np.load(p), np.load(tmp_path / "b" / "cells" / p.name)
+        assert np.array_equal(a["images"], b["images"]) and a["images"].shape == (20, 8, 8, 1)
+    g0, g2 = (np.load(tmp_path / "a" / "cells" / f"ddim_steps3_g{g}_seed0.npz") for g in (0, 2))
+    assert not np.array_equal(g0["images"], g2["images"])  # the swept parameter does matter
+
+    # a cell is what `difflab sample` gives with the same settings and seed (DDIM is deterministic)
+    npz = tmp_path / "s.npz"
+    cli = [
+        "--n-per-class",
+        "2",
+        "--guidance",
+        "2",
+        "--steps",
+        "3",
+        "--seed",
+        "1",
+        "--device",
+        "cpu",
+    ]
+    assert main(["sample", str(run), *cli, "--out", str(npz)]) == 0
+    cell = np.load(tmp_path / "a" / "cells" / "ddim_steps3_g2_seed1.npz")
+    assert np.array_equal(np.load(npz)["images"], cell["images"])
+
+
+def test_tables_summary_and_figures(run, tmp_path):
+    out = tmp_path / "sw"
+    r = sweep_run(
+        run, out, guidance="0,1,3", steps="2,4", seeds="0,1", n_per_class=2, progress=False
+    )
+    assert len(r.rows) == 12 and len(r.summary) == 6
+    head = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert head[:4] == ["sampler", "steps", "guidance", "seed"] and "kid" in head
+    for s in r.summary:
+        same = [
+            x["accuracy"]
+            for x in r.rows
+            if (x["steps"], x["guidance"]) == (s["steps"], s["guidance"])
+        ]
+        assert s["seeds"] == 2 and s["accuracy_mean"] == pytest.approx(np.mean(same))
+        assert s["accuracy_std"] == pytest.approx(np.std(same, ddof=1))
+    names = sorted(p.name for p in r.figures)
+    assert names == [
+        "grid_ddim.png",
+        "heatmaps_ddim.png",
+        "vs_guidance_ddim.png",
+        "vs_steps_ddim.png",
+    ]
+    assert png_settings(out / "figures" / "grid_ddim.png")["figure"] == "grid"
+    identity = json.loads((out / "sweep.json").read_text())
+    assert identity["guidance"] == [0.0, 1.0, 3.0] and len(identity["weights_sha256"]) == 64
+
+
+def test_other_run_or_settings_refused_and_nothing_lost(run, tmp_path, capsys):
+    out = tmp_path / "sw"
+    base = [
+        "sweep",
+        "--guidance",
+        "0,2",
+        "--steps",
+        "2",
+        "--n",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
+    assert main([base[0], str(run), *base[1:]]) == 0
+    capsys.readouterr()
+    before = snapshot(out)
+
+    changed = [base[0], str(run), *base[1:]]
+    changed[changed.index("--guidance") + 1] = "0,3"
+    assert main(changed) == 2
+    one_line_error(capsys, "holds a sweep with --guidance 0,2, not 0,3")
+    other = tmp_path / "copy"
+    shutil.copytree(run, other)
+    assert main([base[0], str(other), *base[1:]]) == 2
+    one_line_error(capsys, "holds a sweep of another run")
+    assert snapshot(out) == before
+    assert main([base[0], str(run), *base[1:], "--grid-class", "3"]) == 0  # only the figure changes
+    assert "0 cells computed in" in capsys.readouterr().out
+    assert json.loads((out / "sweep.json").read_text())["grid_class"] == 3
+
+    out2 = tmp_path / "sw2"
+    args2 = [base[0], str(other), *base[1:-1], str(out2)]
+    assert main(args2) == 0
+    state = load_file(other / "model.safetensors")
+    save_file(
+        {k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()},
+        other / "model.safetensors",
+    )
+    capsys.readouterr()
+    assert main(args2) == 2
+    one_line_error(capsys, "changed since this sweep started")
+
+    stranger = tmp_path / "notes"
+    stranger.mkdir()
+    (stranger / "mine.txt").write_text("keep me")
+    assert main([base[0], str(run), *base[1:-1], str(stranger)]) == 2
+    one_line_error(capsys, "is not empty and holds no sweep.json")
+    assert (stranger / "mine.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--guidance", "1,,2"], "--guidance '1,,2': expected comma-separated numbers"),
+        (["--guidance", ""], "--guidance '': expected comma-separated numbers"),
+        (["--guidance", "1,x"], "--guidance '1,x': expected comma-separated numbers"),
+        (["--guidance", "0,-1"], "--guidance '0,-1': -1 is below the smallest allowed, 0"),
+        (["--guidance", "1,nan"], "--guidance '1,nan'"),
+        (["--steps", "10,2.5"], "--steps '10,2.5': expected comma-separated whole numbers"),
+        (["--steps", "0,5"], "--steps '0,5': 0 is below the smallest allowed, 1"),
+        (["--steps", "5,500"], "--steps 500: must be at most the run's T = 100"),
+        (["--steps", "5,5"], "--steps '5,5': 5 is given twice"),
+        (["--seeds", "-1"], "--seeds '-1': -1 is below"),
+        (["--sampler", "ddim,plms"], "--sampler 'plms': unknown sampler"),
+        (["--n", "1"], "--n 1: need at least 2 samples per class"),
+        (["--steps", "5", "--grid-class", "10"], "--grid-class 10: out of range"),
+    ],
+)
+def test_bad_input_one_line_exit_2(run, tmp_path, capsys, extra, match):
+    out = tmp_path / "sw"
+    assert main(["sweep", str(run), "--device", "cpu", *extra, "--out", str(out)]) == 2
+    one_line_error(capsys, match)
+    assert not out.exists()
+
+
+def test_bad_run_folders(run, tmp_path, capsys):
+    out = tmp_path / "sw"
+    assert main(["sweep", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    one_line_error(capsys, "no such run folder")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(run / "config.json", bare / "config.json")
+    assert main(["sweep", str(bare), "--out", str(out)]) == 2
+    one_line_error(capsys, "has no model.safetensors yet")
+    assert not out.exists()
+
+
+def test_parse_list_sorts_and_accepts_lists():
+    assert parse_list("4, 0,1", float, "--guidance", "0,1") == [0.0, 1.0, 4.0]
+    assert parse_list([25, 10], int, "--steps", "10") == [10, 25]
+    assert parse_list("ddpm,ddim", str, "--sampler", "ddim") == ["ddim", "ddpm"]
+
+
+def test_demo_sweep_and_report_redoes_a_stale_sweep(run, tmp_path, monkeypatch):
+    from difflab import demo
+
+    monkeypatch.setattr(demo, "SWEEP", dict(guidance="0,2", steps="2", n_per_class=2))
+    mine = tmp_path / "demo"
+    shutil.copytree(run, mine)
+    page = demo.sweep_and_report(mine)
+    assert page == mine / "report.html" and (mine / "report.md").is_file()
+    assert "Sweep: sweep" in page.read_text(encoding="utf-8")
+    state = load_file(mine / "model.safetensors")  # trained further: the old sweep is stale
+    save_file(
+        {k: v * 1.01 if v.is_floating_point() else v for k, v in state.items()},
+        mine / "model.safetensors",
+    )
+    demo.sweep_and_report(mine)  # redone, not refused
+    identity = json.loads((mine / "sweep" / "sweep.json").read_text())
+    assert identity["weights_sha256"] == sweep_mod.weights_hash(mine)
