@@ -114,10 +114,21 @@ def test_generate_reproduces_a_plain_pipeline_call_per_seed(models, loaded, tmp_
     assert np.array_equal(pix[0], pix[1]) and not np.array_equal(pix[0], pix[2])
 
 
+def test_guidance_0_is_unconditional_and_1_is_conditional(loaded, tmp_path):
+    def pixels(prompt, guidance, folder, **kw):
+        r = generate(prompt, tmp_path / folder, guidance=guidance, steps=2, size=SIZE, loaded=loaded, **kw)  # fmt: skip
+        return np.asarray(Image.open(r.images[0].png))
+
+    uncond = pixels(None, 1, "u", unconditional=True)
+    assert np.array_equal(pixels("a cat", 0, "g0"), uncond)  # eps_uncond alone
+    assert not np.array_equal(pixels("a cat", 1, "g1"), uncond)  # eps_cond alone
+
+
 def test_long_prompt_warns_what_was_cut(models, loaded, tmp_path):
     words = " ".join(f"w{i}" for i in range(40))  # 'wN' is 2-3 tokens here: > 75
     note = truncation_note(loaded.pipe.tokenizer, words, "--prompt")
-    assert note and "CLIP reads 75" in note and "w39" in note.split("cut")[1]
+    cut = note.split("no effect: ")[1]
+    assert "CLIP reads 75" in note and "w39" in cut and "w20" not in cut
     assert truncation_note(loaded.pipe.tokenizer, "a cat", "--prompt") is None
     r = generate(words, tmp_path, steps=1, size=SIZE, loaded=loaded)
     assert any("w39" in n for n in r.notes)
@@ -318,6 +329,17 @@ def test_metadata_round_trip_quotes_commas():
     assert p["Sampler"] == "DPM++ 2M Karras" and p["Model"] == 'my, "odd": model'
 
 
+def test_diagnose_tells_filtered_from_nan_black():
+    from difflab.sd.safety import FILTERED, diagnose
+
+    black, nan = np.zeros((4, 4, 3)), np.full((4, 4, 3), np.nan)
+    assert diagnose(black, True).note == FILTERED
+    d = diagnose(nan, False)
+    assert d.black and d.nan_fraction == 1.0 and "NOT flagged" in d.note and "NaN" in d.note
+    assert "no safety checker ran" in diagnose(black, None).note
+    assert diagnose(np.full((4, 4, 3), 0.5), False).note is None
+
+
 def test_laplacian_variance_values():
     assert laplacian_variance(np.full((16, 16, 3), 128, np.uint8)) == 0.0
     board = ((np.indices((16, 16)).sum(0) % 2) * 255).astype(np.uint8)
@@ -364,6 +386,7 @@ def _bad_cases(models, tmp: Path) -> list[tuple[list[str], str]]:
         ([*g, "--size", "500x512"], "multiples of 8"),
         ([*g, "--size", "big"], "--size 'big'"),
         ([*g, "--n", "0"], "--n 0"),
+        ([*g, "--batch-size", "0"], "--batch-size 0"),
         ([*g, "--scheduler", "k_lms"], "choose one of euler, euler_a"),
         ([*g, "--dtype", "fp8"], "--dtype 'fp8'"),
         ([*g, "--model", str(notpipe)], "no model_index.json"),
@@ -404,4 +427,6 @@ def test_real_sd15_generates_one_image(tmp_path):
     img = np.asarray(Image.open(r.images[0].png))
     assert img.shape == (512, 512, 3)
     assert r.images[0].diagnosis.nsfw is not None  # the real safety checker ran
-    assert read_parameters(r.images[0].png)["Model"] == "stable-diffusion-v1-5"
+    assert (
+        read_parameters(r.images[0].png)["Model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    )

@@ -182,7 +182,9 @@ def _add_sd(sub) -> None:
         p.add_argument("--size", default="512x512", help="WIDTHxHEIGHT, multiples of 8 (512x512)")
         p.add_argument("--scheduler", help=f"{', '.join(SCHEDULER_NAMES)} (default: the model's)")
         p.add_argument(
-            "--model", default=DEFAULT_MODEL, help="Hub id, diffusers folder or FILE.safetensors"
+            "--model",
+            default=DEFAULT_MODEL,
+            help=f"Hub id, diffusers folder or FILE.safetensors (default {DEFAULT_MODEL})",
         )
         p.add_argument(
             "--model-config", help="local diffusers folder with the configs of a single file"

@@ -231,7 +231,7 @@ PRESETS: dict[str, RunConfig] = {
         preset="quick",
         model=ModelConfig(base_channels=32, channel_mults=(1, 2), patch_size=2),
         diffusion=DiffusionConfig(objective="v", loss_weighting="min_snr"),
-        train=TrainConfig(batch_size=64, lr=2e-3, minutes=2.0),
+        train=TrainConfig(batch_size=32, lr=2e-3, minutes=2.0),
         sample=SampleConfig(sampler="dpm++", steps=10, guidance=2.0),
     ),
     # The lab's recipe: a wider model on full MNIST, meant for a GPU.

@@ -105,6 +105,12 @@ def check_prompt(prompt: str | None, unconditional: bool) -> str:
     return "" if unconditional else prompt
 
 
+def check_count(value: int, option: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{option} {value}: must be a whole number >= 1")
+    return value
+
+
 def check_seed(seed: int, option: str = "--seed") -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise UsageError(f"{option} {seed}: must be a whole number from 0 to 2^63 - 1")
@@ -238,8 +244,8 @@ def generate(
     prompt = check_prompt(prompt, unconditional)
     negative_prompt = negative_prompt or ""
     guidance, steps, seed = check_guidance(guidance), check_steps(steps), check_seed(seed)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise UsageError(f"--n {n}: must be a whole number >= 1")
+    check_count(n, "--n")
+    check_count(batch_size, "--batch-size")
     check_seed(seed + n - 1, "--seed + --n - 1")
     width, height = parse_size(size)
     check_scheduler(scheduler)
@@ -258,7 +264,7 @@ def generate(
     embeds = encode(loaded, prompt, negative_prompt)
     seeds = [seed + i for i in range(n)]
     images, flags, seconds = [], [], 0.0
-    for start in range(0, n, max(1, batch_size)):
+    for start in range(0, n, batch_size):
         t0 = time.perf_counter()
         imgs, fl = run_pipeline(
             loaded, embeds, guidance, steps, seeds[start : start + batch_size], width, height

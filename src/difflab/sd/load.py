@@ -248,7 +248,8 @@ def load_pipeline(
     if scheduler is not None:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     name, label = scheduler_name(pipe.scheduler)
-    pipe = pipe.to(device)
+    with quiet_loading():  # diffusers' fp16-on-CPU warning: our note above says it
+        pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     if compile:
         pipe.unet = torch.compile(pipe.unet)

@@ -41,17 +41,18 @@ def diagnose(image: np.ndarray, nsfw: bool | None) -> Diagnosis:
     nan_fraction = float(bad.mean())
     black = bool(np.all(np.where(bad, 0.0, image) <= BLACK_MAX))
     note = None
+    who = "NOT flagged by the safety checker" if nsfw is not None else "(no safety checker ran)"
     if nsfw:
         note = FILTERED
     elif nan_fraction > 0:
         note = (
-            f"{'black' if black else 'broken'} image NOT flagged by the safety checker: the "
-            f"VAE decoded NaN for {nan_fraction:.0%} of the pixels (fp16 overflow); {NAN_HINT}"
+            f"{'black' if black else 'broken'} image {who}: the VAE decoded NaN for "
+            f"{nan_fraction:.0%} of the pixels (fp16 overflow); {NAN_HINT}"
         )
     elif black:
         note = (
-            "black image NOT flagged by the safety checker: every pixel is ~0 (NaN from an "
-            f"fp16 VAE is the usual cause); {NAN_HINT}"
+            f"black image {who}: every pixel is ~0 (NaN from an fp16 VAE is the usual cause); "
+            f"{NAN_HINT}"
         )
     return Diagnosis(None if nsfw is None else bool(nsfw), black, nan_fraction, note)
 

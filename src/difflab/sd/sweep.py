@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from difflab.errors import UsageError
 from difflab.files import write_json, write_text
 from difflab.sd.generate import (
+    check_count,
     check_guidance,
     encode,
     image_settings,
@@ -211,8 +212,7 @@ def _batches(todo: list[Cell], batch_size: int) -> list[list[Cell]]:
     groups: dict[tuple, list[Cell]] = {}
     for c in todo:
         groups.setdefault((c.prompt_index, c.steps, c.guidance), []).append(c)
-    size = max(1, batch_size)
-    return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
+    return [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
 
 
 # -- the sweep ------------------------------------------------------------------------------
@@ -239,6 +239,7 @@ def sd_sweep(
     plots: bool = True,
 ) -> SDSweepResult:
     """Run (or finish) the sweep into ``out``; write tables, grids and plots (module doc)."""
+    check_count(batch_size, "--batch-size")
     identity = sweep_identity(
         prompts, guidance, steps, seeds, negative_prompt, size, scheduler, model, device, dtype,
         safety_checker, clip_model, trust_pickle, vae,
