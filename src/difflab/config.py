@@ -237,7 +237,9 @@ PRESETS: dict[str, RunConfig] = {
     # The lab's recipe: a wider model on full MNIST, meant for a GPU.
     "paper": RunConfig(
         preset="paper",
-        model=ModelConfig(base_channels=64, channel_mults=(1, 2, 4), num_res_blocks=2, attention=True),
+        model=ModelConfig(
+            base_channels=64, channel_mults=(1, 2, 4), num_res_blocks=2, attention=True
+        ),
         diffusion=DiffusionConfig(objective="v", loss_weighting="min_snr"),
         train=TrainConfig(
             dataset="mnist", batch_size=256, lr=1e-3, epochs=20, minutes=None, warmup_steps=500
