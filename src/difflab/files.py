@@ -6,6 +6,8 @@ target, so a killed process leaves either the old file or the new one, never hal
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
@@ -68,3 +70,13 @@ def read_jsonl(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+def csv_text(rows: list[dict], columns: list[str] | tuple[str, ...]) -> str:
+    """Rows as CSV text with the given columns; missing and None values become empty cells."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, list(columns), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+    return buf.getvalue()

@@ -15,9 +15,7 @@ other settings into the same folder are refused. Figures are drawn by
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import itertools
 import json
 import math
@@ -34,7 +32,7 @@ from tqdm.auto import tqdm
 from difflab.checkpoint import CONFIG, WEIGHTS, check_run_dir, load_run
 from difflab.config import RunConfig
 from difflab.errors import UsageError
-from difflab.files import atomic_path, write_json, write_text
+from difflab.files import atomic_path, csv_text, write_json, write_text
 from difflab.sampling import SAMPLERS, check_sampling_args, initial_noise, sample_steps
 from difflab.viz import to_uint8
 
@@ -365,15 +363,6 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _csv(rows: list[dict], columns: list[str]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, columns, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
-    return buf.getvalue()
-
-
 def write_tables(out: Path, identity: dict, cells: list[Cell]) -> tuple[list[dict], list[dict]]:
     """Rebuild ``metrics.csv``, ``metrics.json`` and ``summary.csv`` from the cell files."""
     rows = [r for r in (load_cell(out, c) for c in cells) if r is not None]
@@ -393,8 +382,8 @@ def write_tables(out: Path, identity: dict, cells: list[Cell]) -> tuple[list[dic
         "summary": summary,
     }
     write_json(out / "metrics.json", doc)
-    write_text(out / "metrics.csv", _csv(rows, list(CSV_COLUMNS)))
+    write_text(out / "metrics.csv", csv_text(rows, list(CSV_COLUMNS)))
     columns = ["sampler", "steps", "guidance", "seeds"]
     columns += [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
-    write_text(out / "summary.csv", _csv(summary, columns))
+    write_text(out / "summary.csv", csv_text(summary, columns))
     return rows, summary

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from difflab.errors import UsageError
+from difflab.evaluation.metrics import as_features
 
 
 @dataclass(frozen=True)
@@ -27,17 +27,6 @@ class KID:
     std: float  # its standard deviation over the subsets (0 for one subset)
     subsets: int
     subset_size: int
-
-
-def _features(x: Any, what: str) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().to(torch.float64).numpy()
-    a = np.asarray(x, dtype=np.float64)
-    if a.ndim != 2:
-        raise UsageError(f"{what}: expected an (N, D) feature array, got shape {a.shape}")
-    if not np.isfinite(a).all():
-        raise UsageError(f"{what}: features contain NaN or inf")
-    return a
 
 
 def polynomial_kernel(
@@ -74,7 +63,7 @@ def kid(
     Deterministic for a given ``seed``. With ``subset_size`` at least the size of both sets
     every subset is the whole set, and one subset gives the exact statistic.
     """
-    a, b = _features(feats_a, "feats_a"), _features(feats_b, "feats_b")
+    a, b = as_features(feats_a, "feats_a"), as_features(feats_b, "feats_b")
     if a.shape[1] != b.shape[1]:
         raise UsageError(f"features: dimensions differ ({a.shape[1]} vs {b.shape[1]})")
     if subsets < 1:

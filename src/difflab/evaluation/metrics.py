@@ -34,7 +34,7 @@ def _labels(labels: Any, n: int) -> torch.Tensor:
     return y.to(torch.int64)
 
 
-def _f64(x: Any, what: str) -> np.ndarray:
+def as_features(x: Any, what: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().to(torch.float64).numpy()
     a = np.asarray(x, dtype=np.float64)
@@ -82,7 +82,7 @@ def frechet_distance(feats_a: Any, feats_b: Any, eps: float = 1e-6) -> float:
     ``||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))``; when the product is singular
     ``eps`` is added to both diagonals; tiny imaginary parts of the square root are dropped.
     """
-    a, b = _f64(feats_a, "feats_a"), _f64(feats_b, "feats_b")
+    a, b = as_features(feats_a, "feats_a"), as_features(feats_b, "feats_b")
     if a.shape[1] != b.shape[1]:
         raise UsageError(f"features: dimensions differ ({a.shape[1]} vs {b.shape[1]})")
     if min(len(a), len(b)) < 2:
@@ -142,7 +142,7 @@ def diversity(features: Any, labels: Any, num_classes: int | None = None) -> dic
     ``per_class`` holds None for a class with fewer than two samples; ``mean`` averages the
     others. Identical samples give 0; mode collapse shows as a value far below real data's.
     """
-    f = torch.as_tensor(_f64(features, "features"))
+    f = torch.as_tensor(as_features(features, "features"))
     y = _labels(labels, len(f))
     k = int(y.max()) + 1 if num_classes is None and y.numel() else int(num_classes or 0)
     per_class: list[float | None] = []

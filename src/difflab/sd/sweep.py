@@ -19,8 +19,6 @@ detail (a black square measures nothing) and are counted in ``nsfw_share`` inste
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import json
 import sys
@@ -33,7 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from difflab.errors import UsageError
-from difflab.files import write_json, write_text
+from difflab.files import csv_text, write_json, write_text
 from difflab.sd.generate import (
     check_count,
     check_guidance,
@@ -353,15 +351,6 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _csv(rows: list[dict], columns: tuple[str, ...]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, columns, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
-    return buf.getvalue()
-
-
 def write_tables(out: Path, identity: dict, cells: list[Cell]) -> tuple[list[dict], list[dict]]:
     """Rebuild ``metrics.csv``, ``metrics.json`` and ``summary.csv`` from the cell records."""
     rows = [r for r in (load_cell(out, c) for c in cells) if r is not None]
@@ -379,6 +368,6 @@ def write_tables(out: Path, identity: dict, cells: list[Cell]) -> tuple[list[dic
         "cells": rows, "summary": summary,
     }  # fmt: skip
     write_json(out / "metrics.json", doc)
-    write_text(out / "metrics.csv", _csv(rows, CSV_COLUMNS))
-    write_text(out / "summary.csv", _csv(summary, SUMMARY_COLUMNS))
+    write_text(out / "metrics.csv", csv_text(rows, CSV_COLUMNS))
+    write_text(out / "summary.csv", csv_text(summary, SUMMARY_COLUMNS))
     return rows, summary
