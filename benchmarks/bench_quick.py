@@ -66,6 +66,7 @@ def bench_ours(minutes: float, args, workdir: Path) -> dict:
             for k in ("accuracy", "fd", "fd_floor", "fd_ratio", "diversity", "diversity_real")
         },
         "run": str(run),
+        "n_per_class": args.n_per_class,
     }
 
 
@@ -80,7 +81,7 @@ def bench_baseline(minutes: float, args) -> dict:
     net = Unet(
         dim=args.baseline_dim, dim_mults=(1, 2, 4), channels=1, num_classes=10, cond_drop_prob=0.1
     )
-    steps = args.steps or 50
+    steps = args.baseline_steps
     diffusion = GaussianDiffusion(
         net, image_size=28, timesteps=1000, sampling_timesteps=steps, ddim_sampling_eta=0.0
     )
@@ -118,6 +119,7 @@ def bench_baseline(minutes: float, args) -> dict:
         "train_img_s": n_steps * bs / train_s,
         "params": sum(p.numel() for p in net.parameters()),
         "sampler": f"ddim {steps}, s={guidance:g}",
+        "n_per_class": args.n_per_class,
         "sample_s": sample_s,
         "sample_img_s": labels.numel() / sample_s,
         **{
@@ -131,7 +133,7 @@ def table(rows: list[dict]) -> str:
     head = "| model | train budget | steps | train img/s | params | sampler | 1,000 samples | accuracy | FD | floor | FD / floor |"
     lines = [head, "|" + "---|" * 11]
     for r in rows:
-        per_1000 = r["sample_s"] * 1000 / (10 * r.get("n_per_class", 100))
+        per_1000 = r["sample_s"] * 1000 / (10 * r["n_per_class"])
         lines.append(
             f"| {r['model']} | {r['minutes']:g} min | {r['train_steps']} | {r['train_img_s']:.0f} | "
             f"{r['params'] / 1e6:.2f} M | {r['sampler']} | {per_1000:.1f} s | {r['accuracy']:.1%} | "
@@ -158,6 +160,7 @@ def main() -> None:
     p.add_argument("--baseline-only", action="store_true")
     p.add_argument("--baseline-dim", type=int, default=32)
     p.add_argument("--baseline-lr", type=float, default=1e-3)
+    p.add_argument("--baseline-steps", type=int, default=50, help="DDIM steps of the baseline")
     p.add_argument("--workdir", help="keep the runs here (default: a temporary folder)")
     p.add_argument("--json", help="append the rows to this JSON-lines file")
     p.add_argument("--quiet", action="store_true")
@@ -175,7 +178,6 @@ def main() -> None:
                 rows.append(bench_baseline(minutes, args))
                 print(table(rows[-1:]), flush=True)
     for r in rows:
-        r["n_per_class"] = args.n_per_class
         r["overrides"] = args.set
         r["machine"] = (
             f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
