@@ -81,6 +81,7 @@ def test_sample_bad_paths(run, tmp_path, capsys):
         (["--set", "sample.sampler=plms"], "choose one of"),
         (["--epochs", "-1"], "must be positive"),
         (["--device", "tpu"], "--device 'tpu'"),
+        (["--init-from", "/no/such/run"], "no such run folder"),
     ],
 )
 def test_train_bad_input(tmp_path, capsys, extra, match):

@@ -147,3 +147,41 @@ def test_pickle_weights_are_refused(tmp_path):
     assert ckpt.load_weights(tmp_path / "w.pt", trust_pickle=True).keys() == state.keys()
     with pytest.raises(UsageError, match="--trust-pickle"):
         ckpt.load_weights(tmp_path / "w.pt")
+
+
+def test_init_from_keeps_weights_and_maps_classes(tmp_path):
+    from dataclasses import replace
+
+    from difflab.models import ContextUnet
+    from difflab.training import init_from_run
+
+    source = tiny_run(tmp_path, name="source")
+    src = load_file(source / "model.safetensors")
+    cfg = RunConfig.load(source / "config.json").model
+    # same classes: every tensor is the source's EMA weight
+    same = ContextUnet(cfg)
+    init_from_run(same, source)
+    for k, v in same.state_dict().items():
+        assert torch.equal(v, src[k]), k
+    # two more classes: old rows kept, "no class" moved to the end, new rows start as "no class"
+    bigger = ContextUnet(replace(cfg, num_classes=12, class_names=()))
+    init_from_run(bigger, source)
+    emb, old = bigger.class_embed.weight, src["class_embed.weight"]
+    assert emb.shape[0] == 13
+    assert torch.equal(emb[:10], old[:10])
+    for row in (10, 11, 12):
+        assert torch.equal(emb[row], old[10])
+    # another architecture is refused by name
+    with pytest.raises(UsageError, match="model.base_channels is 8, this run needs 16"):
+        init_from_run(ContextUnet(replace(cfg, base_channels=16)), source)
+
+
+def test_init_from_through_training(tmp_path):
+    source = tiny_run(tmp_path, name="source")
+    run = tmp_path / "tuned"
+    trainer = Trainer(tiny_config(init_from=str(source)), run, device="cpu", progress=False)
+    src = load_file(source / "model.safetensors")
+    start = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+    assert all(torch.equal(start[k], src[k]) for k in src)
+    trainer.fit()
+    assert RunConfig.load(run / "config.json").train.init_from == str(source)

@@ -40,6 +40,9 @@ def _add_train(sub) -> None:
     p.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     p.add_argument(
+        "--init-from", metavar="RUN", help="start from another run's weights (fine-tuning)"
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -278,7 +281,7 @@ def _train_config(args):
     tc = cfg.train
     changes = {
         k: getattr(args, k)
-        for k in ("dataset", "data_dir", "batch_size", "lr", "seed")
+        for k in ("dataset", "data_dir", "batch_size", "lr", "seed", "init_from")
         if getattr(args, k) is not None
     }
     if args.epochs is not None:

@@ -82,6 +82,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 25
     checkpoint_every: int = 500
+    init_from: str | None = None  # start from another run's EMA weights (fine-tuning)
 
 
 @dataclass(frozen=True)
