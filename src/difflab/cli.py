@@ -79,6 +79,9 @@ def _add_sample(sub) -> None:
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="conditional accuracy and Frechet distance of a run's samples")
+    p.add_argument(
+        "--inception", action="store_true", help="also Inception FID/KID (slow on a CPU)"
+    )
     p.add_argument("run")
     p.add_argument("--n", type=int, default=100, help="samples per class")
     p.add_argument("--guidance", type=float)
@@ -319,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
 
         result = evaluate_run(
             args.run, n_per_class=args.n, guidance=args.guidance, steps=args.steps, sampler=args.sampler,
-            seed=args.seed, device=resolve_device(args.device),
+            seed=args.seed, device=resolve_device(args.device), inception=args.inception,
         )  # fmt: skip
         print(format_eval(result))
     elif args.command == "demo":

@@ -69,6 +69,21 @@ def evaluate_samples(
     }
 
 
+def inception_against_test(
+    images: torch.Tensor, dataset: str, data_dir: str | None = None, device: str = "cpu"
+) -> dict[str, Any]:
+    """Inception FID/KID of samples against the test split, with the train-vs-test floor."""
+    from difflab.evaluation.inception import InceptionFeatures, inception_scores
+
+    net = InceptionFeatures(device)
+    test = load_dataset(dataset, "test", data_dir)
+    train = load_dataset(dataset, "train", data_dir)
+    scores = inception_scores(images, test.images, device, extractor=net)
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: len(test)]
+    floor = inception_scores(train.images[pick], test.images, device, extractor=net)
+    return {**scores, "fid_floor": floor["inception_fid"], "kid_floor": floor["inception_kid"]}
+
+
 def evaluate_run(
     run: str | Path,
     n_per_class: int = 100,
@@ -79,6 +94,7 @@ def evaluate_run(
     device: str = "cpu",
     progress: bool = True,
     write: bool = True,
+    inception: bool = False,
 ) -> dict[str, Any]:
     from difflab.generate import sample_labels
 
@@ -97,6 +113,10 @@ def evaluate_run(
     )  # fmt: skip
     seconds = time.perf_counter() - t0
     metrics = evaluate_samples(images, labels, cfg.train.dataset, cfg.train.data_dir, device)
+    if inception:
+        metrics["inception"] = inception_against_test(
+            images, cfg.train.dataset, cfg.train.data_dir, device
+        )
     result = {
         "run": str(run),
         "settings": {"n_per_class": n_per_class, "guidance": guidance, "steps": steps, "sampler": sampler,
@@ -136,5 +156,13 @@ def format_eval(r: dict[str, Any]) -> str:
             ),
             f"diversity (mean pairwise feature distance): {r['diversity']:.3f}   real test split "
             f"{r['diversity_real']:.3f}",
+            *(
+                [
+                    f"Inception FID: {r['inception']['inception_fid']:.2f}   real-vs-real floor "
+                    f"{r['inception']['fid_floor']:.2f}   Inception KID {r['inception']['inception_kid']:.4f}"
+                ]
+                if "inception" in r
+                else []
+            ),
         ]
     )
