@@ -59,7 +59,9 @@ class InceptionFeatures(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.to_network_input(x.to(next(self.net.parameters()).device)))
+        if x.dim() == 2:  # already features: lets FID and KID share one pass per image
+            return x
+        return self.net(self.to_network_input(x.to(next(self.net.parameters()).device))).cpu()
 
 
 def inception_scores(
@@ -79,9 +81,9 @@ def inception_scores(
     fid = FrechetInceptionDistance(feature=net, reset_real_features=True)
     kid = KernelInceptionDistance(feature=net, subset_size=subset, reset_real_features=True)
     for images, is_real in ((real, True), (fake, False)):
-        for chunk in images.split(batch_size):
-            fid.update(chunk, real=is_real)
-            kid.update(chunk, real=is_real)
+        feats = torch.cat([net(chunk) for chunk in images.split(batch_size)])  # (N, 2048)
+        fid.update(feats, real=is_real)
+        kid.update(feats, real=is_real)
     kid_mean, kid_std = kid.compute()
     return {
         "inception_fid": float(fid.compute()),
