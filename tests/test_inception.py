@@ -50,3 +50,13 @@ def test_fid_and_kid_through_torchmetrics(net):
     assert abs(same["inception_fid"]) < 1e-2
     assert darker["inception_fid"] > 10 * max(same["inception_fid"], 1e-3)
     assert darker["inception_kid"] > same["inception_kid"]
+
+
+@pytest.mark.network  # torch-fidelity downloads its Inception weights on first use
+def test_matches_torch_fidelity_inception(net):
+    fidelity = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    extractor = fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).eval()
+    x = torch.randint(0, 256, (2, 3, 299, 299), dtype=torch.uint8)
+    with torch.no_grad():
+        (ref,) = extractor(x)
+    torch.testing.assert_close(net(x), ref.float(), atol=1e-3, rtol=1e-3)
