@@ -72,7 +72,7 @@ def inception_scores(
     kid_subset: int = 100,
     extractor: InceptionFeatures | None = None,
 ) -> dict[str, Any]:
-    """torchmetrics' FID and KID between two image sets, on the FID Inception's features."""
+    """torchmetrics' FID and KID between two image sets (or (N, 2048) features computed before)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
