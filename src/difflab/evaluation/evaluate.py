@@ -101,6 +101,10 @@ def evaluate_run(
 
     if n_per_class < 2:
         raise UsageError(f"--n {n_per_class}: need at least 2 samples per class")
+    if inception:
+        from difflab.evaluation.inception import inception_weights
+
+        inception_weights()  # refuse before any sampling when the weights are missing
     model, diffusion, cfg = load_run(run, device=device)
     sc = cfg.sample
     guidance = sc.guidance if guidance is None else guidance
