@@ -43,15 +43,15 @@ def one_line_error(capsys, match: str) -> str:
 
 def test_resume_after_kill_recomputes_nothing(run, tmp_path, monkeypatch):
     out = tmp_path / "sw"
-    real, calls = sweep_mod.sample_cell, []
+    real, calls = sweep_mod.sample_cells, []
 
-    def killed_after_two(*args, **kwargs):
-        if len(calls) == 2:
+    def killed_after_one_group(*args, **kwargs):
+        if calls:
             raise RuntimeError("killed")
-        calls.append(args[4].key)
+        calls.extend(c.key for c in args[4])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sweep_mod, "sample_cell", killed_after_two)
+    monkeypatch.setattr(sweep_mod, "sample_cells", killed_after_one_group)
     with pytest.raises(RuntimeError, match="killed"):
         sweep_run(run, out, **AXES)
     table = (out / "metrics.csv").read_text().splitlines()
@@ -61,7 +61,9 @@ def test_resume_after_kill_recomputes_nothing(run, tmp_path, monkeypatch):
 
     first, calls2 = list(calls), []
     monkeypatch.setattr(
-        sweep_mod, "sample_cell", lambda *a, **k: calls2.append(a[4].key) or real(*a, **k)
+        sweep_mod,
+        "sample_cells",
+        lambda *a, **k: calls2.extend(c.key for c in a[4]) or real(*a, **k),
     )
     result = sweep_run(run, out, **AXES)
     assert result.cells_total == 4 and result.cells_run == 2
@@ -84,7 +86,7 @@ def test_resume_after_kill_recomputes_nothing(run, tmp_path, monkeypatch):
 
 def test_ctrl_c_exits_130_and_resumes(run, tmp_path, monkeypatch, capsys):
     out = tmp_path / "sw"
-    real = sweep_mod.sample_cell
+    real = sweep_mod.sample_cells
     state = {"n": 0}
 
     def interrupted(*args, **kwargs):
@@ -93,8 +95,8 @@ def test_ctrl_c_exits_130_and_resumes(run, tmp_path, monkeypatch, capsys):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sweep_mod, "sample_cell", interrupted)
-    args = ["sweep", str(run), "--guidance", "0,2", "--steps", "2", "--n", "2", "--device", "cpu"]
+    monkeypatch.setattr(sweep_mod, "sample_cells", interrupted)
+    args = ["sweep", str(run), "--guidance", "0", "--steps", "2,3", "--n", "2", "--device", "cpu"]
     assert main([*args, "--out", str(out)]) == 130
     assert "1/2 cells; the same command continues it" in capsys.readouterr().err
     assert main([*args, "--out", str(out)]) == 0
@@ -119,7 +121,7 @@ def test_cells_share_x_T_and_match_difflab_sample(run, tmp_path, monkeypatch):
         progress=False,
         plots=False,
     )
-    assert len(seen) == 8
+    assert len(seen) == 4  # one call per seed and step count: both guidance values batched
     by_seed = {0: [x for s, x in seen if s == 0], 1: [x for s, x in seen if s == 1]}
     assert all(torch.equal(x, by_seed[0][0]) for x in by_seed[0])  # one x_T for all cells of a seed
     assert all(torch.equal(x, by_seed[1][0]) for x in by_seed[1])
@@ -301,3 +303,62 @@ def test_demo_sweep_and_report_redoes_a_stale_sweep(run, tmp_path, monkeypatch):
     demo.sweep_and_report(mine)  # redone, not refused
     identity = json.loads((mine / "sweep" / "sweep.json").read_text())
     assert identity["weights_sha256"] == sweep_mod.weights_hash(mine)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "dpm++"])
+def test_batched_guidance_cells_equal_cells_sampled_alone(run, sampler):
+    """One forward for several guidance values gives what each value gives alone."""
+    from difflab.checkpoint import load_run
+    from difflab.sampling import initial_noise
+
+    model, diffusion, _ = load_run(run, device="cpu")
+    identity = {"eta": 0.0, "spacing": "trailing"}
+    labels = torch.arange(10).repeat_interleave(2)
+    x_T = initial_noise((20, 1, 8, 8), 3)
+    cells = [sweep_mod.Cell(sampler, 4, g, 3) for g in (0.0, 1.0, 2.5)]
+    together = sweep_mod.sample_cells(model, diffusion, labels, x_T, cells, identity, batch_size=8)
+    for cell, images in zip(cells, together, strict=True):
+        (alone,) = sweep_mod.sample_cells(model, diffusion, labels, x_T, [cell], identity, 8)
+        assert images.shape == (20, 1, 8, 8)
+        torch.testing.assert_close(images, alone, atol=1e-5, rtol=0)
+    assert not torch.allclose(together[0], together[2], atol=1e-2)
+
+
+def test_cell_groups_share_seed_sampler_and_steps():
+    cells = sweep_mod.all_cells(
+        {"seeds": [0, 1], "samplers": ["ddim"], "steps": [2, 5], "guidance": [0.0, 1.0, 2.0]}
+    )
+    groups = sweep_mod.cell_groups(cells, max_cells=2)
+    assert sorted(len(g) for g in groups) == [1, 1, 1, 1, 2, 2, 2, 2]
+    for g in groups:
+        assert len({(c.seed, c.sampler, c.steps) for c in g}) == 1
+    assert sorted(c.key for g in groups for c in g) == sorted(c.key for c in cells)
+
+
+def test_second_sweep_into_a_busy_folder_is_refused(run, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    out = tmp_path / "sw"
+    sweep_run(run, out, **{**AXES, "guidance": "0", "steps": "2"})
+    before = snapshot(out)
+    capsys.readouterr()
+    holder = subprocess.Popen(  # another process holds the folder's lock
+        [sys.executable, "-c", "import sys, time; from difflab.files import folder_lock\n"
+         f"with folder_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = ["sweep", str(run), "--guidance", "0", "--steps", "2", "--n", "2", "--device", "cpu"]
+        assert main([*args, "--out", str(out)]) == 2
+        err = one_line_error(capsys, f"pid {holder.pid}")
+        assert "another process" in err and "--out" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    after = snapshot(out)
+    assert after.pop(".lock") == f"{holder.pid}\n".encode()  # the holder's pid, for the message
+    before.pop(".lock")
+    assert after == before  # nothing else touched
+    assert main([*args, "--out", str(out)]) == 0  # the lock went with the process

@@ -16,6 +16,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from difflab.errors import UsageError
+
+LOCK_FILE = ".lock"
+
 
 @contextmanager
 def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
@@ -80,3 +84,37 @@ def csv_text(rows: list[dict], columns: list[str] | tuple[str, ...]) -> str:
     for r in rows:
         w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
     return buf.getvalue()
+
+
+@contextmanager
+def folder_lock(folder: str | Path, option: str = "--out") -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (a ``.lock`` file in it) while writing into it.
+
+    A second process that tries to write into the same folder is refused at once with one
+    line naming the holder's pid, instead of interleaving its cells with the first one's.
+    The lock goes with the process: a killed writer leaves no stale lock behind.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        yield
+        return
+    folder = Path(folder)
+    with open(folder / LOCK_FILE, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "?"
+            raise UsageError(
+                f"{option} {folder}: another process (pid {pid}) is writing into this folder; "
+                f"wait for it to finish or choose another {option}"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

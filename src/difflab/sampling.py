@@ -148,10 +148,12 @@ class GuidedModel:
         self,
         model: nn.Module,
         diffusion: GaussianDiffusion,
-        guidance: float,
+        guidance: float | torch.Tensor,
         autocast: str | None = None,
     ):
-        self.model, self.diffusion, self.guidance = model, diffusion, float(guidance)
+        """``guidance`` is one scale, or one per sample (B,) to batch several guidance values."""
+        self.model, self.diffusion = model, diffusion
+        self.guidance = guidance if isinstance(guidance, torch.Tensor) else float(guidance)
         self.autocast = autocast
         self.null_label = model.num_classes
 
@@ -169,7 +171,9 @@ class GuidedModel:
             else nullcontext()
         )
         with ctx:
-            if s == 1.0:
+            if isinstance(s, torch.Tensor):
+                out = self._mixed(x, tt, labels, null, s.to(x.device))
+            elif s == 1.0:
                 out = self.model(x, tt, labels)
             elif s == 0.0:
                 out = self.model(x, tt, null)
@@ -183,6 +187,27 @@ class GuidedModel:
             x0 = x0.clamp(-1, 1)
             eps = self.diffusion.predict_eps_from_x0(x, tt, x0)
         return eps, x0
+
+    def _mixed(self, x, tt, labels, null, s: torch.Tensor) -> torch.Tensor:
+        """One forward for a batch whose samples have different guidance scales ``s`` (B,).
+
+        Only the passes a sample needs are run: the conditional one unless s = 0, the
+        unconditional one unless s = 1; all of them in a single batch.
+        """
+        need_c, need_u = s != 0, s != 1
+        ic, iu = need_c.nonzero().squeeze(1), need_u.nonzero().squeeze(1)
+        both = self.model(
+            torch.cat([x[ic], x[iu]]),
+            torch.cat([tt[ic], tt[iu]]),
+            torch.cat([labels[ic], null[iu]]),
+        ).float()
+        cond, uncond = torch.zeros_like(x), torch.zeros_like(x)
+        cond[ic], uncond[iu] = both[: len(ic)], both[len(ic) :]
+        w = s.float().view(-1, *([1] * (x.dim() - 1)))
+        guided = uncond + w * (cond - uncond)
+        return torch.where(
+            ~need_u.view_as(w), cond, torch.where(~need_c.view_as(w), uncond, guided)
+        )
 
 
 def initial_noise(
@@ -207,14 +232,23 @@ def sample_steps(
     seed: int | None = 0,
     x_T: torch.Tensor | None = None,
     autocast: str | None = None,
+    groups: int = 1,
 ) -> Iterator[Step]:
     """Run the reverse process for ``labels`` (B,), yielding each :class:`Step`.
 
     ``x_T`` (B, C, H, W) may be given to share the initial noise between calls (sweeps);
     otherwise it is drawn from ``seed``. Step noise comes from a CPU generator seeded by
     ``seed`` too, so a seed fixes the whole trajectory on a given device.
+
+    ``guidance`` may be a tensor (B,) of per-sample scales; with ``groups = G`` the batch is
+    G equal-sized blocks (one per guidance value, say) that share the step noise, so each
+    block follows the trajectory it would follow if sampled on its own.
     """
-    check_sampling_args(sampler, steps, guidance, eta, diffusion.num_timesteps)
+    scales = guidance.tolist() if isinstance(guidance, torch.Tensor) else [guidance]
+    for g in sorted(set(scales)):
+        check_sampling_args(sampler, steps, g, eta, diffusion.num_timesteps)
+    if groups < 1 or labels.shape[0] % groups:
+        raise ValueError(f"groups={groups} does not divide the batch of {labels.shape[0]}")
     device = next(model.parameters()).device
     cfg = model.cfg
     labels = labels.to(device=device, dtype=torch.long)
@@ -228,6 +262,7 @@ def sample_steps(
     if x_T is not None and tuple(x.shape) != shape:
         raise UsageError(f"x_T has shape {tuple(x.shape)}, expected {shape}")
     x = x.to(device)
+    block = (shape[0] // groups, *shape[1:])
     net = GuidedModel(model, diffusion, guidance, autocast)
     was_training = model.training
     model.eval()
@@ -239,7 +274,7 @@ def sample_steps(
                 eps, x0 = net(x, t, labels)
                 stochastic = sampler == "ddpm" or eta > 0
                 noise = (
-                    torch.randn(shape, generator=gen).to(device)
+                    torch.randn(block, generator=gen).repeat(groups, 1, 1, 1).to(device)
                     if stochastic and t_prev >= 0
                     else None
                 )
@@ -255,6 +290,8 @@ def sample_steps(
             ts = [int(round(float(t))) for t in sched.timesteps]
             x = x * sched.init_noise_sigma
             takes_generator = "generator" in inspect.signature(sched.step).parameters
+            if takes_generator and groups > 1 and not _deterministic(sched):
+                raise ValueError(f"sampler {sampler!r} draws step noise: cannot share it in groups")
             extra = {"generator": gen} if takes_generator else {}
             for i, t in enumerate(sched.timesteps):
                 x_in = sched.scale_model_input(
@@ -267,6 +304,14 @@ def sample_steps(
                 x = x_prev
     finally:
         model.train(was_training)
+
+
+def _deterministic(sched) -> bool:
+    """Whether a diffusers scheduler's step adds no noise (its generator goes unused)."""
+    cfg = sched.config
+    if "algorithm_type" in cfg:  # DPM-Solver: the SDE variants add noise
+        return "sde" not in cfg.algorithm_type
+    return True  # UniPC is deterministic; Euler adds noise only with s_churn > 0 (not used)
 
 
 def sample(

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from difflab.checkpoint import CONFIG, WEIGHTS, check_run_dir, load_run
 from difflab.config import RunConfig
 from difflab.errors import UsageError
-from difflab.files import atomic_path, csv_text, write_json, write_text
+from difflab.files import atomic_path, csv_text, folder_lock, write_json, write_text
 from difflab.sampling import SAMPLERS, check_sampling_args, initial_noise, sample_steps
 from difflab.viz import to_uint8
 
@@ -233,25 +233,47 @@ def load_cell(out: Path, cell: Cell) -> dict | None:
     return row if same == (cell.sampler, cell.steps, cell.guidance, cell.seed) else None
 
 
-def sample_cell(
-    model, diffusion, labels: torch.Tensor, x_T: torch.Tensor, cell: Cell, identity: dict,
+def sample_cells(
+    model, diffusion, labels: torch.Tensor, x_T: torch.Tensor, cells: list[Cell], identity: dict,
     batch_size: int = 500, on_step=None,
-) -> torch.Tensor:  # fmt: skip
-    """The samples of one cell (N, C, H, W) in [-1, 1], from the seed's shared ``x_T``."""
-    out = []
+) -> list[torch.Tensor]:  # fmt: skip
+    """The samples (N, C, H, W) in [-1, 1] of cells that differ only in guidance, in one batch.
+
+    Every cell starts from the seed's shared ``x_T`` and draws the same step noise, exactly as
+    if it were sampled alone; the cells ride in one forward pass per step (batch size
+    ``len(cells) * batch_size`` at most), so the model is called once per step, not per cell.
+    """
+    first = cells[0]
+    assert all(
+        (c.seed, c.sampler, c.steps) == (first.seed, first.sampler, first.steps) for c in cells
+    )
+    g = len(cells)
+    scales = torch.tensor([c.guidance for c in cells])
+    out: list[list[torch.Tensor]] = [[] for _ in cells]
     for k, start in enumerate(range(0, len(labels), batch_size)):
         part = slice(start, start + batch_size)
+        n = len(labels[part])
+        guidance = scales.repeat_interleave(n) if g > 1 else first.guidance
         x = None
         for step in sample_steps(
-            model, diffusion, labels[part], guidance=cell.guidance, steps=cell.steps,
-            sampler=cell.sampler, eta=identity["eta"], spacing=identity["spacing"],
-            seed=cell.seed + k * CHUNK_SEED, x_T=x_T[part],
+            model, diffusion, labels[part].repeat(g), guidance=guidance, steps=first.steps,
+            sampler=first.sampler, eta=identity["eta"], spacing=identity["spacing"],
+            seed=first.seed + k * CHUNK_SEED, x_T=x_T[part].repeat(g, 1, 1, 1), groups=g,
         ):  # fmt: skip
             x = step.x_prev
             if on_step is not None:
-                on_step(len(labels[part]))
-        out.append(x.clamp(-1, 1).cpu())
-    return torch.cat(out)
+                on_step(n)
+        for i, block in enumerate(x.clamp(-1, 1).cpu().chunk(g)):
+            out[i].append(block)
+    return [torch.cat(parts) for parts in out]
+
+
+def cell_groups(todo: list[Cell], max_cells: int) -> list[list[Cell]]:
+    """Cells sharing seed, sampler and step count, in groups of at most ``max_cells``."""
+    groups: dict[tuple, list[Cell]] = {}
+    for c in todo:
+        groups.setdefault((c.seed, c.sampler, c.steps), []).append(c)
+    return [v[i : i + max_cells] for v in groups.values() for i in range(0, len(v), max_cells)]
 
 
 def _write_cell(out: Path, cell: Cell, images: torch.Tensor, labels: torch.Tensor, row: dict):
@@ -275,75 +297,89 @@ def sweep_run(
     progress: bool = True,
     batch_size: int = 500,
     plots: bool = True,
+    max_group: int = 8,
 ) -> SweepResult:
-    """``difflab sweep``: run (or finish) the sweep into ``out`` and write tables and figures."""
+    """``difflab sweep``: run (or finish) the sweep into ``out`` and write tables and figures.
+
+    Cells that share seed, sampler and step count (they differ only in guidance) are sampled
+    together, up to ``max_group`` at a time: one network call per step for all of them.
+    ``seconds`` of such a cell is its share of the group's time, by network passes.
+    """
     from difflab.evaluation.evaluate import evaluate_samples
     from difflab.evaluation.judge import get_judge
 
     identity = sweep_identity(run, guidance, steps, sampler, seeds, n_per_class, grid_class)
     out = prepare_folder(out, identity)
-    for stale in (out / CELLS_DIR).glob(".*.tmp*"):  # left by a killed write
-        stale.unlink(missing_ok=True)
-    cells = all_cells(identity)
-    todo = [c for c in cells if load_cell(out, c) is None]
-    t0 = time.perf_counter()
-    if todo:
-        model, diffusion, cfg = load_run(run, device=device)
-        judge = get_judge(
-            cfg.train.dataset, root=cfg.train.data_dir, device=device, progress=progress
-        )
-        labels = torch.arange(identity["num_classes"]).repeat_interleave(n_per_class)
-        shape = (len(labels), cfg.model.in_channels, cfg.model.height, cfg.model.width)
-        n_done = len(cells) - len(todo)
-        total = sum(c.cost for c in cells) * len(labels)
-        bar = tqdm(
-            total=total, initial=sum(c.cost for c in cells if c not in todo) * len(labels),
-            desc=f"sweep {n_done}/{len(cells)} cells", unit="img-pass", unit_scale=True,
-            disable=not progress, file=sys.stderr, dynamic_ncols=True,
-        )  # fmt: skip
-        x_T = {}  # seed -> (N, C, H, W): one initial noise per seed, shared by all its cells
-        try:
-            for cell in todo:
-                if cell.seed not in x_T:
-                    x_T = {cell.seed: initial_noise(shape, cell.seed)}
-                t1 = time.perf_counter()
-                images = sample_cell(
-                    model, diffusion, labels, x_T[cell.seed], cell, identity, batch_size,
-                    on_step=lambda b, c=cell: bar.update(b * (2 if c.cost > c.steps else 1)),
-                )  # fmt: skip
-                t2 = time.perf_counter()
-                m = evaluate_samples(
-                    images, labels, cfg.train.dataset, cfg.train.data_dir, device, judge=judge
-                )
-                row = {
-                    "key": cell.key, "sampler": cell.sampler, "steps": cell.steps,
-                    "guidance": cell.guidance, "seed": cell.seed, **m,
-                    "seconds": t2 - t1, "eval_seconds": time.perf_counter() - t2, "device": str(device),
-                }  # fmt: skip
-                _write_cell(out, cell, images, labels, row)
-                n_done += 1
-                bar.set_description(f"sweep {n_done}/{len(cells)} cells")
-                if not bar.disable:
-                    bar.write(
-                        f"{cell.key}: accuracy {m['accuracy']:.0%}, FD {m['fd']:.2f}, "
-                        f"KID {m['kid']:.4f}, diversity {m['diversity']:.2f} ({t2 - t1:.1f} s)"
-                    )
-                write_tables(out, identity, cells)
-        except KeyboardInterrupt:
-            bar.close()
-            print(
-                f"sweep stopped after {n_done}/{len(cells)} cells; the same command continues it",
-                file=sys.stderr,
+    with folder_lock(out):
+        for stale in (out / CELLS_DIR).glob(".*.tmp*"):  # left by a killed write
+            stale.unlink(missing_ok=True)
+        cells = all_cells(identity)
+        todo = [c for c in cells if load_cell(out, c) is None]
+        t0 = time.perf_counter()
+        if todo:
+            model, diffusion, cfg = load_run(run, device=device)
+            judge = get_judge(
+                cfg.train.dataset, root=cfg.train.data_dir, device=device, progress=progress
             )
-            raise
-        bar.close()
-    rows, summary = write_tables(out, identity, cells)
-    result = SweepResult(out, len(cells), len(todo), time.perf_counter() - t0, rows, summary)
-    if plots:
-        from difflab.sweep_plots import write_sweep_figures
+            labels = torch.arange(identity["num_classes"]).repeat_interleave(n_per_class)
+            shape = (len(labels), cfg.model.in_channels, cfg.model.height, cfg.model.width)
+            n_done = len(cells) - len(todo)
+            total = sum(c.cost for c in cells) * len(labels)
+            bar = tqdm(
+                total=total, initial=sum(c.cost for c in cells if c not in todo) * len(labels),
+                desc=f"sweep {n_done}/{len(cells)} cells", unit="img-pass", unit_scale=True,
+                disable=not progress, file=sys.stderr, dynamic_ncols=True,
+            )  # fmt: skip
+            x_T = {}  # seed -> (N, C, H, W): one initial noise per seed, shared by all its cells
+            try:
+                for group in cell_groups(todo, max_group):
+                    seed = group[0].seed
+                    if seed not in x_T:
+                        x_T = {seed: initial_noise(shape, seed)}
+                    passes = sum(c.cost for c in group) // group[0].steps
+                    t1 = time.perf_counter()
+                    images = sample_cells(
+                        model, diffusion, labels, x_T[seed], group, identity, batch_size,
+                        on_step=lambda b, p=passes: bar.update(b * p),
+                    )  # fmt: skip
+                    seconds = time.perf_counter() - t1
+                    for cell, cell_images in zip(group, images, strict=True):
+                        t2 = time.perf_counter()
+                        m = evaluate_samples(
+                            cell_images, labels, cfg.train.dataset, cfg.train.data_dir, device,
+                            judge=judge,
+                        )  # fmt: skip
+                        share = seconds * cell.cost / sum(c.cost for c in group)
+                        row = {
+                            "key": cell.key, "sampler": cell.sampler, "steps": cell.steps,
+                            "guidance": cell.guidance, "seed": cell.seed, **m, "seconds": share,
+                            "eval_seconds": time.perf_counter() - t2, "device": str(device),
+                            "batched_cells": len(group),
+                        }  # fmt: skip
+                        _write_cell(out, cell, cell_images, labels, row)
+                        n_done += 1
+                        bar.set_description(f"sweep {n_done}/{len(cells)} cells")
+                        if not bar.disable:
+                            bar.write(
+                                f"{cell.key}: accuracy {m['accuracy']:.0%}, FD {m['fd']:.2f}, "
+                                f"KID {m['kid']:.4f}, diversity {m['diversity']:.2f} ({share:.1f} s)"
+                            )
+                    write_tables(out, identity, cells)
+            except KeyboardInterrupt:
+                bar.close()
+                print(
+                    f"sweep stopped after {n_done}/{len(cells)} cells; the same command continues it",
+                    file=sys.stderr,
+                )
+                raise
+            bar.close()
+        rows, summary = write_tables(out, identity, cells)
+        result = SweepResult(out, len(cells), len(todo), time.perf_counter() - t0, rows, summary)
+        if plots:
+            from difflab.sweep_plots import write_sweep_figures
 
-        result.figures = write_sweep_figures(out, identity, rows, summary)
-    return result
+            result.figures = write_sweep_figures(out, identity, rows, summary)
+        return result
 
 
 # -- tables ---------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from difflab.errors import UsageError
-from difflab.files import csv_text, write_json, write_text
+from difflab.files import csv_text, folder_lock, write_json, write_text
 from difflab.sd.generate import (
     check_count,
     check_guidance,
@@ -262,34 +262,37 @@ def sd_sweep(
         (out / CELLS_DIR).mkdir(parents=True, exist_ok=True)
         if not resuming:
             write_json(out / IDENTITY_FILE, identity)
-        for stale in (out / CELLS_DIR).glob(".*.tmp*"):  # left by a killed write
-            stale.unlink(missing_ok=True)
-        embeds: dict[int, tuple] = {}
-        bar = tqdm(
-            total=len(cells), initial=len(cells) - len(todo), desc="sd sweep", unit="cell",
-            disable=not progress, file=sys.stderr, dynamic_ncols=True,
-        )  # fmt: skip
-        try:
-            for batch in _batches(todo, batch_size):
-                c0 = batch[0]
-                prompt = identity["prompts"][c0.prompt_index]
-                if c0.prompt_index not in embeds:
-                    embeds = {c0.prompt_index: encode(loaded, prompt, identity["negative_prompt"])}
-                t1 = time.perf_counter()
-                images, flags = run_pipeline(
-                    loaded, embeds[c0.prompt_index], c0.guidance, c0.steps,
-                    [c.seed for c in batch], width, height,
-                )  # fmt: skip
-                per_image = (time.perf_counter() - t1) / len(batch)
-                calls += 1
-                _write_cells(out, identity, loaded, scorer, batch, images, flags, per_image)
-                bar.update(len(batch))
-                write_tables(out, identity, cells)
-        except KeyboardInterrupt:
+        with folder_lock(out):
+            for stale in (out / CELLS_DIR).glob(".*.tmp*"):  # left by a killed write
+                stale.unlink(missing_ok=True)
+            embeds: dict[int, tuple] = {}
+            bar = tqdm(
+                total=len(cells), initial=len(cells) - len(todo), desc="sd sweep", unit="cell",
+                disable=not progress, file=sys.stderr, dynamic_ncols=True,
+            )  # fmt: skip
+            try:
+                for batch in _batches(todo, batch_size):
+                    c0 = batch[0]
+                    prompt = identity["prompts"][c0.prompt_index]
+                    if c0.prompt_index not in embeds:
+                        embeds = {
+                            c0.prompt_index: encode(loaded, prompt, identity["negative_prompt"])
+                        }
+                    t1 = time.perf_counter()
+                    images, flags = run_pipeline(
+                        loaded, embeds[c0.prompt_index], c0.guidance, c0.steps,
+                        [c.seed for c in batch], width, height,
+                    )  # fmt: skip
+                    per_image = (time.perf_counter() - t1) / len(batch)
+                    calls += 1
+                    _write_cells(out, identity, loaded, scorer, batch, images, flags, per_image)
+                    bar.update(len(batch))
+                    write_tables(out, identity, cells)
+            except KeyboardInterrupt:
+                bar.close()
+                print("sd sweep stopped; the same command continues it", file=sys.stderr)
+                raise
             bar.close()
-            print("sd sweep stopped; the same command continues it", file=sys.stderr)
-            raise
-        bar.close()
     rows, summary = write_tables(out, identity, cells)
     result = SDSweepResult(
         out, len(cells), len(todo), calls, time.perf_counter() - t0, rows, summary, notes=notes
