@@ -258,6 +258,31 @@ def test_sweep_marks_flagged_cells_in_grid_and_tables(models, tmp_path):
     assert meta["prompt"] == "a cat"
 
 
+def test_report_of_an_sd_sweep(models, tmp_path):
+    from difflab.report import write_report
+
+    sweep = tmp_path / "sw"
+    r = _sweep(models, sweep, steps="1", seeds="0")
+    flagged = tmp_path / "flagged"
+    sd_sweep(
+        "a cat", flagged, guidance="1", steps="1", seeds="0", size=SIZE, model=models.flags,
+        clip_model="none", progress=False,
+    )  # fmt: skip
+    rep = write_report([sweep, flagged], tmp_path / "report.html")
+    page = rep.html.read_text()
+    assert "Stable Diffusion sweep: sw" in page and "a blue ball" in page
+    assert page.count("data:image/png;base64,") == (2 + 1) + (1 + 1)  # grids + curves of each
+    best = max(r.summary, key=lambda x: x["clip_score_mean"])
+    assert any(
+        f"best prompt alignment, CLIP score {best['clip_score_mean']:.1f}" in c
+        and f"guidance {best['guidance']:g}" in c
+        for c in rep.conclusions
+    ), rep.conclusions
+    assert "The safety checker filtered 1 image(s)" in page and "1 of 1 at guidance 1" in page
+    assert "The safety checker filtered no image" in page  # the first sweep's sentence
+    assert "| 1 | 3 | 2 |" in rep.markdown.read_text()  # steps 1, guidance 3, two prompts
+
+
 # -- loading, schedulers, metrics ------------------------------------------------------------
 def test_scheduler_names_map_to_diffusers_classes(loaded):
     assert tuple(SCHEDULERS) == SCHEDULER_NAMES

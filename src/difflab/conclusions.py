@@ -190,3 +190,59 @@ def eval_conclusions(ev: dict[str, Any]) -> list[str]:
             f"real-vs-real floor of {ev['fd_floor']:.2f}."
         )
     return out
+
+
+def sd_sweep_conclusions(summary: list[dict]) -> list[str]:
+    """Plain sentences about a Stable Diffusion sweep's summary (per steps and guidance).
+
+    Which guidance aligned the images best with their prompts (CLIP score) at each step
+    count, how the detail measure moves from the smallest to the largest guidance, how many
+    images the safety checker filtered at which guidance, and black images it did not flag.
+    """
+    out: list[str] = []
+    measured = [r for r in summary if r.get("clip_score_mean") is not None]
+    for st in sorted({r["steps"] for r in measured}):
+        rows = sorted((r for r in measured if r["steps"] == st), key=lambda r: r["guidance"])
+        best = max(rows, key=lambda r: (round(r["clip_score_mean"], 6), -r["guidance"]))
+        lo, hi = rows[0], rows[-1]
+        sentence = (
+            f"At {st} steps the best prompt alignment, CLIP score "
+            f"{_pm(best, 'clip_score', lambda v: f'{v:.1f}')}, came with guidance {best['guidance']:g}"
+        )
+        if len(rows) > 1:
+            sentence += (
+                f" (guidance {lo['guidance']:g}: {lo['clip_score_mean']:.1f}; "
+                f"{hi['guidance']:g}: {hi['clip_score_mean']:.1f})"
+            )
+        out.append(sentence + ".")
+        if len(rows) > 1 and lo["detail_mean"] and hi["detail_mean"] is not None:
+            ratio = hi["detail_mean"] / lo["detail_mean"]
+            trend = "more fine detail than" if ratio > 1.1 else "less fine detail than"
+            if 1 / 1.1 <= ratio <= 1.1:
+                trend = "about the same fine detail as"
+            out.append(
+                f"At {st} steps guidance {hi['guidance']:g} gave {trend} guidance "
+                f"{lo['guidance']:g} (Laplacian variance {hi['detail_mean']:.4f} against "
+                f"{lo['detail_mean']:.4f}, {ratio:.2f}×)."
+            )
+    flagged: dict[float, list[int]] = {}
+    for r in summary:
+        n = flagged.setdefault(r["guidance"], [0, 0])
+        n[0] += r["nsfw_count"]
+        n[1] += r["images"]
+    total = sum(f for f, _ in flagged.values())
+    if total:
+        where = ", ".join(f"{f} of {n} at guidance {g:g}" for g, (f, n) in flagged.items() if f)
+        out.append(
+            f"The safety checker filtered {total} image(s) (returned as black squares): {where}. "
+            "They have no CLIP score or detail and are left out of the means."
+        )
+    else:
+        out.append("The safety checker filtered no image in this sweep.")
+    black = sum(r.get("black_unflagged", 0) for r in summary)
+    if black:
+        out.append(
+            f"{black} image(s) came out black without being flagged: numerical trouble (NaN), "
+            "not the safety checker; try --dtype fp32 or an fp16-fixed VAE."
+        )
+    return out

@@ -23,10 +23,11 @@ from pathlib import Path
 
 from difflab import __version__
 from difflab.checkpoint import CONFIG, METRICS
-from difflab.conclusions import eval_conclusions, sweep_conclusions
+from difflab.conclusions import eval_conclusions, sd_sweep_conclusions, sweep_conclusions
 from difflab.config import RunConfig
 from difflab.errors import UsageError
 from difflab.files import atomic_path, read_jsonl, write_text
+from difflab.sd.sweep import IDENTITY_FILE as SD_SWEEP_FILE
 from difflab.sweep import SWEEP_FILE
 
 RUN_FIGURES = (  # (file in RUN/figures, heading, what to run when it is missing)
@@ -80,13 +81,17 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, str]]:
 
 
 # -- inputs ---------------------------------------------------------------------------------
-def classify(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
-    """Run folders and sweep folders among ``inputs`` (a sweep brings its run along)."""
+def classify(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Path], list[Path]]:
+    """Run, sweep and SD sweep folders among ``inputs`` (a DDPM sweep brings its run along)."""
     if not inputs:
         raise UsageError("report: give at least one run folder or sweep folder")
-    runs, sweeps = [], []
+    runs, sweeps, sd_sweeps = [], [], []
     for item in map(Path, inputs):
-        if (item / SWEEP_FILE).is_file():
+        if (item / SD_SWEEP_FILE).is_file():
+            if not (item / "metrics.json").is_file():
+                raise UsageError(f"{item}: this sweep has no finished cell yet (no metrics.json)")
+            sd_sweeps.append(item)
+        elif (item / SWEEP_FILE).is_file():
             if not (item / "metrics.json").is_file():
                 raise UsageError(f"{item}: this sweep has no finished cell yet (no metrics.json)")
             sweeps.append(item)
@@ -94,13 +99,14 @@ def classify(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
             runs.append(item)
         else:
             raise UsageError(
-                f"{item}: neither a run folder (no {CONFIG}) nor a sweep folder (no {SWEEP_FILE})"
+                f"{item}: neither a run folder (no {CONFIG}) nor a sweep folder "
+                f"(no {SWEEP_FILE} or {SD_SWEEP_FILE})"
             )
     for sw in sweeps:
         run = Path(json.loads((sw / SWEEP_FILE).read_text(encoding="utf-8"))["run"])
         if (run / CONFIG).is_file() and all(r.resolve() != run.resolve() for r in runs):
             runs.append(run)
-    return runs, sweeps
+    return runs, sweeps, sd_sweeps
 
 
 def read_sweep(folder: Path) -> dict:
@@ -241,6 +247,55 @@ def sweep_blocks(sweep: Path, slug: str) -> tuple[list[Block], list[str]]:
     return blocks, sweep_conclusions(summary, refs_num) if summary else []
 
 
+def sd_sweep_blocks(sweep: Path, slug: str) -> tuple[list[Block], list[str]]:
+    """A Stable Diffusion sweep: settings, the summary table, curves, one grid per prompt."""
+    doc = read_sweep(sweep)
+    ident, summary = doc["sweep"], doc["summary"]
+    blocks = [Block("h2", f"Stable Diffusion sweep: {sweep.name}")]
+    text = (
+        f"Folder {sweep}; model {ident['model']}; scheduler {ident.get('scheduler') or 'the model default'}; "
+        f"size {ident['size']}; dtype {ident['dtype']}; steps {', '.join(map(str, ident['steps']))}; "
+        f"guidance {', '.join(f'{g:g}' for g in ident['guidance'])}; seeds {', '.join(map(str, ident['seeds']))}; "
+        f"safety checker {'on' if ident.get('safety_checker', True) else 'off'}. Every cell of a seed starts "
+        "from the same initial latents, so cells differ only by the swept settings."
+    )  # fmt: skip
+    if not doc["complete"]:
+        text += f" Incomplete: {doc['cells_done']} of {doc['cells_total']} cells are done."
+    blocks.append(Block("p", text))
+    prompts = [f"Prompt {i + 1}: {p or '(unconditional)'}" for i, p in enumerate(ident["prompts"])]
+    blocks += [Block("h3", "Prompts"), Block("list", "prompts", items=prompts)]
+    if ident.get("negative_prompt"):
+        blocks.append(Block("note", f"Negative prompt: {ident['negative_prompt']}"))
+
+    def pm(r: dict, m: str, fmt: str) -> str:
+        return "–" if r.get(f"{m}_mean") is None else _pm(r, m, fmt)
+
+    header = ["steps", "guidance", "images", "CLIP score", "detail", "s / image", "filtered", "black, not flagged"]  # fmt: skip
+    table = [header] + [
+        [str(r["steps"]), f"{r['guidance']:g}", str(r["images"]), pm(r, "clip_score", ".1f"),
+         pm(r, "detail", ".4f"), f"{r['seconds_per_image_mean']:.2f}",
+         f"{r['nsfw_count']} ({r['nsfw_share']:.0%})", str(r.get("black_unflagged", 0))]
+        for r in sorted(summary, key=lambda r: (r["steps"], r["guidance"]))
+    ]  # fmt: skip
+    blocks += [
+        Block("h3", "Results (mean ± std over prompts and seeds)"),
+        Block("table", rows=table),
+    ]
+    measures = doc.get("measures", {})
+    if measures:
+        blocks.append(Block("note", "Measures: " + "; ".join(f"{k}: {v}" for k, v in measures.items()) + "."))  # fmt: skip
+    curves = sweep / "clip_vs_guidance.png"
+    if curves.is_file():
+        blocks.append(Block("h3", "CLIP score and detail against guidance"))
+        blocks.append(Block("image", "CLIP score against guidance", png=_png(curves), name=f"{slug}_{curves.name}"))  # fmt: skip
+    for i, prompt in enumerate(ident["prompts"]):
+        grid = sweep / f"grid_p{i:02d}.png"
+        if grid.is_file():
+            blocks.append(Block("h3", f"Prompt {i + 1}: rows guidance, columns steps"))
+            blocks.append(Block("image", prompt or "unconditional", png=_png(grid), name=f"{slug}_{grid.name}"))  # fmt: skip
+    return blocks, sd_sweep_conclusions(summary) if summary else []
+
+
 # -- rendering ------------------------------------------------------------------------------
 CSS = """body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
 h1{border-bottom:2px solid #08519c;padding-bottom:.2em}h2{margin-top:2em;border-bottom:1px solid #ccc;color:#08519c}
@@ -309,8 +364,10 @@ def write_report(
         raise UsageError(f"--out {out}: must end in .html")
     if not out.parent.is_dir():
         raise UsageError(f"--out {out}: folder {out.parent} does not exist")
-    runs, sweeps = classify(inputs)
-    title = title or "Diffusion lab report: " + ", ".join(p.name for p in [*runs, *sweeps])
+    runs, sweeps, sd_sweeps = classify(inputs)
+    title = title or "Diffusion lab report: " + ", ".join(
+        p.name for p in [*runs, *sweeps, *sd_sweeps]
+    )
     blocks = [
         Block("h1", title),
         Block("note", f"Made by difflab {__version__} on {time.strftime('%Y-%m-%d %H:%M')}."),
@@ -322,6 +379,10 @@ def write_report(
         conclusions += c
     for i, sweep in enumerate(sweeps):
         b, c = sweep_blocks(sweep, f"sweep{i}")
+        blocks += b
+        conclusions += c
+    for i, sweep in enumerate(sd_sweeps):
+        b, c = sd_sweep_blocks(sweep, f"sdsweep{i}")
         blocks += b
         conclusions += c
     blocks.append(Block("h2", "Conclusions"))
