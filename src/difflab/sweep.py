@@ -21,6 +21,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -298,12 +299,16 @@ def sweep_run(
     batch_size: int = 500,
     plots: bool = True,
     max_group: int = 8,
+    should_stop: Callable[[], bool] | None = None,
+    on_cell: Callable[[int, int], None] | None = None,
 ) -> SweepResult:
     """``difflab sweep``: run (or finish) the sweep into ``out`` and write tables and figures.
 
     Cells that share seed, sampler and step count (they differ only in guidance) are sampled
     together, up to ``max_group`` at a time: one network call per step for all of them.
     ``seconds`` of such a cell is its share of the group's time, by network passes.
+    ``should_stop()`` is asked before each group (True: stop there, the finished cells kept);
+    ``on_cell(done, total)`` is called after each finished cell.
     """
     from difflab.evaluation.evaluate import evaluate_samples
     from difflab.evaluation.judge import get_judge
@@ -333,6 +338,8 @@ def sweep_run(
             x_T = {}  # seed -> (N, C, H, W): one initial noise per seed, shared by all its cells
             try:
                 for group in cell_groups(todo, max_group):
+                    if should_stop is not None and should_stop():
+                        break
                     seed = group[0].seed
                     if seed not in x_T:
                         x_T = {seed: initial_noise(shape, seed)}
@@ -359,6 +366,8 @@ def sweep_run(
                         _write_cell(out, cell, cell_images, labels, row)
                         n_done += 1
                         bar.set_description(f"sweep {n_done}/{len(cells)} cells")
+                        if on_cell is not None:
+                            on_cell(n_done, len(cells))
                         if not bar.disable:
                             bar.write(
                                 f"{cell.key}: accuracy {m['accuracy']:.0%}, FD {m['fd']:.2f}, "
@@ -374,7 +383,8 @@ def sweep_run(
                 raise
             bar.close()
         rows, summary = write_tables(out, identity, cells)
-        result = SweepResult(out, len(cells), len(todo), time.perf_counter() - t0, rows, summary)
+        ran = len(rows) - (len(cells) - len(todo))  # fewer than len(todo) when stopped early
+        result = SweepResult(out, len(cells), ran, time.perf_counter() - t0, rows, summary)
         if plots:
             from difflab.sweep_plots import write_sweep_figures
 

@@ -23,6 +23,7 @@ import itertools
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,8 +236,14 @@ def sd_sweep(
     compile: bool = False,
     progress: bool = True,
     plots: bool = True,
+    should_stop: Callable[[], bool] | None = None,
+    on_cell: Callable[[int, int], None] | None = None,
 ) -> SDSweepResult:
-    """Run (or finish) the sweep into ``out``; write tables, grids and plots (module doc)."""
+    """Run (or finish) the sweep into ``out``; write tables, grids and plots (module doc).
+
+    ``should_stop()`` is asked before each pipeline call (True: stop there, finished cells
+    kept); ``on_cell(done, total)`` is called after each batch of finished cells.
+    """
     check_count(batch_size, "--batch-size")
     identity = sweep_identity(
         prompts, guidance, steps, seeds, negative_prompt, size, scheduler, model, device, dtype,
@@ -272,6 +279,8 @@ def sd_sweep(
             )  # fmt: skip
             try:
                 for batch in _batches(todo, batch_size):
+                    if should_stop is not None and should_stop():
+                        break
                     c0 = batch[0]
                     prompt = identity["prompts"][c0.prompt_index]
                     if c0.prompt_index not in embeds:
@@ -287,6 +296,8 @@ def sd_sweep(
                     calls += 1
                     _write_cells(out, identity, loaded, scorer, batch, images, flags, per_image)
                     bar.update(len(batch))
+                    if on_cell is not None:
+                        on_cell(bar.n, len(cells))
                     write_tables(out, identity, cells)
             except KeyboardInterrupt:
                 bar.close()
@@ -294,8 +305,9 @@ def sd_sweep(
                 raise
             bar.close()
     rows, summary = write_tables(out, identity, cells)
+    ran = len(rows) - (len(cells) - len(todo))  # fewer than len(todo) when stopped early
     result = SDSweepResult(
-        out, len(cells), len(todo), calls, time.perf_counter() - t0, rows, summary, notes=notes
+        out, len(cells), ran, calls, time.perf_counter() - t0, rows, summary, notes=notes
     )
     if plots:
         from difflab.sd.figures import write_sweep_figures
