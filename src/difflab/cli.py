@@ -164,10 +164,51 @@ def _add_report(sub) -> None:
 def _add_sd(sub) -> None:
     from difflab.sd import DEFAULT_CLIP_MODEL, DEFAULT_MODEL, SCHEDULER_NAMES
 
-    sd = sub.add_parser("sd", help="Stable Diffusion: generate images, sweep guidance x steps")
+    sd = sub.add_parser(
+        "sd", help="Stable Diffusion: generate images, sweep guidance x steps, LoRA fine-tuning"
+    )
     sd_sub = sd.add_subparsers(dest="sd_command", required=True, parser_class=_Parser)
     g = sd_sub.add_parser("generate", help="images from a prompt, settings in every PNG")
     s = sd_sub.add_parser("sweep", help="resumable prompts x guidance x steps x seeds sweep")
+    f = sd_sub.add_parser("finetune", help="LoRA fine-tuning on a folder of images (resumable)")
+    f.add_argument(
+        "--data", required=True, help="folder of images; captions from metadata.jsonl or .txt"
+    )
+    f.add_argument(
+        "--instance-prompt", help="caption of images without one, e.g. 'a photo of sks dog'"
+    )
+    f.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
+    f.add_argument(
+        "--alpha", type=float, help="LoRA alpha; scale = alpha / rank (default: the rank)"
+    )
+    f.add_argument("--steps", type=int, default=500, help="training steps (default 500)")
+    f.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    f.add_argument("--batch-size", type=int, default=1, help="images per step (default 1)")
+    f.add_argument("--resolution", type=int, default=512, help="square training size (default 512)")
+    f.add_argument("--train-text-encoder", action="store_true", help="LoRA on the text encoder too")
+    f.add_argument("--ema", action="store_true", help="save an EMA of the LoRA weights")
+    f.add_argument("--gradient-checkpointing", action="store_true", help="less memory, slower")
+    f.add_argument("--mixed-precision", default="no", help="no (default), fp16 (CUDA) or bf16")
+    f.add_argument("--validation-prompt", help="prompt of the validation images (seeds 0-3)")
+    f.add_argument(
+        "--validate-every",
+        type=int,
+        help="steps between validation images (default: start and end)",
+    )
+    f.add_argument(
+        "--checkpoint-every", type=int, default=500, help="steps between checkpoints (500)"
+    )
+    f.add_argument(
+        "--seed", type=int, default=0, help="seed of the LoRA init, data order and noise"
+    )
+    f.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"Hub id, diffusers folder or FILE.safetensors (default {DEFAULT_MODEL})",
+    )
+    f.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    f.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
+    f.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     g.add_argument("--prompt", help="the prompt (empty only with --unconditional)")
     g.add_argument("--unconditional", action="store_true", help="sample without a prompt")
     g.add_argument("--guidance", type=float, default=7.5, help="CFG scale s: 0, 1 or > 1 (7.5)")
@@ -183,6 +224,7 @@ def _add_sd(sub) -> None:
     )
     s.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL,
                    help=f"CLIP for the CLIP score: Hub id or folder, or none (default {DEFAULT_CLIP_MODEL})")  # fmt: skip
+    s.add_argument("--lora-scales", help="LoRA scales as a sweep axis, e.g. 0,0.5,1 (needs --lora)")
     for p in (g, s):
         p.add_argument("--negative-prompt", default="", help="what to steer away from")
         p.add_argument("--size", default="512x512", help="WIDTHxHEIGHT, multiples of 8 (512x512)")
@@ -206,18 +248,36 @@ def _add_sd(sub) -> None:
         p.add_argument("--trust-pickle", action="store_true", help="allow a .ckpt pickle (unsafe)")
         p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (4)")
         p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+        p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                       help="LoRA weights (.safetensors) and scale (default 1); generate: repeatable")  # fmt: skip
         p.add_argument(
             "--out", required=True, help="output folder (for sweep: the same command resumes it)"
         )
 
 
 def _sd(args: argparse.Namespace, resolve_device) -> None:
+    if args.sd_command == "finetune":
+        from dataclasses import fields
+
+        from difflab.sd.finetune import FinetuneConfig, FineTuner
+
+        config = FinetuneConfig(**{x.name: getattr(args, x.name) for x in fields(FinetuneConfig)})
+        tuner = FineTuner(config, args.out, device=args.device, resume=args.resume)
+        for note in tuner.notes:
+            print(f"difflab sd finetune: note: {note}", file=sys.stderr)
+        r = tuner.fit()
+        print(
+            f"trained {r.steps_run} steps in {r.seconds:.0f} s ({r.seconds_per_step:.3f} s/step; "
+            f"loss {r.final_loss:.4f}, mean of the last 10 steps); run folder {r.out}, "
+            f"LoRA {r.lora}" + (f", {len(r.validation)} validation grid(s)" if r.validation else "")
+        )
+        return
     common = dict(
         negative_prompt=args.negative_prompt, size=args.size, scheduler=args.scheduler,
         model=args.model, device=resolve_device(args.device), dtype=args.dtype,
         safety_checker=not args.no_safety_checker, trust_pickle=args.trust_pickle,
         model_config=args.model_config, vae=args.vae, batch_size=args.batch_size,
-        compile=args.compile,
+        compile=args.compile, lora=args.lora,
     )  # fmt: skip
     if args.sd_command == "generate":
         from difflab.sd.generate import generate
@@ -244,7 +304,7 @@ def _sd(args: argparse.Namespace, resolve_device) -> None:
 
         r = sd_sweep(
             args.prompts, args.out, guidance=args.guidance, steps=args.steps, seeds=args.seeds,
-            clip_model=args.clip_model, **common,
+            clip_model=args.clip_model, lora_scales=args.lora_scales, **common,
         )  # fmt: skip
         for note in r.notes:
             print(f"difflab sd: warning: {note}", file=sys.stderr)
@@ -272,7 +332,31 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_sweep, _add_report):
         add(sub)
     _add_sd(sub)
+    _add_ui(sub)
     return parser
+
+
+def _add_ui(sub) -> None:
+    p = sub.add_parser("ui", help="open the lab's web UI (Gradio)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only)",
+    )
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--runs-dir", default="runs", help="run folders; the only files the UI serves")
+    p.add_argument(
+        "--models-dir",
+        default="models",
+        help="Stable Diffusion models: diffusers folders and .safetensors files",
+    )
+    p.add_argument("--auth", metavar="USER:PASSWORD", help="require a login (needed off loopback)")
+    p.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="allow a non-loopback --host without a login (anyone on the network)",
+    )
+    p.add_argument("--device", default="auto")
 
 
 def _train_config(args):
@@ -299,14 +383,33 @@ def run(args: argparse.Namespace) -> int:
     from difflab.training import resolve_device
 
     if args.command == "train":
+        from difflab import distributed
         from difflab.training import train
 
         cfg = _train_config(args)
         result = train(cfg, args.out, device=resolve_device(args.device), resume=args.resume)
+        distributed.shutdown()
+        if (
+            distributed.is_main_process()
+        ):  # under torchrun every process gets here; one line is enough
+            print(
+                f"trained {result.steps} steps in {result.seconds:.0f} s ({result.images_per_s:.0f} images/s); "
+                f"run folder: {result.run_dir}"
+            )
+    elif args.command == "ui":
+        try:
+            import gradio  # noqa: F401
+        except ImportError:
+            raise UsageError("difflab ui needs Gradio: pip install 'difflab[ui]'") from None
+        from difflab.ui.app import launch
+
         print(
-            f"trained {result.steps} steps in {result.seconds:.0f} s ({result.images_per_s:.0f} images/s); "
-            f"run folder: {result.run_dir}"
+            f"difflab ui: http://{args.host}:{args.port}  (runs folder {args.runs_dir}; Ctrl+C stops)"
         )
+        launch(
+            args.runs_dir, args.models_dir, host=args.host, port=args.port, auth=args.auth,
+            no_auth=args.no_auth, device=args.device,
+        )  # fmt: skip
     elif args.command == "sample":
         from difflab.generate import sample_run
 

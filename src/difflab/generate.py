@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 from difflab.checkpoint import load_run
 from difflab.errors import UsageError
 from difflab.files import atomic_path
-from difflab.sampling import check_sampling_args, sample_steps
+from difflab.sampling import Step, check_sampling_args, sample_steps
 from difflab.viz import labelled_grid, save_png, to_uint8
 
 
@@ -74,8 +75,12 @@ def sample_labels(
     batch_size: int = 500,
     progress: bool = True,
     autocast: str | None = None,
+    on_step: Callable[[Step], None] | None = None,
 ) -> torch.Tensor:
-    """Samples for ``labels`` in batches; batch k uses seed ``seed + k`` (B, C, H, W) in [-1, 1]."""
+    """Samples for ``labels`` in batches; batch k uses seed ``seed + k`` (B, C, H, W) in [-1, 1].
+
+    ``on_step(step)`` sees every step of every batch (live previews, cancelling by raising).
+    """
     check_sampling_args(sampler, steps, guidance, eta, diffusion.num_timesteps)
     out = []
     chunks = list(labels.split(batch_size))
@@ -90,6 +95,8 @@ def sample_labels(
         ):  # fmt: skip
             x = step.x_prev
             bar.update(1)
+            if on_step is not None:
+                on_step(step)
         out.append(x.clamp(-1, 1).cpu())
     bar.close()
     return torch.cat(out)
@@ -159,6 +166,7 @@ def sample_run(
     trust_pickle: bool = False,
     rows: str = "class",
     cols: str | None = None,
+    on_step: Callable[[Step], None] | None = None,
 ) -> SampleResult:
     """``difflab sample``: check everything, sample, and write ``out`` (.png grid or .npz).
 
@@ -197,7 +205,7 @@ def sample_run(
     for (gi, g), (si, st) in itertools.product(enumerate(g_list), enumerate(s_list)):
         cells[gi, si] = sample_labels(
             model, diffusion, labels, guidance=g, steps=st, sampler=sampler, eta=eta,
-            spacing=sc.spacing, seed=seed, progress=progress,
+            spacing=sc.spacing, seed=seed, progress=progress, on_step=on_step,
         )  # fmt: skip
     seconds = time.perf_counter() - t0
     one = lambda v: v[0] if len(v) == 1 else v  # noqa: E731
@@ -208,11 +216,7 @@ def sample_run(
     images = torch.cat(list(cells.values()))
     all_labels = labels.repeat(len(cells))
     if out.suffix.lower() == ".npz":
-        with atomic_path(out) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(
-                    f, images=to_uint8(images), labels=all_labels.numpy().astype(np.int64)
-                )
+        save_npz(out, images, all_labels)
     else:
         settings.update(rows=row_axes[0], cols=col_axis)
         known = cfg.model.class_names
@@ -226,6 +230,13 @@ def sample_run(
         grid = sample_grid(cells, values, row_axes, col_axis, sampler, seed)
         save_png(out, grid, settings)
     return SampleResult(images, all_labels, seconds, settings)
+
+
+def save_npz(out: str | Path, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """``images`` uint8 (N, H, W, C) and ``labels`` int64 (N,), written atomically."""
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, images=to_uint8(images), labels=labels.numpy().astype(np.int64))
 
 
 def sample_grid(

@@ -1,0 +1,160 @@
+"""Heavy work (training, sampling, sweeps, Stable Diffusion) as jobs on one background worker.
+
+One worker thread takes jobs in the order they were submitted, so the device never runs two
+of them at once; a job outlives the browser tab that started it. A job reports progress
+(a fraction and a line of text, and for sampling a preview image), can be cancelled (the work
+checks :meth:`Job.cancelled` at safe points: between training steps, sampler steps and sweep
+cells, so a cancelled job leaves a consistent folder), and ends ``done``, ``failed`` with one
+line of error (a :class:`~difflab.errors.UsageError` as is, anything else with its type
+name; the traceback goes to the server's log, not to the browser) or ``cancelled``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from difflab.errors import UsageError
+
+log = logging.getLogger("difflab.ui")
+
+STATES = ("queued", "running", "done", "failed", "cancelled")
+FINISHED = ("done", "failed", "cancelled")
+
+
+class Cancelled(Exception):
+    """Raised inside a job's work when its cancel button was pressed."""
+
+
+@dataclass
+class Job:
+    id: int
+    kind: str  # train, sample, reverse, sweep, sd, sd-sweep
+    title: str
+    work: Callable[[Job], Any]
+    state: str = "queued"
+    progress: float | None = None  # 0..1 when known
+    message: str = "waiting for the device"
+    preview: Any = None  # latest preview image (sampling)
+    result: Any = None
+    error: str | None = None
+    submitted: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def check(self) -> None:
+        """Raise :class:`Cancelled` when cancelled: call it at the work's safe points."""
+        if self._cancel.is_set():
+            raise Cancelled
+
+    def update(
+        self, progress: float | None = None, message: str | None = None, preview: Any = None
+    ) -> None:
+        if progress is not None:
+            self.progress = max(0.0, min(1.0, float(progress)))
+        if message is not None:
+            self.message = message
+        if preview is not None:
+            self.preview = preview
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    @property
+    def finished_ok(self) -> bool:
+        return self.state == "done"
+
+    def status_line(self) -> str:
+        pct = f" {self.progress:.0%}" if self.progress is not None else ""
+        text = self.error if self.state == "failed" else self.message
+        return f"#{self.id} {self.kind} · {self.title} · {self.state}{pct} · {text}"
+
+
+class JobQueue:
+    """A FIFO of :class:`Job` run one at a time by a daemon thread."""
+
+    def __init__(self, keep: int = 50) -> None:
+        self._jobs: dict[int, Job] = {}
+        self._ids = itertools.count(1)
+        self._queue: queue.Queue[Job] = queue.Queue()
+        self._lock = threading.Lock()
+        self._keep = keep
+        self._worker = threading.Thread(target=self._run, name="difflab-jobs", daemon=True)
+        self._worker.start()
+
+    def submit(self, kind: str, title: str, work: Callable[[Job], Any]) -> Job:
+        with self._lock:
+            job = Job(next(self._ids), kind, title, work)
+            self._jobs[job.id] = job
+            finished = [j for j in self._jobs.values() if j.state in FINISHED]
+            for old in finished[: max(0, len(finished) - self._keep)]:
+                del self._jobs[old.id]
+        ahead = self.pending(before=job.id)
+        job.message = f"waiting for the device ({ahead} job(s) ahead)" if ahead else "starting"
+        self._queue.put(job)
+        return job
+
+    def get(self, job_id: int) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def jobs(self) -> list[Job]:
+        with self._lock:
+            return sorted(self._jobs.values(), key=lambda j: j.id, reverse=True)
+
+    def active(self, kind: str | None = None) -> list[Job]:
+        return [
+            j for j in self.jobs() if j.state in ("queued", "running") and kind in (None, j.kind)
+        ]
+
+    def pending(self, before: int | None = None) -> int:
+        return sum(1 for j in self.active() if before is None or (j.id < before))
+
+    def cancel(self, job_id: int) -> bool:
+        job = self._jobs.get(job_id)
+        if job is None or job.state in FINISHED:
+            return False
+        job.cancel()
+        return True
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job.cancelled():
+                job.state, job.message, job.finished = (
+                    "cancelled",
+                    "cancelled before it started",
+                    time.time(),
+                )
+                job._done.set()
+                continue
+            job.state, job.started = "running", time.time()
+            try:
+                job.result = job.work(job)
+                job.state = "cancelled" if job.cancelled() else "done"
+                if job.state == "cancelled":
+                    job.message = "cancelled; " + job.message
+            except Cancelled:
+                job.state, job.message = "cancelled", "cancelled; " + job.message
+            except UsageError as e:
+                job.state, job.error = "failed", str(e)
+            except Exception as e:  # the browser gets one line, the log the traceback
+                log.exception("job #%s (%s) failed", job.id, job.kind)
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                job.state, job.error = "failed", f"{type(e).__name__}: {first}".rstrip(": ")
+            finally:
+                job.finished = time.time()
+                job._done.set()
