@@ -199,7 +199,7 @@ def eval_blocks(ev: dict) -> list[Block]:
     ]  # fmt: skip
 
 
-def _pm(r: dict, m: str, fmt: str) -> str:
+def mean_std_text(r: dict, m: str, fmt: str) -> str:
     std = r.get(f"{m}_std")
     return format(r[f"{m}_mean"], fmt) + ("" if std is None else f" ± {format(std, fmt)}")
 
@@ -221,8 +221,8 @@ def sweep_blocks(sweep: Path, slug: str) -> tuple[list[Block], list[str]]:
     spread = "mean ± std over seeds" if len(seeds) > 1 else "one seed"
     header = ["sampler", "steps", "guidance", "accuracy", "FD", "KID", "diversity", "s / cell"]
     table = [header] + [
-        [r["sampler"], str(r["steps"]), f"{r['guidance']:g}", _pm(r, "accuracy", ".1%"),
-         _pm(r, "fd", ".2f"), _pm(r, "kid", ".4f"), _pm(r, "diversity", ".2f"), _pm(r, "seconds", ".1f")]
+        [r["sampler"], str(r["steps"]), f"{r['guidance']:g}", mean_std_text(r, "accuracy", ".1%"),
+         mean_std_text(r, "fd", ".2f"), mean_std_text(r, "kid", ".4f"), mean_std_text(r, "diversity", ".2f"), mean_std_text(r, "seconds", ".1f")]
         for r in sorted(summary, key=lambda r: (r["sampler"], r["steps"], r["guidance"]))
     ]  # fmt: skip
     blocks += [Block("h3", f"Results ({spread})"), Block("table", rows=table)]
@@ -268,7 +268,7 @@ def sd_sweep_blocks(sweep: Path, slug: str) -> tuple[list[Block], list[str]]:
         blocks.append(Block("note", f"Negative prompt: {ident['negative_prompt']}"))
 
     def pm(r: dict, m: str, fmt: str) -> str:
-        return "–" if r.get(f"{m}_mean") is None else _pm(r, m, fmt)
+        return "–" if r.get(f"{m}_mean") is None else mean_std_text(r, m, fmt)
 
     header = ["steps", "guidance", "images", "CLIP score", "detail", "s / image", "filtered", "black, not flagged"]  # fmt: skip
     table = [header] + [

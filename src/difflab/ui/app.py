@@ -222,7 +222,9 @@ def build_app(lab: Lab):
                     with gr.Row():
                         s_png = gr.File(label="PNG")
                         s_npz = gr.File(label="NPZ")
-                    s_cmd = gr.Code(label="The same with the command line", language="shell")
+                    s_cmd = gr.Code(
+                        label="The same with the command line", language="shell", wrap_lines=True
+                    )
             s_job = gr.State(None)
 
             @_friendly
@@ -250,7 +252,7 @@ def build_app(lab: Lab):
                     label="Dataset, or a run (its dataset and schedule)",
                 )  # fmt: skip
                 f_t = gr.Slider(0, 1000, value=250, step=1, label="t")
-            f_image = gr.Image(label="x_t", height=180)
+            f_image = gr.Image(label="x_t", height=240)
             f_note = gr.Markdown()
             f_t.release(_friendly(lab.forward_view), [f_source, f_t], [f_image, f_note], api_name="forward")  # fmt: skip
             f_source.change(_friendly(lab.forward_view), [f_source, f_t], [f_image, f_note], api_name=False)  # fmt: skip
@@ -265,8 +267,8 @@ def build_app(lab: Lab):
                 r_go = gr.Button("Run the reverse process", variant="primary")
             r_slider = gr.Slider(0, 50, value=0, step=1, label="Step (0 = pure noise)")
             with gr.Row():
-                r_xt = gr.Image(label="x_t", height=160)
-                r_x0 = gr.Image(label="predicted x̂₀", height=160)
+                r_xt = gr.Image(label="x_t", height=220)
+                r_x0 = gr.Image(label="predicted x̂₀", height=220)
             r_note = gr.Markdown()
             r_frames = gr.State([])
 
@@ -313,13 +315,15 @@ def build_app(lab: Lab):
                     w_table = gr.Dataframe(
                         label="Summary (mean ± std over seeds)", interactive=False
                     )
-                    w_grid = gr.Gallery(label="Image grids", columns=1, height=420)
-                    w_plots = gr.Gallery(label="Plots", columns=1, height=420)
+                    w_grid = gr.Gallery(
+                        object_fit="contain", label="Image grids", columns=1, height=420
+                    )
+                    w_plots = gr.Gallery(object_fit="contain", label="Plots", columns=1, height=420)
             w_job = gr.State(None)
 
             def sweep_view(name):
                 res = lab.sweep_results(name)
-                return _table(res["summary"]), res["grids"], res["plots"]
+                return _table(res["table"]), res["grids"], res["plots"]
 
             @_friendly
             def sweep(run, name, guidance, steps, sampler, seeds, n):
@@ -355,7 +359,7 @@ def build_app(lab: Lab):
                         d_status = gr.Textbox(
                             label="Progress", interactive=False, elem_classes="status"
                         )
-                        d_gallery = gr.Gallery(label="Images (captions say what the safety checker did)", columns=2, height=480)  # fmt: skip
+                        d_gallery = gr.Gallery(object_fit="contain", label="Images (captions say what the safety checker did)", columns=2, height=480)  # fmt: skip
                         d_settings = gr.JSON(label="Settings (also in each PNG's parameters)")
 
                 @_friendly
@@ -389,7 +393,7 @@ def build_app(lab: Lab):
                             label="Progress", interactive=False, elem_classes="status"
                         )
                         e_table = gr.Dataframe(label="Summary", interactive=False)
-                        e_grids = gr.Gallery(label="Grids (rows guidance, columns steps)", columns=1, height=480)  # fmt: skip
+                        e_grids = gr.Gallery(object_fit="contain", label="Grids (rows guidance, columns steps)", columns=1, height=480)  # fmt: skip
 
                 @_friendly
                 def sd_sweep(prompts, name, guidance, steps, seeds, size, model, clip):
@@ -414,7 +418,7 @@ def build_app(lab: Lab):
                 u_config = gr.JSON(label="config.json")
                 u_eval = gr.JSON(label="eval.json")
             u_loss = gr.LinePlot(x="step", y="loss", label="Training loss", height=260)
-            u_figs = gr.Gallery(label="Figures", columns=2, height=420)
+            u_figs = gr.Gallery(object_fit="contain", label="Figures", columns=2, height=420)
 
             @_friendly
             def run_view(name):
@@ -443,10 +447,10 @@ def build_app(lab: Lab):
 
             def models_table():
                 rows = [
-                    {"name": m.name, "type": m.kind, "GB": round(m.bytes / 2**30, 2), "--model": m.path}
+                    {"name": m.name, "type": m.kind, "size": _size(m.bytes), "--model": m.path}
                     for m in lab.model_entries()
                 ]  # fmt: skip
-                return _table(rows, ["name", "type", "GB", "--model"])
+                return _table(rows, ["name", "type", "size", "--model"])
 
             @_friendly
             def import_file(path):
@@ -481,10 +485,19 @@ def build_app(lab: Lab):
             pick = gr.update(choices=names, value=names[0] if names else None)
             sources = gr.update(choices=list(DATASET_NAMES[:2]) + names)
             table = _table(lab.runs_table(), columns)
-            return table, models_table(), pick, pick, pick, gr.update(choices=names), sources
+            image, note = lab.forward_view("mnist5k", 250)
+            return table, models_table(), pick, pick, pick, gr.update(choices=names), sources, image, note  # fmt: skip
 
-        app.load(on_load, None, [u_table, m_table, s_run, r_run, w_run, u_run, f_source], api_name=False)  # fmt: skip
+        app.load(on_load, None, [u_table, m_table, s_run, r_run, w_run, u_run, f_source, f_image, f_note], api_name=False)  # fmt: skip
     return app
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
 
 
 def _frame_note(frames: list[dict], i: int) -> str:

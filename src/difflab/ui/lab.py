@@ -39,7 +39,7 @@ from difflab.ui.paths import (
 
 SWEEPS = "sweeps"  # runs_dir/sweeps/NAME: DDPM sweeps started from the UI
 SD_OUT = "sd"  # runs_dir/sd/...: Stable Diffusion images and sweeps
-PREVIEW_SIZE = 256  # pixels: the longer side of a preview cell grid is at least this
+PREVIEW_SIZE = 640  # pixels: the longer side of a preview cell grid is at least this
 
 
 def preview_grid(x: torch.Tensor, nrow: int) -> np.ndarray:
@@ -371,13 +371,22 @@ class Lab:
 
     def sweep_results(self, name: str) -> dict[str, Any]:
         """Summary rows, grid and plot files of a DDPM sweep folder."""
+        from difflab.report import mean_std_text
+
         out = inside(self.runs, f"{SWEEPS}/{name}", "sweep")
         if not (out / "metrics.json").is_file():
             raise UsageError(f"sweep {name!r}: no finished cell yet")
         doc = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
         figs = sorted((out / "figures").glob("*.png")) if (out / "figures").is_dir() else []
+        fmt = {"accuracy": ".1%", "fd": ".2f", "kid": ".4f", "diversity": ".2f", "seconds": ".1f"}
+        table = [
+            {"sampler": r["sampler"], "steps": r["steps"], "guidance": r["guidance"],
+             **{m: mean_std_text(r, m, f) for m, f in fmt.items()}}
+            for r in sorted(doc["summary"], key=lambda r: (r["sampler"], r["steps"], r["guidance"]))
+        ]  # fmt: skip
         return {
             "summary": doc["summary"],
+            "table": table,
             "complete": doc["complete"],
             "grids": [str(p) for p in figs if p.name.startswith("grid")],
             "plots": [str(p) for p in figs if not p.name.startswith("grid")],
