@@ -16,7 +16,9 @@ from difflab.sweep import parse_list, sweep_run
 from difflab.viz import png_settings
 from helpers import tiny_run
 
-AXES = dict(guidance="0,2", steps="2,3", seeds="0", n_per_class=2, progress=False, plots=False)
+AXES = dict(
+    guidance="0,2", steps="2,3", seeds="0", n_per_class=2, progress=False, plots=False, max_group=8
+)
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +122,7 @@ def test_cells_share_x_T_and_match_difflab_sample(run, tmp_path, monkeypatch):
         n_per_class=2,
         progress=False,
         plots=False,
+        max_group=8,
     )
     assert len(seen) == 4  # one call per seed and step count: both guidance values batched
     by_seed = {0: [x for s, x in seen if s == 0], 1: [x for s, x in seen if s == 1]}
@@ -138,7 +141,8 @@ def test_cells_share_x_T_and_match_difflab_sample(run, tmp_path, monkeypatch):
         progress=False,
         plots=False,
     )
-    for p in (tmp_path / "a" / "cells").glob("*.npz"):  # same settings, another folder: same images
+    # the same sweep unbatched (the CPU default), into another folder: the same images
+    for p in (tmp_path / "a" / "cells").glob("*.npz"):
         a, b = np.load(p), np.load(tmp_path / "b" / "cells" / p.name)
         assert np.array_equal(a["images"], b["images"]) and a["images"].shape == (20, 8, 8, 1)
     g0, g2 = (np.load(tmp_path / "a" / "cells" / f"ddim_steps3_g{g}_seed0.npz") for g in (0, 2))

@@ -298,14 +298,16 @@ def sweep_run(
     progress: bool = True,
     batch_size: int = 500,
     plots: bool = True,
-    max_group: int = 8,
+    max_group: int | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_cell: Callable[[int, int], None] | None = None,
 ) -> SweepResult:
     """``difflab sweep``: run (or finish) the sweep into ``out`` and write tables and figures.
 
     Cells that share seed, sampler and step count (they differ only in guidance) are sampled
-    together, up to ``max_group`` at a time: one network call per step for all of them.
+    together, up to ``max_group`` at a time: one network call per step for all of them. By
+    default 8 on an accelerator and 1 (no grouping) on the CPU, where the larger batches
+    measured slower (docs/benchmarks.md).
     ``seconds`` of such a cell is its share of the group's time, by network passes.
     ``should_stop()`` is asked before each group (True: stop there, the finished cells kept);
     ``on_cell(done, total)`` is called after each finished cell.
@@ -314,6 +316,8 @@ def sweep_run(
     from difflab.evaluation.judge import get_judge
 
     identity = sweep_identity(run, guidance, steps, sampler, seeds, n_per_class, grid_class)
+    if max_group is None:
+        max_group = 1 if str(device) == "cpu" else 8
     out = prepare_folder(out, identity)
     with folder_lock(out):
         for stale in (out / CELLS_DIR).glob(".*.tmp*"):  # left by a killed write
