@@ -185,8 +185,22 @@ def test_sweep_tab_runs_a_sweep_and_writes_the_report(server):
     assert "done" in status and "2/2 cells" in status
     assert [r[:2] for r in table["data"]] == [["ddim", 2], ["ddim", 2]]
     assert grids and plots
-    report = client.predict("s1", api_name="/sweep_report")
+    report, link = client.predict("s1", api_name="/sweep_report")
     assert "data:image/png;base64," in Path(report).read_text()
+    target = link.split("](/")[1].rstrip(")")
+    with urllib.request.urlopen(server[1] + target) as r:  # the link opens the report
+        assert r.status == 200 and b"<html" in r.read()
+
+
+def test_uploads_are_capped(server):
+    _, url, _, _ = server
+    import httpx
+
+    big = b"x" * (21 * 2**20)
+    r = httpx.post(f"{url}gradio_api/upload", files={"files": ("big.bin", big)}, timeout=60)
+    assert r.status_code == 413, r.status_code
+    small = httpx.post(f"{url}gradio_api/upload", files={"files": ("s.bin", b"ok")}, timeout=60)
+    assert small.status_code == 200
 
 
 def test_jobs_cancel_between_cells(tmp_path):

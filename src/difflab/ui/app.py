@@ -308,6 +308,7 @@ def build_app(lab: Lab):
                         w_cancel = gr.Button("Cancel", variant="stop")
                     w_report = gr.Button("Write the HTML report")
                     w_report_file = gr.File(label="report.html")
+                    w_report_link = gr.Markdown()
                 with gr.Column(scale=2):
                     w_status = gr.Textbox(
                         label="Progress", interactive=False, elem_classes="status"
@@ -336,7 +337,13 @@ def build_app(lab: Lab):
 
             w_go.click(sweep, [w_run, w_name, w_guid, w_steps, w_sampler, w_seeds, w_n], [w_status, w_table, w_grid, w_plots, w_job], api_name="sweep")  # fmt: skip
             w_cancel.click(lambda i: lab.jobs.cancel(i) and None, w_job, None, api_name=False)
-            w_report.click(_friendly(lab.sweep_report), w_name, w_report_file, api_name="sweep_report")  # fmt: skip
+
+            @_friendly
+            def sweep_report(name):
+                path = lab.sweep_report(name)
+                return path, f"[Open the report in a new tab](/gradio_api/file={path})"
+
+            w_report.click(sweep_report, w_name, [w_report_file, w_report_link], api_name="sweep_report")  # fmt: skip
 
         # -- Stable Diffusion ----------------------------------------------------------------
         with gr.Tab("Stable Diffusion", id="sd"):
