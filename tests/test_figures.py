@@ -401,3 +401,32 @@ def test_draw_table_widens_columns_for_long_headers():
                        note="a warning under the tiles", scale=2)  # fmt: skip
     assert_clean_layout(table, table.image.size)
     assert len(table.tiles) == 2 * 3 * 4
+
+
+def test_before_after_of_an_init_from_run(tmp_path):
+    import json
+    import shutil
+
+    from difflab.figures import before_after_samples
+    from difflab.report import write_report
+
+    source = tiny_run(tmp_path, name="source")
+    same = tmp_path / "same"  # the source's own weights, as if fine-tuned for zero steps
+    shutil.copytree(source, same)
+    cfg = json.loads((same / "config.json").read_text())
+    cfg["train"]["init_from"] = str(source)
+    (same / "config.json").write_text(json.dumps(cfg))
+    before, after, _, _ = before_after_samples(same, n_per_class=2)
+    assert before.shape == (20, 8, 8, 1) and np.array_equal(before, after)  # same noise, weights
+
+    tuned = tmp_path / "tuned"
+    from difflab.training import train
+
+    train(tiny_config(init_from=str(source), epochs=0.2), tuned, device="cpu", progress=False)
+    before, after, _, _ = before_after_samples(tuned, n_per_class=2)
+    assert not np.array_equal(before, after)
+    assert main(["plot", str(tuned), "--device", "cpu"]) == 0
+    figure = Image.open(tuned / "figures" / "before_after.png")
+    assert figure.width > figure.height / 2
+    page = write_report([tuned], tmp_path / "r.html").html.read_text()
+    assert f"Before and after: fine-tuned from {source}" in page

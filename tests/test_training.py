@@ -185,3 +185,60 @@ def test_init_from_through_training(tmp_path):
     assert all(torch.equal(start[k], src[k]) for k in src)
     trainer.fit()
     assert RunConfig.load(run / "config.json").train.init_from == str(source)
+
+
+def test_speed_options_are_accepted_on_cpu(tmp_path):
+    """channels_last trains on the CPU; fused AdamW and the device-resident data are CUDA-only."""
+    trainer = Trainer(
+        tiny_config(channels_last=True), tmp_path / "run", device="cpu", progress=False
+    )
+    assert not trainer.optimizer.defaults.get("fused")
+    assert trainer.images.device.type == "cpu"
+    result = trainer.fit()
+    assert result.steps == 5 and torch.isfinite(torch.tensor(result.final_loss))
+    assert RunConfig.load(tmp_path / "run" / "config.json").train.channels_last
+
+
+def test_compile_flag_is_validated():
+    data = tiny_config().to_dict()
+    data["train"]["compile"] = "yes"
+    with pytest.raises(UsageError, match="compile: expected true or false"):
+        RunConfig.from_dict(data)
+    assert tiny_config().override(["train.compile=true"]).train.compile is True
+
+
+def test_failed_compile_falls_back_to_eager(tmp_path, monkeypatch):
+    def broken_compile(model, **kwargs):
+        def compiled(*args, **kw):
+            raise RuntimeError("no working C++ compiler")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(UserWarning, match="torch.compile failed.*C\\+\\+ compiler.*without it"):
+        trainer = Trainer(tiny_config(compile=True), tmp_path / "run", device="cpu", progress=False)
+    assert trainer.accelerator.unwrap_model(trainer.model) is trainer.raw_model
+    trainer.fit()
+    eager = tiny_run(tmp_path, name="eager")
+    a, b = load_file(eager / "model.safetensors"), load_file(tmp_path / "run" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the failed attempt left no trace
+
+
+@pytest.mark.slow  # inductor compiles forward and backward: ~80 s on two cores (cold cache)
+def test_compiled_training_matches_eager(tmp_path):
+    trainer = Trainer(tiny_config(compile=True), tmp_path / "run", device="cpu", progress=False)
+    assert trainer.accelerator.unwrap_model(trainer.model) is not trainer.raw_model
+    result = trainer.fit()
+    eager = train(tiny_config(), tmp_path / "eager", device="cpu", progress=False)
+    assert result.final_loss == pytest.approx(eager.final_loss, rel=1e-4)
+    model, _, _ = ckpt.load_run(tmp_path / "run")  # plain ContextUnet keys, no "_orig_mod."
+    assert set(model.state_dict()) == set(load_file(tmp_path / "eager" / "model.safetensors"))
+
+
+@pytest.mark.gpu
+def test_speed_options_on_cuda(tmp_path):
+    cfg = tiny_config(channels_last=True)
+    trainer = Trainer(cfg, tmp_path / "run", device="cuda", progress=False)
+    assert trainer.optimizer.defaults.get("fused") is True
+    assert trainer.images.device.type == "cuda"  # the digits fit easily
+    assert trainer.fit().steps == 5

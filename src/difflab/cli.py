@@ -137,6 +137,7 @@ def _add_figures(sub) -> None:
     p = sub.add_parser("plot", help="a run's training loss curve and noise schedule diagnostics")
     p.add_argument("run")
     p.add_argument("--out", help="folder for loss.png and schedule.png (default RUN/figures)")
+    p.add_argument("--device", default="auto", help="for before_after.png of an --init-from run")
 
 
 def _add_sweep(sub) -> None:
@@ -148,7 +149,9 @@ def _add_sweep(sub) -> None:
     p.add_argument("--steps", default="10,25,50,250", help="step counts (default 10,25,50,250)")
     p.add_argument("--sampler", default="ddim", help="samplers, e.g. ddim,ddpm (default ddim)")
     p.add_argument("--seeds", default="0", help="seeds; each has its own shared x_T (default 0)")
-    p.add_argument("--n", type=int, default=20, help="samples per class per cell (default 20)")
+    p.add_argument("--n", "--n-per-class", dest="n", type=int, default=20,
+                   help="samples per class per cell (default 20; --n-per-class under torchrun, "
+                   "whose own options --n... would swallow --n)")  # fmt: skip
     p.add_argument("--grid-class", type=int, default=0, help="class shown in the image grid")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="sweep folder; the same command resumes it")
@@ -300,12 +303,16 @@ def _sd(args: argparse.Namespace, resolve_device) -> None:
         for rec in r.black_unflagged:
             print(f"{rec.png.name}: {rec.diagnosis.note}")
     else:
+        from difflab import distributed
         from difflab.sd.sweep import sd_sweep
 
         r = sd_sweep(
             args.prompts, args.out, guidance=args.guidance, steps=args.steps, seeds=args.seeds,
             clip_model=args.clip_model, lora_scales=args.lora_scales, **common,
         )  # fmt: skip
+        distributed.shutdown()
+        if not distributed.is_main_process():  # under torchrun: one summary, from rank 0
+            return
         for note in r.notes:
             print(f"difflab sd: warning: {note}", file=sys.stderr)
         done = r.cells_total - r.cells_run
@@ -389,9 +396,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = _train_config(args)
         result = train(cfg, args.out, device=resolve_device(args.device), resume=args.resume)
         distributed.shutdown()
-        if (
-            distributed.is_main_process()
-        ):  # under torchrun every process gets here; one line is enough
+        if distributed.is_main_process():  # under torchrun, one line for all processes
             print(
                 f"trained {result.steps} steps in {result.seconds:.0f} s ({result.images_per_s:.0f} images/s); "
                 f"run folder: {result.run_dir}"
@@ -433,6 +438,7 @@ def run(args: argparse.Namespace) -> int:
 
         run_demo(args.out, minutes=args.minutes, device=resolve_device(args.device))
     elif args.command == "sweep":
+        from difflab import distributed
         from difflab.sweep import sweep_run
 
         r = sweep_run(
@@ -440,6 +446,9 @@ def run(args: argparse.Namespace) -> int:
             seeds=args.seeds, n_per_class=args.n, grid_class=args.grid_class,
             device=resolve_device(args.device),
         )  # fmt: skip
+        distributed.shutdown()
+        if not distributed.is_main_process():  # under torchrun: one summary, from rank 0
+            return 0
         done = r.cells_total - r.cells_run
         print(
             f"sweep {r.out}: {r.cells_run} cells computed in {r.seconds:.0f} s"
@@ -478,7 +487,7 @@ def _figures(args: argparse.Namespace, resolve_device) -> None:
         extra = "".join(f", {p}" for p in r.extra) + (f" ({r.frames} frames)" if r.frames else "")
         print(f"wrote {r.path}{extra} (t = {', '.join(map(str, r.t))})")
     else:
-        r = plots.plot_run(args.run, args.out)
+        r = plots.plot_run(args.run, args.out, device=resolve_device(args.device))
         for note in r.skipped:
             print(f"skipped {note}")
         print("wrote " + ", ".join(map(str, r.written)))

@@ -78,7 +78,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     label_dropout: float = 0.1  # share of labels replaced by the "no class" token (for CFG)
     mixed_precision: Precision = "auto"
-    channels_last: bool = False
+    channels_last: bool = False  # NHWC activations: faster convolutions on recent GPUs
+    compile: bool = False  # torch.compile the model (falls back to eager with a warning)
     seed: int = 0
     log_every: int = 25
     checkpoint_every: int = 500

@@ -295,3 +295,59 @@ def _frame(x_t: np.ndarray, x0: np.ndarray, names: Sequence[str], caption: str):
     return draw_table(
         [Panel(tiles, list(names))], row_labels=["xₜ", "predicted x₀"], title=caption, scale=scale
     ).image
+
+
+def before_after_samples(
+    run: Path, n_per_class: int = 3, seed: int = 0, device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray, RunConfig, str]:
+    """(before, after) uint8 samples (N, H, W, C) of the source run and of ``run``.
+
+    Both use ``run``'s sampler, steps and guidance and the same seed and batch, so the same
+    initial noise: each pair differs only by the weights. Classes the source run did not
+    have are blank (white) in ``before``.
+    """
+    from difflab.generate import sample_labels
+
+    run = check_run_dir(run)
+    cfg = RunConfig.load(run / CONFIG)
+    source = cfg.train.init_from
+    if not source:
+        raise UsageError(f"{run}: was not started from another run (no train.init_from)")
+    after_model, diffusion, cfg = load_run(run, device=device)
+    before_model, before_diffusion, before_cfg = load_run(source, device=device)
+    sc, k_new, k_old = cfg.sample, cfg.model.num_classes, before_cfg.model.num_classes
+    labels = torch.arange(k_new).repeat_interleave(n_per_class)
+    kw = dict(guidance=sc.guidance, steps=sc.steps, sampler=sc.sampler, seed=seed, eta=sc.eta,
+              spacing=sc.spacing, progress=False)  # fmt: skip
+    after = to_uint8(sample_labels(after_model, diffusion, labels, **kw))
+    known = (labels < k_old).numpy()
+    before = np.full_like(after, 255)
+    if known.any():
+        x = sample_labels(before_model, before_diffusion, labels.clamp(max=k_old - 1), **kw)
+        before[known] = to_uint8(x)[known]
+    return before, after, cfg, str(source)
+
+
+def before_after_figure(
+    run: str | Path, out: str | Path, n_per_class: int = 3, seed: int = 0, device: str = "cpu"
+) -> Path:
+    """One row per class: the source run's samples on the left, ``run``'s on the right."""
+    run = Path(run)
+    before, after, cfg, source = before_after_samples(run, n_per_class, seed, device)
+    sc, k_new = cfg.sample, cfg.model.num_classes
+    shape = (k_new, n_per_class, *after.shape[1:])
+    names = list(cfg.model.class_names) or [str(c) for c in range(k_new)]
+    h, w = after.shape[1:3]
+    panels = [
+        Panel(before.reshape(shape), title=f"before: {Path(source).name}"),
+        Panel(after.reshape(shape), title=f"after: {run.name}"),
+    ]
+    table = draw_table(
+        panels, row_labels=[names[c] if c < len(names) else str(c) for c in range(k_new)],
+        title=f"{run.name}: before and after fine-tuning on {cfg.train.dataset}",
+        note=f"{sc.sampler}, {sc.steps} steps, guidance {sc.guidance:g}, seed {seed}; same noise left and right",
+        scale=auto_scale(h, w),
+    )  # fmt: skip
+    out = Path(out)
+    save_png(out, table.image, {"run": str(run), "init_from": source, "seed": seed})
+    return out

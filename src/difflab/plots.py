@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.ticker import FuncFormatter
 
-from difflab.checkpoint import CONFIG, METRICS, check_run_dir
+from difflab.checkpoint import CONFIG, METRICS, WEIGHTS, check_run_dir
 from difflab.config import RunConfig
 from difflab.diffusion import SIGNAL_WARN_LEVEL, GaussianDiffusion
 from difflab.errors import UsageError
@@ -149,8 +149,11 @@ def schedule_figure(diffusion: GaussianDiffusion):
     return fig
 
 
-def plot_run(run: str | Path, out_dir: str | Path | None = None) -> PlotResult:
+def plot_run(run: str | Path, out_dir: str | Path | None = None, device: str = "cpu") -> PlotResult:
     """``difflab plot RUN``: write ``loss.png`` and ``schedule.png`` into ``out_dir``.
+
+    A run started with ``--init-from`` also gets ``before_after.png``: samples of the source
+    run and of this one from the same noise (:func:`difflab.figures.before_after_figure`).
 
     ``out_dir`` defaults to ``RUN/figures`` (created); a given folder must exist. A run with
     no logged loss yet gets only the schedule plot, and the result says why.
@@ -183,4 +186,13 @@ def plot_run(run: str | Path, out_dir: str | Path | None = None) -> PlotResult:
     diffusion = GaussianDiffusion(cfg.diffusion, warn=False)
     save_png(path, render_figure(schedule_figure(diffusion)), {"figure": "schedule", **settings})
     result.written.append(path)
+    if cfg.train.init_from:
+        from difflab.figures import before_after_figure
+
+        if (run / WEIGHTS).is_file():
+            result.written.append(
+                before_after_figure(run, out_dir / "before_after.png", device=device)
+            )
+        else:
+            result.skipped.append(f"before_after.png: {run} has no weights yet")
     return result

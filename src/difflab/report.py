@@ -153,7 +153,10 @@ def run_blocks(run: Path, slug: str) -> tuple[list[Block], list[str]]:
 
         png = _figure_png(schedule_figure(GaussianDiffusion(cfg.diffusion, warn=False)))
     blocks.append(Block("image", "noise schedule", png=png, name=f"{slug}_schedule.png"))
-    for file, heading, command in RUN_FIGURES:
+    figures = list(RUN_FIGURES)
+    if cfg.train.init_from:
+        figures.append(("before_after.png", f"Before and after: fine-tuned from {cfg.train.init_from}", "difflab plot RUN"))  # fmt: skip
+    for file, heading, command in figures:
         blocks.append(Block("h3", heading))
         if (figs / file).is_file():
             blocks.append(Block("image", heading, png=_png(figs / file), name=f"{slug}_{file}"))

@@ -22,6 +22,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -311,89 +312,130 @@ def sweep_run(
     ``seconds`` of such a cell is its share of the group's time, by network passes.
     ``should_stop()`` is asked before each group (True: stop there, the finished cells kept);
     ``on_cell(done, total)`` is called after each finished cell.
+
+    Started by ``torchrun``/``accelerate launch`` with N processes, the missing cells are
+    split between them (accelerate's ``split_between_processes``): rank 0 checks the folder
+    and holds its lock, every rank writes its own cell files, and rank 0 rebuilds the tables
+    and draws the figures once all ranks are done.
     """
-    from difflab.evaluation.evaluate import evaluate_samples
-    from difflab.evaluation.judge import get_judge
+    from difflab import distributed
 
     identity = sweep_identity(run, guidance, steps, sampler, seeds, n_per_class, grid_class)
+    state = distributed.process_state(device)
+    if state is not None and str(device) != "cpu":
+        device = str(state.device)
     if max_group is None:
         max_group = 1 if str(device) == "cpu" else 8
-    out = prepare_folder(out, identity)
-    with folder_lock(out):
-        for stale in (out / CELLS_DIR).glob(".*.tmp*"):  # left by a killed write
-            stale.unlink(missing_ok=True)
+    main = state is None or state.is_main_process
+    out = Path(out)
+    if main:
+        out = prepare_folder(out, identity)
+    lock = folder_lock(out) if main else nullcontext()
+    with lock:
+        if main:
+            for stale in (out / CELLS_DIR).glob(".*.tmp*"):  # left by a killed write
+                stale.unlink(missing_ok=True)
+        distributed.barrier(state)  # the folder is ready
         cells = all_cells(identity)
         todo = [c for c in cells if load_cell(out, c) is None]
+        distributed.barrier(state)  # every rank has the same list before anyone writes
+        groups = cell_groups(todo, max_group)
         t0 = time.perf_counter()
-        if todo:
-            model, diffusion, cfg = load_run(run, device=device)
-            judge = get_judge(
-                cfg.train.dataset, root=cfg.train.data_dir, device=device, progress=progress
-            )
-            labels = torch.arange(identity["num_classes"]).repeat_interleave(n_per_class)
-            shape = (len(labels), cfg.model.in_channels, cfg.model.height, cfg.model.width)
-            n_done = len(cells) - len(todo)
-            total = sum(c.cost for c in cells) * len(labels)
-            bar = tqdm(
-                total=total, initial=sum(c.cost for c in cells if c not in todo) * len(labels),
-                desc=f"sweep {n_done}/{len(cells)} cells", unit="img-pass", unit_scale=True,
-                disable=not progress, file=sys.stderr, dynamic_ncols=True,
+        if groups:
+            groups = distributed.my_share(state, groups, lambda g: sum(c.cost for c in g))
+            _run_cells(
+                run, out, identity, cells, todo, groups, device, progress and main, batch_size,
+                should_stop, on_cell, state,
             )  # fmt: skip
-            x_T = {}  # seed -> (N, C, H, W): one initial noise per seed, shared by all its cells
-            try:
-                for group in cell_groups(todo, max_group):
-                    if should_stop is not None and should_stop():
-                        break
-                    seed = group[0].seed
-                    if seed not in x_T:
-                        x_T = {seed: initial_noise(shape, seed)}
-                    passes = sum(c.cost for c in group) // group[0].steps
-                    t1 = time.perf_counter()
-                    images = sample_cells(
-                        model, diffusion, labels, x_T[seed], group, identity, batch_size,
-                        on_step=lambda b, p=passes: bar.update(b * p),
-                    )  # fmt: skip
-                    seconds = time.perf_counter() - t1
-                    for cell, cell_images in zip(group, images, strict=True):
-                        t2 = time.perf_counter()
-                        m = evaluate_samples(
-                            cell_images, labels, cfg.train.dataset, cfg.train.data_dir, device,
-                            judge=judge,
-                        )  # fmt: skip
-                        share = seconds * cell.cost / sum(c.cost for c in group)
-                        row = {
-                            "key": cell.key, "sampler": cell.sampler, "steps": cell.steps,
-                            "guidance": cell.guidance, "seed": cell.seed, **m, "seconds": share,
-                            "eval_seconds": time.perf_counter() - t2, "device": str(device),
-                            "batched_cells": len(group),
-                        }  # fmt: skip
-                        _write_cell(out, cell, cell_images, labels, row)
-                        n_done += 1
-                        bar.set_description(f"sweep {n_done}/{len(cells)} cells")
-                        if on_cell is not None:
-                            on_cell(n_done, len(cells))
-                        if not bar.disable:
-                            bar.write(
-                                f"{cell.key}: accuracy {m['accuracy']:.0%}, FD {m['fd']:.2f}, "
-                                f"KID {m['kid']:.4f}, diversity {m['diversity']:.2f} ({share:.1f} s)"
-                            )
-                    write_tables(out, identity, cells)
-            except KeyboardInterrupt:
-                bar.close()
-                print(
-                    f"sweep stopped after {n_done}/{len(cells)} cells; the same command continues it",
-                    file=sys.stderr,
-                )
-                raise
-            bar.close()
-        rows, summary = write_tables(out, identity, cells)
+        distributed.barrier(state)  # all cells of all ranks are on disk
+        rows, summary = (
+            write_tables(out, identity, cells) if main else read_tables(out, identity, cells)
+        )
         ran = len(rows) - (len(cells) - len(todo))  # fewer than len(todo) when stopped early
         result = SweepResult(out, len(cells), ran, time.perf_counter() - t0, rows, summary)
-        if plots:
+        if plots and main:
             from difflab.sweep_plots import write_sweep_figures
 
             result.figures = write_sweep_figures(out, identity, rows, summary)
-        return result
+    distributed.barrier(state)
+    return result
+
+
+def _run_cells(
+    run, out, identity, cells, todo, groups, device, progress, batch_size, should_stop, on_cell,
+    state,
+) -> None:  # fmt: skip
+    """Sample and measure ``groups`` (this process's share of ``todo``) into ``out``."""
+    from difflab.evaluation.evaluate import evaluate_samples
+    from difflab.evaluation.judge import get_judge
+
+    main = state is None or state.is_main_process
+    model, diffusion, cfg = load_run(run, device=device)
+    if main:  # trains and caches the judge on first use; the other ranks then read the cache
+        judge = get_judge(cfg.train.dataset, root=cfg.train.data_dir, device=device, progress=progress)  # fmt: skip
+    from difflab import distributed
+
+    distributed.barrier(state)
+    if not main:
+        judge = get_judge(cfg.train.dataset, root=cfg.train.data_dir, device=device, progress=False)  # fmt: skip
+    labels = torch.arange(identity["num_classes"]).repeat_interleave(identity["n_per_class"])
+    shape = (len(labels), cfg.model.in_channels, cfg.model.height, cfg.model.width)
+    mine = [c for g in groups for c in g]
+    n_done = len(cells) - len(todo)
+    ranks = (
+        "" if state is None or state.num_processes == 1 else f" (rank 0 of {state.num_processes})"
+    )
+    bar = tqdm(
+        total=sum(c.cost for c in mine) * len(labels), desc=f"sweep {n_done}/{len(cells)} cells{ranks}",
+        unit="img-pass", unit_scale=True, disable=not progress, file=sys.stderr, dynamic_ncols=True,
+    )  # fmt: skip
+    x_T = {}  # seed -> (N, C, H, W): one initial noise per seed, shared by all its cells
+    try:
+        for group in groups:
+            if should_stop is not None and should_stop():
+                break
+            seed = group[0].seed
+            if seed not in x_T:
+                x_T = {seed: initial_noise(shape, seed)}
+            passes = sum(c.cost for c in group) // group[0].steps
+            t1 = time.perf_counter()
+            images = sample_cells(
+                model, diffusion, labels, x_T[seed], group, identity, batch_size,
+                on_step=lambda b, p=passes: bar.update(b * p),
+            )  # fmt: skip
+            seconds = time.perf_counter() - t1
+            for cell, cell_images in zip(group, images, strict=True):
+                t2 = time.perf_counter()
+                m = evaluate_samples(
+                    cell_images, labels, cfg.train.dataset, cfg.train.data_dir, device, judge=judge
+                )
+                share = seconds * cell.cost / sum(c.cost for c in group)
+                row = {
+                    "key": cell.key, "sampler": cell.sampler, "steps": cell.steps,
+                    "guidance": cell.guidance, "seed": cell.seed, **m, "seconds": share,
+                    "eval_seconds": time.perf_counter() - t2, "device": str(device),
+                    "batched_cells": len(group), "process": 0 if state is None else state.process_index,
+                }  # fmt: skip
+                _write_cell(out, cell, cell_images, labels, row)
+                n_done += 1
+                bar.set_description(f"sweep {n_done}/{len(cells)} cells{ranks}")
+                if on_cell is not None:
+                    on_cell(n_done, len(cells))
+                if not bar.disable:
+                    bar.write(
+                        f"{cell.key}: accuracy {m['accuracy']:.0%}, FD {m['fd']:.2f}, "
+                        f"KID {m['kid']:.4f}, diversity {m['diversity']:.2f} ({share:.1f} s)"
+                    )
+            if main:
+                write_tables(out, identity, cells)
+    except KeyboardInterrupt:
+        bar.close()
+        print(
+            f"sweep stopped after {n_done}/{len(cells)} cells; the same command continues it",
+            file=sys.stderr,
+        )
+        raise
+    bar.close()
 
 
 # -- tables ---------------------------------------------------------------------------------
@@ -413,10 +455,15 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def read_tables(out: Path, identity: dict, cells: list[Cell]) -> tuple[list[dict], list[dict]]:
+    """The finished cells' rows and their summary, read from the cell files (writes nothing)."""
+    rows = [r for r in (load_cell(out, c) for c in cells) if r is not None]
+    return rows, summarise(rows)
+
+
 def write_tables(out: Path, identity: dict, cells: list[Cell]) -> tuple[list[dict], list[dict]]:
     """Rebuild ``metrics.csv``, ``metrics.json`` and ``summary.csv`` from the cell files."""
-    rows = [r for r in (load_cell(out, c) for c in cells) if r is not None]
-    summary = summarise(rows)
+    rows, summary = read_tables(out, identity, cells)
     first = rows[0] if rows else {}
     doc = {
         "sweep": identity,

@@ -6,6 +6,10 @@ clipping, mixed precision, a NaN/Inf guard, progress and ``metrics.jsonl``, and 
 checkpoints with an exact resume: the data order and each step's random draws are derived
 from ``(seed, epoch)`` and ``(seed, step)``, so N steps straight and N/2 + resume + N/2 give
 the same weights on the CPU.
+
+Launched in several processes (``torchrun``, ``accelerate launch``), each process trains on
+its share of every global batch (see :mod:`difflab.distributed`); rank 0 alone writes the
+run folder and shows progress, and a run folder resumes with any number of processes.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import json
 import math
 import sys
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from difflab import checkpoint as ckpt
+from difflab import distributed
 from difflab.config import RunConfig
 from difflab.data import ImageData, load_dataset
 from difflab.diffusion import GaussianDiffusion
@@ -129,7 +136,13 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
 
 
+# on a GPU, the dataset moves there if it needs at most this share of the free memory
+DATA_ON_GPU_SHARE = 0.25
+
+
 class Trainer:
+    """One training run in ``run_dir``: the model, its optimizer and EMA, and the loop."""
+
     def __init__(
         self,
         cfg: RunConfig,
@@ -158,37 +171,78 @@ class Trainer:
             raise UsageError("train: --epochs and --minutes must be positive")
         if tc.batch_size < 1:
             raise UsageError(f"train.batch_size={tc.batch_size}: must be at least 1")
-        self.data = load_dataset(tc.dataset, "train", tc.data_dir)
-        self.cfg = resolve_config(cfg, self.data)
         dev = resolve_device(device)
+        distributed.check_device(dev, distributed.launched_world_size())
         mp = tc.mixed_precision
         if mp == "auto":
             mp = "bf16" if dev.startswith("cuda") else "no"
         self.accelerator = Accelerator(mixed_precision=mp, cpu=dev == "cpu")
         self.device = self.accelerator.device
+        self.world = self.accelerator.num_processes
+        distributed.check_batch_size(tc.batch_size, self.world)
+        self.rows = distributed.shard(tc.batch_size, self.accelerator.process_index, self.world)
+        with self.accelerator.main_process_first():  # rank 0 downloads, the others then read
+            self.data = load_dataset(tc.dataset, "train", tc.data_dir)
+        self.cfg = resolve_config(cfg, self.data)
         self.diffusion = GaussianDiffusion(self.cfg.diffusion)
+        self.images, self.labels = self._place_data()
+        self.steps_per_epoch = max(1, len(self.data) // tc.batch_size)
         set_seed(tc.seed)  # the initial weights depend on the seed alone
         model = ContextUnet(self.cfg.model)
         if tc.init_from and not resume:
             init_from_run(model, tc.init_from)
         if tc.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.ema_model = copy.deepcopy(model).requires_grad_(False).to(self.device)
+        self.raw_model = model.to(self.device)  # weights, EMA and checkpoints use this one
+        self.ema_model = copy.deepcopy(model).requires_grad_(False)
         fused = {"fused": True} if self.device.type == "cuda" else {}
         opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, **fused)
+        if tc.compile:
+            model = self._compiled(model)
         self.model, self.optimizer = self.accelerator.prepare(model, opt)
-        self.images = self.data.images.to(self.device)  # uint8, small datasets live on the device
-        self.labels = self.data.labels.to(self.device)
         self.step = 0
         self.elapsed = 0.0
         self.last_checkpoint = 0
-        self.steps_per_epoch = max(1, len(self.data) // tc.batch_size)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             self._load_state()
-        else:
+        elif self.accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.save_config(self.cfg, self.run_dir)
             (self.run_dir / ckpt.METRICS).unlink(missing_ok=True)
+        self.accelerator.wait_for_everyone()  # all ranks have read the folder before rank 0 writes
+
+    def _place_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The uint8 images and labels on the device when they fit, else in CPU memory.
+
+        Data on the device makes a batch one indexing operation there (no host-to-device copy).
+        """
+        images, labels = self.data.images, self.data.labels
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            if images.nbytes + labels.nbytes > DATA_ON_GPU_SHARE * free:
+                return images, labels  # each batch is copied over
+        return images.to(self.device), labels.to(self.device)
+
+    def _compiled(self, model: ContextUnet) -> torch.nn.Module:
+        """``torch.compile(model)``, checked on one training step; the eager model if that fails.
+
+        The check runs this process's shard of the first batch forward and backward (no
+        optimizer step), so the graphs it compiles are the ones training uses. It runs before
+        DDP wraps the model: a failure cannot leave a collective half done.
+        """
+        compiled = torch.compile(model)
+        try:
+            self._loss(compiled, 0).backward()
+        except Exception as e:  # inductor raises many types (no compiler, unsupported op, ...)
+            reason = next(iter(str(e).splitlines()), "")
+            warnings.warn(
+                f"train.compile: torch.compile failed ({type(e).__name__}: {reason}); "
+                "training without it",
+                stacklevel=3,
+            )
+            compiled = model
+        model.zero_grad(set_to_none=True)
+        return compiled
 
     # -- state ------------------------------------------------------------------------------
     @property
@@ -197,54 +251,76 @@ class Trainer:
         return None if e is None else max(1, math.ceil(e * self.steps_per_epoch))
 
     def _state(self) -> dict[str, Any]:
-        raw = self.accelerator.unwrap_model(self.model)
         return {
             "step": self.step,
             "elapsed": self.elapsed,
-            "model": raw.state_dict(),
+            "model": self.raw_model.state_dict(),
             "ema": self.ema_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
         }
 
     def _load_state(self) -> None:
+        """Every rank reads the same state: nothing in it depends on the number of processes."""
         state = ckpt.load_train_state(self.run_dir)
-        self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
+        self.raw_model.load_state_dict(state["model"])
         self.ema_model.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.elapsed = float(state["elapsed"])
         self.last_checkpoint = self.step
         torch.set_rng_state(state["torch_rng"])
-        # drop metrics logged after the checkpoint we resume from
-        rows = [r for r in read_jsonl(self.run_dir / ckpt.METRICS) if r.get("step", 0) <= self.step]
-        write_text(self.run_dir / ckpt.METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+        if self.accelerator.is_main_process:  # drop metrics logged after this checkpoint
+            path = self.run_dir / ckpt.METRICS
+            rows = [r for r in read_jsonl(path) if r.get("step", 0) <= self.step]
+            write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def save_checkpoint(self) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        ckpt.save_train_state(self._state(), self.run_dir)
-        meta = {
-            "step": self.step,
-            "epoch": self.step / self.steps_per_epoch,
-            "dataset": self.data.name,
-        }
-        ckpt.save_weights(self.ema_model, self.run_dir / ckpt.WEIGHTS, meta)
+        """Write the training state and the EMA weights (rank 0 only; the ranks agree)."""
+        if self.accelerator.is_main_process:
+            ckpt.save_train_state(self._state(), self.run_dir)
+            meta = {
+                "step": self.step,
+                "epoch": self.step / self.steps_per_epoch,
+                "dataset": self.data.name,
+            }
+            ckpt.save_weights(self.ema_model, self.run_dir / ckpt.WEIGHTS, meta)
         self.last_checkpoint = self.step
 
     # -- one step ---------------------------------------------------------------------------
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's rows of global batch ``step``: images in [-1, 1] and labels."""
         tc = self.cfg.train
         epoch, j = divmod(step, self.steps_per_epoch)
         if getattr(self, "_perm_epoch", None) != epoch:  # one shuffle per epoch, not per step
             gen = torch.Generator().manual_seed(tc.seed * 7919 + epoch)
-            self._perm = torch.randperm(len(self.data), generator=gen).to(self.device)
+            self._perm = torch.randperm(len(self.data), generator=gen).to(self.images.device)
             self._perm_epoch = epoch
-        idx = self._perm[j * tc.batch_size : (j + 1) * tc.batch_size]
-        x0 = self.images[idx].float().div_(127.5).sub_(1.0)  # (B, C, H, W) in [-1, 1]
+        idx = self._perm[j * tc.batch_size : (j + 1) * tc.batch_size][self.rows]
+        x0 = self.images[idx].to(self.device).float().div_(127.5).sub_(1.0)  # (b, C, H, W)
         if tc.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        return x0, self.labels[idx]
+        return x0, self.labels[idx].to(self.device)
+
+    def _loss(self, model: torch.nn.Module, step: int) -> torch.Tensor:
+        """The loss of this process's shard of step ``step`` (random t, q_sample, objective).
+
+        The draws are made for the whole global batch from ``(seed, step)`` and sharded like
+        the images, so every row gets the same t, noise and label dropout in any world size.
+        """
+        tc = self.cfg.train
+        x0, y = self._batch(step)
+        g = _step_generator(tc.seed, step)
+        n, shape = tc.batch_size, (tc.batch_size, *x0.shape[1:])
+        t = torch.randint(0, self.diffusion.num_timesteps, (n,), generator=g)[self.rows]
+        noise = torch.randn(shape, generator=g)[self.rows]
+        drop = (torch.rand(n, generator=g) < tc.label_dropout)[self.rows]
+        t, drop = t.to(self.device), drop.to(self.device)
+        noise = noise.to(self.device, memory_format=torch.preserve_format)
+        y = torch.where(drop, torch.full_like(y, self.cfg.model.num_classes), y)
+        with self.accelerator.autocast():
+            out = model(self.diffusion.q_sample(x0, t, noise), t, y)
+        return self.diffusion.training_loss(out, x0, t, noise)
 
     def _ema_decay(self) -> float:
         tc = self.cfg.train
@@ -253,42 +329,38 @@ class Trainer:
         return min(tc.ema_decay, (1 + self.step) / (10 + self.step))
 
     def train_step(self, lr: float) -> float:
+        """One optimizer step on the global batch; returns its loss (the mean over ranks)."""
         tc = self.cfg.train
-        x0, y = self._batch(self.step)
-        g = _step_generator(tc.seed, self.step)
-        b = x0.shape[0]
-        t = torch.randint(0, self.diffusion.num_timesteps, (b,), generator=g).to(self.device)
-        noise = torch.randn(x0.shape, generator=g).to(
-            self.device, memory_format=torch.preserve_format
-        )
-        drop = (torch.rand(b, generator=g) < tc.label_dropout).to(self.device)
-        y = torch.where(drop, torch.full_like(y, self.cfg.model.num_classes), y)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with self.accelerator.autocast():
-            out = self.model(self.diffusion.q_sample(x0, t, noise), t, y)
-        loss = self.diffusion.training_loss(out, x0, t, noise)
-        if not torch.isfinite(loss):
+        loss = self._loss(self.model, self.step)
+        mean = distributed.mean_over_processes(loss, self.world)  # NaN anywhere: all ranks stop
+        if not torch.isfinite(mean):
             raise TrainingDiverged(
-                f"loss became {loss.item()} at step {self.step}; stopped. {self.run_dir} keeps the "
+                f"loss became {mean.item()} at step {self.step}; stopped. {self.run_dir} keeps the "
                 f"checkpoint of step {self.last_checkpoint}. Try a lower --lr or --set train.grad_clip=1"
             )
-        self.accelerator.backward(loss)
+        self.accelerator.backward(loss)  # DDP averages the gradients over the ranks
         if tc.grad_clip > 0:
             self.accelerator.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
+        with torch.no_grad():  # the same update on every rank keeps the EMAs identical
             decay = self._ema_decay()
-            raw = self.accelerator.unwrap_model(self.model)
-            for e, p in zip(self.ema_model.parameters(), raw.parameters(), strict=True):
+            for e, p in zip(self.ema_model.parameters(), self.raw_model.parameters(), strict=True):
                 e.lerp_(p.detach(), 1 - decay)
         self.step += 1
-        return loss.item()
+        return mean.item()
 
     # -- the loop ---------------------------------------------------------------------------
-    def fit(self, stop_at_step: int | None = None, should_stop=None) -> TrainResult:
-        """Train until the epochs or minutes are spent (or ``stop_at_step``, or ``should_stop()``)."""
+    def fit(
+        self, stop_at_step: int | None = None, should_stop: Callable[[], bool] | None = None
+    ) -> TrainResult:
+        """Train until the epochs or minutes are spent (or ``stop_at_step``, or ``should_stop()``).
+
+        With several processes, rank 0's clock and ``should_stop()`` decide for every rank,
+        so all ranks stop at the same step with the same learning rate schedule.
+        """
         tc = self.cfg.train
         total, budget = self.total_steps, None if tc.epochs is not None else tc.minutes * 60
         start_step, t0, since_log = (
@@ -311,13 +383,17 @@ class Trainer:
             while True:
                 self.elapsed = time.perf_counter() - t0
                 done = self.step >= total if total is not None else self.elapsed >= budget
-                if (
+                stop = (
                     done
                     or (stop_at_step is not None and self.step >= stop_at_step)
-                    or (should_stop and should_stop())
-                ):
-                    break
+                    or (should_stop is not None and should_stop())
+                )
                 progress = self.step / total if total is not None else self.elapsed / budget
+                stop, progress = distributed.from_main_process(
+                    [stop, progress], self.device, self.world
+                )
+                if stop:
+                    break
                 lr = tc.lr * _lr_factor(progress, self.step, tc.warmup_steps, tc.lr_schedule)
                 loss = self.train_step(lr)
                 losses.append(loss)
@@ -348,6 +424,7 @@ class Trainer:
         self.elapsed = time.perf_counter() - t0
         if self.step != self.last_checkpoint or not (self.run_dir / ckpt.WEIGHTS).exists():
             self.save_checkpoint()
+        self.accelerator.wait_for_everyone()  # the run folder is complete when any rank returns
         steps = self.step - start_step
         run_seconds = max(self.elapsed, 1e-9)
         return TrainResult(

@@ -1,4 +1,4 @@
-"""Figures of a Stable Diffusion sweep folder: one labelled grid per prompt and the curves.
+"""Figures of Stable Diffusion sweeps and LoRA fine-tuning runs.
 
 ``grid_pNN.png`` shows a prompt's cells with rows = guidance scale and columns = step count,
 one panel per seed (each panel starts from that seed's latents). A cell the safety checker
@@ -7,6 +7,12 @@ checker"; a black cell it did not flag gets an orange frame and "black, NOT flag
 note under the grid counts both and gives the fix for the second. ``clip_vs_guidance.png``
 plots, against the guidance scale with one line per step count (mean ± std over prompts and
 seeds): the CLIP score, the detail measure, and the share of images filtered by the checker.
+A sweep with a LoRA scale axis gets one grid per prompt and scale (``grid_pNN_loraS.png``) and
+one line per step count and scale.
+
+For ``difflab sd finetune``: :func:`validation_grid` labels a row of validation images (one
+per fixed seed) with the step and prompt, and :func:`loss_curve` draws the logged losses with
+a smoothed curve on a log scale.
 """
 
 from __future__ import annotations
@@ -15,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.ticker import FuncFormatter
 from PIL import Image, ImageDraw
 
+from difflab.plots import smooth
 from difflab.sd.safety import NAN_HINT
-from difflab.viz import Panel, draw_table, font, new_figure, render_figure, save_png
+from difflab.viz import Panel, auto_scale, draw_table, font, new_figure, render_figure, save_png
 
 FILTERED_LABEL = "filtered by\nsafety checker"
 BLACK_LABEL = "black, NOT\nflagged (NaN?)"
@@ -54,14 +62,18 @@ def tile(out: Path, row: dict | None, tw: int, th: int) -> np.ndarray:
     return np.asarray(img)
 
 
-def prompt_grid(out: Path, identity: dict, rows: list[dict], prompt_index: int) -> Any:
-    """A :class:`~difflab.viz.Table` of one prompt's cells (see module doc)."""
+def prompt_grid(
+    out: Path, identity: dict, rows: list[dict], prompt_index: int, lora_scale: float | None = None
+) -> Any:
+    """A :class:`~difflab.viz.Table` of one prompt's cells at one LoRA scale (module doc)."""
     g_list, s_list, seeds = identity["guidance"], identity["steps"], identity["seeds"]
     w, h = _size(identity)
     side = min(256, max(128, w, h))  # tiles 128..256 px on their long side
     tw, th = round(w * side / max(w, h)), round(h * side / max(w, h))
     cells = {
-        (r["guidance"], r["steps"], r["seed"]): r for r in rows if r["prompt_index"] == prompt_index
+        (r["guidance"], r["steps"], r["seed"]): r
+        for r in rows
+        if r["prompt_index"] == prompt_index and r.get("lora_scale") == lora_scale
     }
     panels = []
     for seed in seeds:
@@ -87,6 +99,8 @@ def prompt_grid(out: Path, identity: dict, rows: list[dict], prompt_index: int) 
     sampler = next((r["sampler"] for r in mine if r.get("sampler")), identity["scheduler"])
     sub = f"{Path(identity['model']).name} · {identity['size']} · {sampler or 'model scheduler'}"
     seed_note = f" · seed {seeds[0]}" if len(seeds) == 1 else ""
+    if lora_scale is not None:
+        sub += f" · LoRA {identity['lora_fingerprint']['name']} × {lora_scale:g}"
     return draw_table(
         panels,
         row_labels=[f"guidance {g:g}" for g in g_list],
@@ -106,9 +120,14 @@ def curves(identity: dict, summary: list[dict]) -> Image.Image:
         ("detail", "detail: variance of Laplacian"),
         ("nsfw_share", "share filtered by safety checker"),
     )
+    scales = identity.get("lora_scales") or [None]
+    lines = [(st, sc) for sc in scales for st in identity["steps"]]
     for ax, (metric, label) in zip(axes, panels, strict=True):
-        for st in identity["steps"]:
-            rs = sorted((r for r in summary if r["steps"] == st), key=lambda r: r["guidance"])
+        for st, sc in lines:
+            rs = sorted(
+                (r for r in summary if r["steps"] == st and r.get("lora_scale") == sc),
+                key=lambda r: r["guidance"],
+            )
             key = metric if metric == "nsfw_share" else f"{metric}_mean"
             pts = [
                 (r["guidance"], r[key], r.get(f"{metric}_std")) for r in rs if r[key] is not None
@@ -117,7 +136,8 @@ def curves(identity: dict, summary: list[dict]) -> Image.Image:
                 continue
             x, y, e = zip(*pts, strict=True)
             err = None if metric == "nsfw_share" else [v or 0.0 for v in e]
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{st} steps")
+            name = f"{st} steps" + ("" if sc is None else f", LoRA × {sc:g}")
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
         if not ax.lines:
             ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
         ax.set_xlabel("guidance scale s")
@@ -140,11 +160,51 @@ def write_sweep_figures(
     """Write every grid and the curves into ``out``; returns their paths."""
     paths = []
     for i in range(len(identity["prompts"])):
-        path = out / f"grid_p{i:02d}.png"
-        save_png(
-            path, prompt_grid(out, identity, rows, i).image, {"prompt": identity["prompts"][i]}
-        )
-        paths.append(path)
+        for scale in identity.get("lora_scales") or [None]:
+            lora = "" if scale is None else f"_lora{scale:g}"
+            path = out / f"grid_p{i:02d}{lora}.png"
+            table = prompt_grid(out, identity, rows, i, scale)
+            settings = {"prompt": identity["prompts"][i]}
+            save_png(path, table.image, settings | ({} if scale is None else {"lora_scale": scale}))
+            paths.append(path)
     path = out / "clip_vs_guidance.png"
     save_png(path, curves(identity, summary), {"sweep": str(out)})
     return paths + [path]
+
+
+# -- LoRA fine-tuning ------------------------------------------------------------------------
+def validation_grid(
+    images: np.ndarray, flags: list[bool | None], seeds: list[int], step: int, prompt: str
+) -> Image.Image:
+    """One row of validation images (N, H, W, 3) uint8, a column per seed, titled."""
+    labels = [f"seed {s}" + ("\nfiltered" if f else "") for s, f in zip(seeds, flags, strict=True)]
+    short = prompt if len(prompt) <= 90 else prompt[:89] + "…"
+    h, w = images.shape[1:3]
+    table = draw_table(
+        [Panel(images[None], labels)], title=f"step {step}\n“{short}”", scale=auto_scale(h, w, 128)
+    )
+    return table.image
+
+
+def loss_curve(rows: list[dict], title: str, target: str) -> Image.Image:
+    """The loss per step (light) and smoothed (dark) on a log scale; ``target`` names what
+    the MSE is measured on (ε or v)."""
+    step = np.array([r["step"] for r in rows], dtype=np.float64)
+    loss = np.array([r["loss"] for r in rows], dtype=np.float64)
+    fig = new_figure(8, 4.5)
+    ax = fig.add_subplot()
+    ax.plot(step, loss, color="#9ecae1", lw=1, label="loss per step")
+    if len(loss) >= 10:
+        ax.plot(
+            step, smooth(loss, max(3, len(loss) // 20)), color="#08519c", lw=2, label="smoothed"
+        )
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 1.2, not 1.2 x 10^0
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"loss (MSE on {target})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper right")
+    ax.set_title(title, fontsize=11)
+    return render_figure(fig)

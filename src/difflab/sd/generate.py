@@ -11,7 +11,10 @@ scheduler's noise. Guidance follows diffusers: ``eps_uncond + s (eps_cond - eps_
 the stock pipeline skips guidance for ``s <= 1``, so ``s = 1`` is the plain conditional model,
 ``s = 0`` is run as the unconditional (negative-prompt) model, and ``0 < s < 1`` is refused.
 Each image is written as ``NNNNN-SEED.png`` (A1111 ``parameters`` chunk) plus a JSON sidecar
-with the safety diagnosis of :mod:`difflab.sd.safety`.
+with the safety diagnosis of :mod:`difflab.sd.safety`. ``lora`` (``--lora FILE[:SCALE]``,
+repeatable) loads LoRAs for this call (:mod:`difflab.sd.lora`); the PNG names them as A1111
+does (``<lora:NAME:SCALE>`` after the prompt, ``Lora hashes``) plus a ``Lora`` field, and the
+sidecar lists file, scale and hash.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,7 @@ import torch
 from difflab import __version__
 from difflab.errors import UsageError
 from difflab.sd.load import DEFAULT_MODEL, LoadedPipeline, check_scheduler, load_pipeline
+from difflab.sd.lora import LoraSpec, a1111_fields, applied, check_compile, parse_loras
 from difflab.sd.metadata import format_parameters, save_image
 from difflab.sd.safety import Diagnosis, diagnose, to_uint8
 
@@ -187,14 +192,15 @@ def attention_name(pipe: Any) -> str:
 
 def image_settings(
     loaded: LoadedPipeline, prompt: str, negative_prompt: str, guidance: float, steps: int,
-    seed: int, width: int, height: int,
+    seed: int, width: int, height: int, loras: Sequence[LoraSpec] = (),
 ) -> tuple[str, dict[str, Any]]:  # fmt: skip
     """The A1111 ``parameters`` text and the sidecar settings of one image."""
+    tags, lora_fields = a1111_fields(loras)
     fields = {
         "Steps": steps, "Sampler": loaded.sampler, "CFG scale": guidance, "Seed": seed,
-        "Size": f"{width}x{height}", "Model": loaded.source.label,
+        "Size": f"{width}x{height}", "Model": loaded.source.label, **lora_fields,
     }  # fmt: skip
-    text = format_parameters(prompt, negative_prompt, fields)
+    text = format_parameters((prompt + tags).strip(), negative_prompt, fields)
     import diffusers
 
     sidecar = {
@@ -206,6 +212,8 @@ def image_settings(
         "safety_checker": loaded.safety_checker, "parameters": text,
         "versions": {"difflab": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__},
     }  # fmt: skip
+    if loras:
+        sidecar["loras"] = [spec.as_dict() for spec in loras]
     return text, sidecar
 
 
@@ -236,10 +244,12 @@ def generate(
     compile: bool = False,
     progress: bool = True,
     loaded: LoadedPipeline | None = None,
+    lora: Sequence[str | Path] | None = None,
 ) -> GenerateResult:
     """``difflab sd generate``: ``n`` images into the folder ``out`` (see module doc).
 
-    ``loaded`` reuses a pipeline from :func:`~difflab.sd.load.load_pipeline` (the UI does).
+    ``loaded`` reuses a pipeline from :func:`~difflab.sd.load.load_pipeline` (the UI does);
+    LoRAs of ``lora`` are removed from it again afterwards.
     """
     prompt = check_prompt(prompt, unconditional)
     negative_prompt = negative_prompt or ""
@@ -249,6 +259,8 @@ def generate(
     check_seed(seed + n - 1, "--seed + --n - 1")
     width, height = parse_size(size)
     check_scheduler(scheduler)
+    loras = parse_loras(lora)
+    check_compile(loras, compile)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: is a file, not a folder")
@@ -261,23 +273,24 @@ def generate(
     for text, option in ((prompt, "--prompt"), (negative_prompt, "--negative-prompt")):
         note = truncation_note(loaded.pipe.tokenizer, text, option) if text else None
         notes += [note] if note else []
-    embeds = encode(loaded, prompt, negative_prompt)
     seeds = [seed + i for i in range(n)]
     images, flags, seconds = [], [], 0.0
-    for start in range(0, n, batch_size):
-        t0 = time.perf_counter()
-        imgs, fl = run_pipeline(
-            loaded, embeds, guidance, steps, seeds[start : start + batch_size], width, height
-        )
-        seconds += time.perf_counter() - t0
-        images.extend(imgs)
-        flags.extend(fl)
+    with applied(loaded.pipe, loras):
+        embeds = encode(loaded, prompt, negative_prompt)  # a LoRA may adapt the text encoder
+        for start in range(0, n, batch_size):
+            t0 = time.perf_counter()
+            imgs, fl = run_pipeline(
+                loaded, embeds, guidance, steps, seeds[start : start + batch_size], width, height
+            )
+            seconds += time.perf_counter() - t0
+            images.extend(imgs)
+            flags.extend(fl)
     out.mkdir(parents=True, exist_ok=True)
     first = _next_index(out)
     records = []
     for i, (img, flag, s) in enumerate(zip(images, flags, seeds, strict=True)):
         text, settings = image_settings(
-            loaded, prompt, negative_prompt, guidance, steps, s, width, height
+            loaded, prompt, negative_prompt, guidance, steps, s, width, height, loras
         )
         d = diagnose(img, flag)
         png = out / f"{first + i:05d}-{s}.png"

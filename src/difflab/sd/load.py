@@ -261,15 +261,21 @@ def load_pipeline(
 @contextmanager
 def quiet_loading() -> Iterator[None]:
     """Hide diffusers' and transformers' per-component loading bars (Hub download bars stay),
-    diffusers' loading warnings (a failure becomes one UsageError line) and the ``torch_dtype``
+    their loading warnings (a failure becomes one UsageError line; transformers' "LOAD
+    REPORT" lists the base weights a LoRA adapter does not carry) and the ``torch_dtype``
     renaming notice (``torch_dtype`` works from diffusers 0.30 on)."""
     from diffusers.utils import logging as dlog
     from huggingface_hub import utils as hub
     from transformers.utils import logging as tlog
 
     was = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
-    hub_off, level = hub.are_progress_bars_disabled(), dlog.get_verbosity()
+    hub_off, level, t_level = (
+        hub.are_progress_bars_disabled(),
+        dlog.get_verbosity(),
+        tlog.get_verbosity(),
+    )
     dlog.set_verbosity_error()  # "Couldn't connect to the Hub" etc.: our error line says it
+    tlog.set_verbosity_error()
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()  # this one also turns the Hub's bars off: turn them back on
     if not hub_off:
@@ -280,6 +286,7 @@ def quiet_loading() -> Iterator[None]:
             yield
     finally:
         dlog.set_verbosity(level)
+        tlog.set_verbosity(t_level)
         if was[0]:
             dlog.enable_progress_bar()
         if was[1]:

@@ -15,15 +15,22 @@ settings or another model in the same folder are refused. ``metrics.csv`` / ``me
 / ``summary.csv`` are rebuilt from the cell records; :mod:`difflab.sd.figures` draws one grid
 per prompt and the CLIP-score-vs-guidance plot. Filtered and black cells get no CLIP score or
 detail (a black square measures nothing) and are counted in ``nsfw_share`` instead.
+
+``lora`` with ``lora_scales`` (``--lora FILE --lora-scales 0,0.5,1``) adds the LoRA's scale as
+a fifth axis: the LoRA is loaded once and re-weighted per cell (scale 0 is the base model);
+cell keys end in ``_loraS``, the tables get a ``lora_scale`` column and the figures one grid
+per prompt and scale. A sweep without a LoRA keeps the keys, tables and identity it had.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +38,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from difflab import distributed
 from difflab.errors import UsageError
 from difflab.files import csv_text, folder_lock, write_json, write_text
 from difflab.sd.generate import (
@@ -49,6 +57,14 @@ from difflab.sd.load import (
     model_fingerprint,
     resolve_dtype,
     resolve_model,
+)
+from difflab.sd.lora import (
+    LoraSpec,
+    applied,
+    check_compile,
+    parse_lora,
+    set_scales,
+    split_scale,
 )
 from difflab.sd.metadata import save_image
 from difflab.sd.metrics import DEFAULT_CLIP_MODEL, laplacian_variance, load_scorer
@@ -74,10 +90,12 @@ class Cell:
     guidance: float
     steps: int
     seed: int
+    lora_scale: float | None = None  # None: the sweep has no LoRA
 
     @property
     def key(self) -> str:
-        return f"p{self.prompt_index:02d}_g{self.guidance:g}_steps{self.steps}_seed{self.seed}"
+        key = f"p{self.prompt_index:02d}_g{self.guidance:g}_steps{self.steps}_seed{self.seed}"
+        return key if self.lora_scale is None else f"{key}_lora{self.lora_scale:g}"
 
 
 @dataclass
@@ -123,12 +141,42 @@ def parse_prompts(prompts: str | list[str] | tuple[str, ...]) -> list[str]:
     return items
 
 
+def parse_sweep_lora(lora: Any, lora_scales: Any) -> tuple[LoraSpec | None, list[float] | None]:
+    """``--lora FILE[:SCALE]`` (at most one) and ``--lora-scales`` -> the LoRA and its
+    scales: ``--lora-scales`` when given, else the file's scale."""
+    items = [lora] if isinstance(lora, (str, Path)) else list(lora or [])
+    if not items:
+        if lora_scales is not None:
+            raise UsageError("--lora-scales needs --lora FILE: the LoRA whose scale is swept")
+        return None, None
+    if len(items) > 1:
+        raise UsageError("--lora: sd sweep takes one LoRA; sweep its scale with --lora-scales")
+    spec = parse_lora(items[0])
+    if lora_scales is None:
+        return spec, [spec.scale]
+    if split_scale(items[0])[1] is not None:
+        raise UsageError(
+            f"--lora {items[0]}: give the scales in --lora-scales or after the file, not both"
+        )
+    return spec, parse_list(lora_scales, float, "--lora-scales", "0,0.5,1")
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def sweep_identity(
     prompts: Any, guidance: Any, steps: Any, seeds: Any, negative_prompt: str, size: Any,
     scheduler: str | None, model: Any, device: str, dtype: str, safety_checker: bool,
-    clip_model: str | None, trust_pickle: bool, vae: Any,
+    clip_model: str | None, trust_pickle: bool, vae: Any, lora: Any = None,
+    lora_scales: Any = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Check every option (no work done) and return the sweep's identity."""
+    """Check every option (no work done) and return the sweep's identity (``lora``,
+    ``lora_fingerprint`` and ``lora_scales`` only when a LoRA is swept)."""
     prompt_list = parse_prompts(prompts)
     g_list = parse_list(guidance, float, "--guidance", "1,3,7.5", minimum=0)
     for g in g_list:
@@ -137,8 +185,9 @@ def sweep_identity(
     seed_list = parse_list(seeds, int, "--seeds", "0,1,2", minimum=0)
     width, height = parse_size(size)
     source = resolve_model(model, trust_pickle)
+    spec, scales = parse_sweep_lora(lora, lora_scales)
     clip = None if clip_model is None or str(clip_model).lower() == "none" else str(clip_model)
-    return {
+    identity = {
         "format": FORMAT, "model": source.location, "model_fingerprint": model_fingerprint(source),
         "vae": None if vae is None else str(vae), "prompts": prompt_list,
         "negative_prompt": negative_prompt or "", "guidance": g_list, "steps": s_list,
@@ -146,6 +195,13 @@ def sweep_identity(
         "dtype": resolve_dtype(dtype, device), "safety_checker": bool(safety_checker),
         "clip_model": clip,
     }  # fmt: skip
+    if spec is not None:
+        identity |= {
+            "lora": str(spec.path),
+            "lora_fingerprint": {"name": spec.name, "sha256": _file_sha256(spec.path)},
+            "lora_scales": scales,
+        }
+    return identity
 
 
 def check_folder(out: Path, identity: dict[str, Any]) -> bool:
@@ -167,8 +223,11 @@ def check_folder(out: Path, identity: dict[str, Any]) -> bool:
     hint = "re-run the command that started it to resume, or choose another --out"
     if old.get("model_fingerprint") != identity["model_fingerprint"]:
         raise UsageError(f"{where}: holds a sweep of another model ({old.get('model')}); {hint}")
+    if old.get("lora_fingerprint") != identity.get("lora_fingerprint"):
+        other = f"with the LoRA {old['lora']}" if old.get("lora") else "without a LoRA"
+        raise UsageError(f"{where}: holds a sweep {other}; {hint}")
     for key, value in identity.items():
-        if key not in ("model", "model_fingerprint") and old.get(key) != value:
+        if key not in ("model", "model_fingerprint", "lora") and old.get(key) != value:
             option = "--" + key.replace("_", "-")
             raise UsageError(
                 f"{where}: holds a sweep with {option} {_show(old.get(key))}, not {_show(value)}; {hint}"
@@ -185,11 +244,12 @@ def _show(v: Any) -> str:
 def all_cells(identity: dict[str, Any]) -> list[Cell]:
     i = identity
     return [
-        Cell(p, g, st, seed)
-        for p, st, g, seed in itertools.product(
-            range(len(i["prompts"])), i["steps"], i["guidance"], i["seeds"]
+        Cell(p, g, st, seed, scale)
+        for p, scale, st, g, seed in itertools.product(
+            range(len(i["prompts"])), i.get("lora_scales") or [None], i["steps"], i["guidance"],
+            i["seeds"],
         )
-    ]
+    ]  # fmt: skip
 
 
 def load_cell(out: Path, cell: Cell) -> dict | None:
@@ -201,16 +261,20 @@ def load_cell(out: Path, cell: Cell) -> dict | None:
         row = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-    same = (row.get("prompt_index"), row.get("guidance"), row.get("steps"), row.get("seed"))
-    return row if same == (cell.prompt_index, cell.guidance, cell.steps, cell.seed) else None
+    same = (
+        row.get("prompt_index"), row.get("guidance"), row.get("steps"), row.get("seed"),
+        row.get("lora_scale"),
+    )  # fmt: skip
+    mine = (cell.prompt_index, cell.guidance, cell.steps, cell.seed, cell.lora_scale)
+    return row if same == mine else None
 
 
 def _batches(todo: list[Cell], batch_size: int) -> list[list[Cell]]:
-    """Cells sharing prompt, steps and guidance (they differ only by seed), at most
-    ``batch_size`` per pipeline call."""
+    """Cells sharing prompt, LoRA scale, steps and guidance (they differ only by seed), at
+    most ``batch_size`` per pipeline call."""
     groups: dict[tuple, list[Cell]] = {}
     for c in todo:
-        groups.setdefault((c.prompt_index, c.steps, c.guidance), []).append(c)
+        groups.setdefault((c.prompt_index, c.lora_scale, c.steps, c.guidance), []).append(c)
     return [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
 
 
@@ -238,25 +302,41 @@ def sd_sweep(
     plots: bool = True,
     should_stop: Callable[[], bool] | None = None,
     on_cell: Callable[[int, int], None] | None = None,
+    lora: str | Sequence[str] | None = None,
+    lora_scales: Any = None,
 ) -> SDSweepResult:
     """Run (or finish) the sweep into ``out``; write tables, grids and plots (module doc).
 
     ``should_stop()`` is asked before each pipeline call (True: stop there, finished cells
-    kept); ``on_cell(done, total)`` is called after each batch of finished cells.
+    kept); ``on_cell(done, total)`` is called after each batch of finished cells. ``lora``
+    and ``lora_scales``: the LoRA scale axis (module doc).
     """
     check_count(batch_size, "--batch-size")
     identity = sweep_identity(
         prompts, guidance, steps, seeds, negative_prompt, size, scheduler, model, device, dtype,
-        safety_checker, clip_model, trust_pickle, vae,
+        safety_checker, clip_model, trust_pickle, vae, lora, lora_scales,
     )  # fmt: skip
+    spec = parse_lora(identity["lora"]) if "lora" in identity else None
+    check_compile([spec] if spec else [], compile)
     out = Path(out)
-    resuming = check_folder(out, identity)
+    state = distributed.process_state(device)  # several processes: split the cells
+    main = state is None or state.is_main_process
+    if state is not None and str(device) != "cpu":
+        device = str(state.device)  # this process's GPU (the identity keeps the option)
+    resuming = check_folder(out, identity) if main else True
+    if main and resuming:  # before any process writes: temporary files of a killed write
+        for stale in (out / CELLS_DIR).glob(".*.tmp*"):
+            stale.unlink(missing_ok=True)
+    distributed.barrier(state)
     cells = all_cells(identity)
     todo = [c for c in cells if load_cell(out, c) is None] if resuming else cells
+    distributed.barrier(state)  # every process has the same list before anyone writes
+    batches = _batches(todo, batch_size)
+    batches = distributed.my_share(state, batches, lambda b: len(b) * b[0].steps)
     width, height = parse_size(identity["size"])
     notes: list[str] = []
     calls, t0 = 0, time.perf_counter()
-    if todo:
+    if batches:
         scorer = load_scorer(identity["clip_model"], device)  # first: fails fast when offline
         loaded = load_pipeline(
             model, device, identity["dtype"], scheduler, safety_checker, trust_pickle,
@@ -269,67 +349,78 @@ def sd_sweep(
         (out / CELLS_DIR).mkdir(parents=True, exist_ok=True)
         if not resuming:
             write_json(out / IDENTITY_FILE, identity)
-        with folder_lock(out):
-            for stale in (out / CELLS_DIR).glob(".*.tmp*"):  # left by a killed write
-                stale.unlink(missing_ok=True)
-            embeds: dict[int, tuple] = {}
+        with folder_lock(out) if main else nullcontext():
+            embeds: dict[tuple, tuple] = {}
             bar = tqdm(
                 total=len(cells), initial=len(cells) - len(todo), desc="sd sweep", unit="cell",
-                disable=not progress, file=sys.stderr, dynamic_ncols=True,
+                disable=not (progress and main), file=sys.stderr, dynamic_ncols=True,
             )  # fmt: skip
             try:
-                for batch in _batches(todo, batch_size):
-                    if should_stop is not None and should_stop():
-                        break
-                    c0 = batch[0]
-                    prompt = identity["prompts"][c0.prompt_index]
-                    if c0.prompt_index not in embeds:
-                        embeds = {
-                            c0.prompt_index: encode(loaded, prompt, identity["negative_prompt"])
-                        }
-                    t1 = time.perf_counter()
-                    images, flags = run_pipeline(
-                        loaded, embeds[c0.prompt_index], c0.guidance, c0.steps,
-                        [c.seed for c in batch], width, height,
-                    )  # fmt: skip
-                    per_image = (time.perf_counter() - t1) / len(batch)
-                    calls += 1
-                    _write_cells(out, identity, loaded, scorer, batch, images, flags, per_image)
-                    bar.update(len(batch))
-                    if on_cell is not None:
-                        on_cell(bar.n, len(cells))
-                    write_tables(out, identity, cells)
+                with applied(loaded.pipe, [spec] if spec else []) as adapters:
+                    for batch in batches:
+                        if should_stop is not None and should_stop():
+                            break
+                        c0 = batch[0]
+                        prompt = identity["prompts"][c0.prompt_index]
+                        which = (c0.prompt_index, c0.lora_scale)  # a LoRA may adapt the CLIP too
+                        if which not in embeds:
+                            if adapters:
+                                set_scales(loaded.pipe, adapters, [c0.lora_scale])
+                            embeds = {which: encode(loaded, prompt, identity["negative_prompt"])}
+                        t1 = time.perf_counter()
+                        images, flags = run_pipeline(
+                            loaded, embeds[which], c0.guidance, c0.steps,
+                            [c.seed for c in batch], width, height,
+                        )  # fmt: skip
+                        per_image = (time.perf_counter() - t1) / len(batch)
+                        calls += 1
+                        _write_cells(
+                            out, identity, loaded, scorer, batch, images, flags, per_image, spec
+                        )
+                        bar.update(len(batch))
+                        if on_cell is not None:
+                            on_cell(bar.n, len(cells))
+                        if main:
+                            write_tables(out, identity, cells)
             except KeyboardInterrupt:
                 bar.close()
                 print("sd sweep stopped; the same command continues it", file=sys.stderr)
                 raise
             bar.close()
-    rows, summary = write_tables(out, identity, cells)
+    distributed.barrier(state)  # every process's cells are on disk
+    if main:
+        rows, summary = write_tables(out, identity, cells)
+    else:
+        rows = [r for r in (load_cell(out, c) for c in cells) if r is not None]
+        summary = summarise(rows)
     ran = len(rows) - (len(cells) - len(todo))  # fewer than len(todo) when stopped early
     result = SDSweepResult(
         out, len(cells), ran, calls, time.perf_counter() - t0, rows, summary, notes=notes
     )
-    if plots:
+    if plots and main:
         from difflab.sd.figures import write_sweep_figures
 
         result.figures = write_sweep_figures(out, identity, rows, summary)
+    distributed.barrier(state)
     return result
 
 
-def _write_cells(out, identity, loaded, scorer, batch, images, flags, per_image) -> None:
+def _write_cells(out, identity, loaded, scorer, batch, images, flags, per_image, lora) -> None:
     prompt = identity["prompts"][batch[0].prompt_index]
     pixels = [to_uint8(img) for img in images]
     diags = [diagnose(img, flag) for img, flag in zip(images, flags, strict=True)]
     scores = scorer.score(pixels, [prompt] * len(batch)) if scorer is not None else None
     width, height = parse_size(identity["size"])
     for k, (cell, px, d) in enumerate(zip(batch, pixels, diags, strict=True)):
+        loras = [] if lora is None else [lora.with_scale(cell.lora_scale)]
         text, settings = image_settings(
             loaded, prompt, identity["negative_prompt"], cell.guidance, cell.steps, cell.seed,
-            width, height,
+            width, height, loras,
         )  # fmt: skip
         measured = d.note is None  # a filtered or black square measures nothing
+        scale = {} if cell.lora_scale is None else {"lora_scale": cell.lora_scale}
         row = {
-            "key": cell.key, "prompt_index": cell.prompt_index, **settings,
+            "key": cell.key, "prompt_index": cell.prompt_index, **scale, **settings,
             "clip_score": scores[k] if scores is not None and measured else None,
             "detail": laplacian_variance(px) if measured else None,
             "seconds_per_image": per_image, "batch": len(batch), **d.as_dict(),
@@ -347,12 +438,13 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Per (steps, guidance), across prompts and seeds: means, std and the filtered share."""
+    """Per (steps, guidance, LoRA scale), across prompts and seeds: means, std and the
+    filtered share."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["steps"], r["guidance"]), []).append(r)
+        groups.setdefault((r["steps"], r["guidance"], r.get("lora_scale")), []).append(r)
     out = []
-    for (st, g), rs in sorted(groups.items()):
+    for (st, g, scale), rs in sorted(groups.items(), key=lambda kv: (*kv[0][:2], kv[0][2] or 0)):
         clip_m, clip_s = _mean_std([r["clip_score"] for r in rs])
         det_m, det_s = _mean_std([r["detail"] for r in rs])
         nsfw = sum(bool(r["nsfw"]) for r in rs)
@@ -362,7 +454,7 @@ def summarise(rows: list[dict]) -> list[dict]:
             "seconds_per_image_mean": _mean_std([r["seconds_per_image"] for r in rs])[0],
             "nsfw_count": nsfw, "nsfw_share": nsfw / len(rs),
             "black_unflagged": sum(bool(r["black"]) and not r["nsfw"] for r in rs),
-        })  # fmt: skip
+        } | ({} if scale is None else {"lora_scale": scale}))  # fmt: skip
     return out
 
 
@@ -383,6 +475,10 @@ def write_tables(out: Path, identity: dict, cells: list[Cell]) -> tuple[list[dic
         "cells": rows, "summary": summary,
     }  # fmt: skip
     write_json(out / "metrics.json", doc)
-    write_text(out / "metrics.csv", csv_text(rows, CSV_COLUMNS))
-    write_text(out / "summary.csv", csv_text(summary, SUMMARY_COLUMNS))
+    columns, summary_columns = CSV_COLUMNS, SUMMARY_COLUMNS
+    if "lora_scales" in identity:
+        columns = (*CSV_COLUMNS[:4], "lora_scale", *CSV_COLUMNS[4:])
+        summary_columns = (*SUMMARY_COLUMNS[:2], "lora_scale", *SUMMARY_COLUMNS[2:])
+    write_text(out / "metrics.csv", csv_text(rows, columns))
+    write_text(out / "summary.csv", csv_text(summary, summary_columns))
     return rows, summary
