@@ -327,6 +327,7 @@ def test_bad_data_and_options_are_one_line_exit_2_nothing_written(models, tmp_pa
         (["--validate-every", "0"], "--validate-every 0", ">= 1"),
         (["--mixed-precision", "fp8"], "--mixed-precision 'fp8'", "choose one of"),
         (["--mixed-precision", "fp16"], "--mixed-precision fp16", "CUDA"),
+        (["--adam-8bit"], "--adam-8bit", "CUDA"),
         (["--instance-prompt", " "], "--instance-prompt", "empty"),
         (["--model", str(tmp_path / "none.safetensors")], "--model", "no such file"),
     ]

@@ -267,3 +267,20 @@ def test_models_listing_and_import(tmp_path):
     broken.write_bytes(b"not a safetensors file")
     with pytest.raises(UsageError, match="not a readable safetensors"):
         import_model(broken, models)
+
+
+def test_stable_diffusion_sweep_tab_and_its_report(server):
+    from difflab.sd.tiny import build_tiny_sd
+
+    lab, _, client, _ = server
+    model = build_tiny_sd(lab.models / "tiny-sd")
+    status, table, grids = client.predict(
+        "a red cube\na blue ball", "sd1", "1,3", "1", "0", "64x64", str(model), "none",
+        api_name="/sd_sweep",
+    )  # fmt: skip
+    assert "4/4 cells" in status and "0 filtered" in status
+    assert [row[:2] for row in table["data"]] == [[1, 1], [1, 3]]  # steps, guidance
+    assert len(grids) == 3  # one grid per prompt and the curves
+    report, _ = client.predict("sd1", api_name="/sd_sweep_report")
+    page = Path(report).read_text()
+    assert "Stable Diffusion sweep: sd1" in page and "a blue ball" in page

@@ -192,6 +192,9 @@ def _add_sd(sub) -> None:
     f.add_argument("--ema", action="store_true", help="save an EMA of the LoRA weights")
     f.add_argument("--gradient-checkpointing", action="store_true", help="less memory, slower")
     f.add_argument("--mixed-precision", default="no", help="no (default), fp16 (CUDA) or bf16")
+    f.add_argument(
+        "--adam-8bit", action="store_true", help="bitsandbytes' 8-bit AdamW (CUDA; less memory)"
+    )
     f.add_argument("--validation-prompt", help="prompt of the validation images (seeds 0-3)")
     f.add_argument(
         "--validate-every",

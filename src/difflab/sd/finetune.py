@@ -106,6 +106,7 @@ class FinetuneConfig:
     ema: bool = False
     gradient_checkpointing: bool = False
     mixed_precision: str = "no"
+    adam_8bit: bool = False  # bitsandbytes' 8-bit AdamW (CUDA only): optimizer state in 8 bits
     validation_prompt: str | None = None
     validate_every: int | None = None  # None: before training and at the end only
     checkpoint_every: int = 500
@@ -190,6 +191,17 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
 
 
+def _bnb_adamw(device: str) -> Any:
+    """bitsandbytes' ``AdamW8bit``, or one line saying why it cannot be used here."""
+    if not device.startswith("cuda"):
+        raise UsageError(f"--adam-8bit needs a CUDA GPU (device: {device}); leave it out")
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise UsageError("--adam-8bit needs bitsandbytes: pip install bitsandbytes") from None
+    return bitsandbytes.optim.AdamW8bit
+
+
 def _accelerator(mixed_precision: str, cpu: bool) -> Any:
     """An ``accelerate.Accelerator``. accelerate keeps one mixed-precision setting per process;
     a single-process caller (the tests, the UI) may start runs with different settings, so a
@@ -243,6 +255,8 @@ class FineTuner:
             raise UsageError(
                 f"--mixed-precision fp16 needs a CUDA GPU (device: {device}); use bf16 or no"
             )
+        if cfg.adam_8bit:
+            _bnb_adamw(device)  # before any work: refuse on the CPU or without bitsandbytes
         self.source = resolve_model(cfg.model)
         self.fingerprint = model_fingerprint(self.source)
         state = self._check_out()
@@ -370,10 +384,15 @@ class FineTuner:
             for n, p in m.named_parameters()
             if p.requires_grad
         }
-        fused = {"fused": True} if self.device.type == "cuda" else {}
-        optimizer = torch.optim.AdamW(
-            self.params.values(), lr=cfg.lr, weight_decay=WEIGHT_DECAY, **fused
-        )
+        if cfg.adam_8bit:
+            optimizer = _bnb_adamw(str(self.device))(
+                self.params.values(), lr=cfg.lr, weight_decay=WEIGHT_DECAY
+            )
+        else:
+            fused = {"fused": True} if self.device.type == "cuda" else {}
+            optimizer = torch.optim.AdamW(
+                self.params.values(), lr=cfg.lr, weight_decay=WEIGHT_DECAY, **fused
+            )
         # the prepared modules (wrapped for distributed runs) train; the pipeline keeps its own
         *prepared, self.optimizer = self.accelerator.prepare(*trained, optimizer)
         self.unet_step = prepared[0]

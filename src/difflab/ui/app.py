@@ -338,10 +338,15 @@ def build_app(lab: Lab):
             w_go.click(sweep, [w_run, w_name, w_guid, w_steps, w_sampler, w_seeds, w_n], [w_status, w_table, w_grid, w_plots, w_job], api_name="sweep")  # fmt: skip
             w_cancel.click(lambda i: lab.jobs.cancel(i) and None, w_job, None, api_name=False)
 
-            @_friendly
-            def sweep_report(name):
-                path = lab.sweep_report(name)
-                return path, f"[Open the report in a new tab](/gradio_api/file={path})"
+            def report_for(sd: bool) -> Callable:
+                @_friendly
+                def sweep_report(name):
+                    path = lab.sweep_report(name, sd=sd)
+                    return path, f"[Open the report in a new tab](/gradio_api/file={path})"
+
+                return sweep_report
+
+            sweep_report = report_for(sd=False)
 
             w_report.click(sweep_report, w_name, [w_report_file, w_report_link], api_name="sweep_report")  # fmt: skip
 
@@ -395,6 +400,9 @@ def build_app(lab: Lab):
                         e_model = gr.Dropdown(models, value=models[0] if models else None, allow_custom_value=True, label="Model")  # fmt: skip
                         e_clip = gr.Textbox(value="none", label="CLIP model for the score (Hub id or folder; none to skip)")  # fmt: skip
                         e_go = gr.Button("Run sweep", variant="primary")
+                        e_report = gr.Button("Write the HTML report")
+                        e_report_file = gr.File(label="report.html")
+                        e_report_link = gr.Markdown()
                     with gr.Column(scale=2):
                         e_status = gr.Textbox(
                             label="Progress", interactive=False, elem_classes="status"
@@ -412,6 +420,7 @@ def build_app(lab: Lab):
                     res = lab.sd_sweep_results(Path(job.result).name)
                     yield job.status_line(), _table(res["summary"]), res["grids"] + res["plots"]
 
+                e_report.click(report_for(sd=True), e_name, [e_report_file, e_report_link], api_name="sd_sweep_report")  # fmt: skip
                 e_go.click(sd_sweep, [e_prompts, e_name, e_guid, e_steps, e_seeds, e_size, e_model, e_clip], [e_status, e_table, e_grids], api_name="sd_sweep")  # fmt: skip
 
         # -- Runs ----------------------------------------------------------------------------

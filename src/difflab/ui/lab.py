@@ -393,10 +393,12 @@ class Lab:
             "folder": str(out),
         }
 
-    def sweep_report(self, name: str) -> str:
+    def sweep_report(self, name: str, sd: bool = False) -> str:
+        """Write ``report.html`` into a DDPM (or, with ``sd``, a Stable Diffusion) sweep folder."""
         from difflab.report import write_report
 
-        folder = inside(self.runs, f"{SWEEPS}/{name}", "sweep")
+        where = f"{SD_OUT}/sweeps/{name}" if sd else f"{SWEEPS}/{name}"
+        folder = inside(self.runs, where, "sweep")
         if not (folder / "metrics.json").is_file():
             raise UsageError(f"sweep {name!r}: no finished cell yet")
         return str(write_report([folder], folder / "report.html").html)
