@@ -234,13 +234,14 @@ def test_stable_diffusion_tab_marks_filtered_images(server, tmp_path):
 
     lab, _, client, _ = server
     model = build_tiny_sd(lab.models / "tiny-flags", flags=True)
-    status, gallery, settings = client.predict(
+    status, gallery, notes, settings = client.predict(
         "a cat", "", 7.5, 2, 0, 2, "64x64", "", str(model), True, api_name="/sd_generate"
     )
     assert "2 FILTERED by the safety checker" in status
     assert len(gallery) == 2 and all(
         "FILTERED by the safety checker" in g["caption"] for g in gallery
     )
+    assert notes.count("FILTERED by the safety checker") == 2 and "seed 1" in notes
     assert settings["guidance"] == 7.5 and settings["safety_checker"] is True
     names = {m.name for m in list_models(lab.models, hf_cache=False)}
     assert "tiny-flags" in names

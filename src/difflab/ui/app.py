@@ -372,6 +372,7 @@ def build_app(lab: Lab):
                             label="Progress", interactive=False, elem_classes="status"
                         )
                         d_gallery = gr.Gallery(object_fit="contain", label="Images (captions say what the safety checker did)", columns=2, height=480)  # fmt: skip
+                        d_notes = gr.Markdown(elem_id="sd-notes")
                         d_settings = gr.JSON(label="Settings (also in each PNG's parameters)")
 
                 @_friendly
@@ -381,13 +382,17 @@ def build_app(lab: Lab):
                     )
                     for j in follow(job):
                         if j.state in ("queued", "running"):
-                            yield j.status_line(), gr.update(), gr.update()
+                            yield j.status_line(), gr.update(), "", gr.update()
                     out = finished(job)
                     flagged = sum(i["flagged"] for i in out["images"])
                     line = job.status_line() + (f" · {flagged} FILTERED by the safety checker" if flagged else "")  # fmt: skip
-                    yield line, [(i["png"], i["caption"]) for i in out["images"]], out["settings"]
+                    notes = [f"- ⚠ **{i['caption'].split(':', 1)[0]}**:{i['caption'].split(':', 1)[1]}"
+                             for i in out["images"] if i["flagged"] or i["black"]]  # fmt: skip
+                    notes += [f"- note: {n}" for n in out["notes"]]
+                    gallery = [(i["png"], i["caption"]) for i in out["images"]]
+                    yield line, gallery, "\n".join(notes), out["settings"]
 
-                d_go.click(sd_generate, [d_prompt, d_neg, d_guid, d_steps, d_seed, d_n, d_size, d_sched, d_model, d_safety], [d_status, d_gallery, d_settings], api_name="sd_generate")  # fmt: skip
+                d_go.click(sd_generate, [d_prompt, d_neg, d_guid, d_steps, d_seed, d_n, d_size, d_sched, d_model, d_safety], [d_status, d_gallery, d_notes, d_settings], api_name="sd_generate")  # fmt: skip
             with gr.Tab("Sweep"):
                 with gr.Row():
                     with gr.Column(scale=1):
@@ -502,9 +507,10 @@ def build_app(lab: Lab):
             sources = gr.update(choices=list(DATASET_NAMES[:2]) + names)
             table = _table(lab.runs_table(), columns)
             image, note = lab.forward_view("mnist5k", 250)
-            return table, models_table(), pick, pick, pick, gr.update(choices=names), sources, image, note  # fmt: skip
+            details = run_view(names[0]) if names else (None, None, loss_plot([]), [])
+            return (table, models_table(), pick, pick, pick, pick, sources, image, note, *details)
 
-        app.load(on_load, None, [u_table, m_table, s_run, r_run, w_run, u_run, f_source, f_image, f_note], api_name=False)  # fmt: skip
+        app.load(on_load, None, [u_table, m_table, s_run, r_run, w_run, u_run, f_source, f_image, f_note, u_config, u_eval, u_loss, u_figs], api_name=False)  # fmt: skip
     return app
 
 

@@ -177,6 +177,9 @@ class Lab:
             return job.cancelled()
 
         result = trainer.fit(should_stop=should_stop)
+        from difflab.plots import plot_run
+
+        plot_run(out, device=self.device)  # loss and schedule figures for the Runs tab
         what = "stopped" if job.cancelled() else "finished"
         job.update(
             1.0 if not job.cancelled() else None,
@@ -456,7 +459,10 @@ class Lab:
         for rec in r.images:
             d = rec.diagnosis
             if d.nsfw:
-                caption = f"FILTERED by the safety checker (seed {rec.seed}): {d.note}"
+                caption = (
+                    f"seed {rec.seed}: FILTERED by the safety checker (flagged as possibly "
+                    "unsafe content; the pipeline returns a black image in its place)"
+                )
             elif d.note:
                 caption = f"seed {rec.seed}: {d.note}"
             else:
