@@ -141,6 +141,13 @@ def build_app(lab: Lab):
 
     runs = lab.run_names
 
+    def status_box(**kw):
+        return gr.Textbox(label="Progress", interactive=False, elem_classes="status", **kw)
+
+    def report_widgets():
+        """The report button, the written file and a link that opens it."""
+        return gr.Button("Write the HTML report"), gr.File(label="report.html"), gr.Markdown()
+
     def newest() -> str | None:
         names = runs()
         return names[0] if names else None
@@ -169,9 +176,7 @@ def build_app(lab: Lab):
                         t_start = gr.Button("Start", variant="primary")
                         t_stop = gr.Button("Stop", variant="stop")
                 with gr.Column(scale=2):
-                    t_status = gr.Textbox(
-                        label="Progress", interactive=False, elem_classes="status"
-                    )
+                    t_status = status_box()
                     t_plot = gr.LinePlot(x="step", y="loss", label="Training loss", height=320)
             timer = gr.Timer(2.0)
 
@@ -212,12 +217,7 @@ def build_app(lab: Lab):
                         s_go = gr.Button("Sample", variant="primary", elem_id="sample-go")
                         s_cancel = gr.Button("Cancel", variant="stop")
                 with gr.Column(scale=2):
-                    s_status = gr.Textbox(
-                        label="Progress",
-                        interactive=False,
-                        elem_classes="status",
-                        elem_id="sample-status",
-                    )
+                    s_status = status_box(elem_id="sample-status")
                     s_image = gr.Image(label="Preview (predicted x̂₀), then the grid", type="filepath", elem_id="sample-image", height=420)  # fmt: skip
                     with gr.Row():
                         s_png = gr.File(label="PNG")
@@ -306,13 +306,9 @@ def build_app(lab: Lab):
                     with gr.Row():
                         w_go = gr.Button("Run sweep", variant="primary")
                         w_cancel = gr.Button("Cancel", variant="stop")
-                    w_report = gr.Button("Write the HTML report")
-                    w_report_file = gr.File(label="report.html")
-                    w_report_link = gr.Markdown()
+                    w_report, w_report_file, w_report_link = report_widgets()
                 with gr.Column(scale=2):
-                    w_status = gr.Textbox(
-                        label="Progress", interactive=False, elem_classes="status"
-                    )
+                    w_status = status_box()
                     w_table = gr.Dataframe(
                         label="Summary (mean ± std over seeds)", interactive=False
                     )
@@ -368,9 +364,7 @@ def build_app(lab: Lab):
                         d_safety = gr.Checkbox(value=True, label="Safety checker")
                         d_go = gr.Button("Generate", variant="primary")
                     with gr.Column(scale=2):
-                        d_status = gr.Textbox(
-                            label="Progress", interactive=False, elem_classes="status"
-                        )
+                        d_status = status_box()
                         d_gallery = gr.Gallery(object_fit="contain", label="Images (captions say what the safety checker did)", columns=2, height=480)  # fmt: skip
                         d_notes = gr.Markdown(elem_id="sd-notes")
                         d_settings = gr.JSON(label="Settings (also in each PNG's parameters)")
@@ -405,13 +399,9 @@ def build_app(lab: Lab):
                         e_model = gr.Dropdown(models, value=models[0] if models else None, allow_custom_value=True, label="Model")  # fmt: skip
                         e_clip = gr.Textbox(value="none", label="CLIP model for the score (Hub id or folder; none to skip)")  # fmt: skip
                         e_go = gr.Button("Run sweep", variant="primary")
-                        e_report = gr.Button("Write the HTML report")
-                        e_report_file = gr.File(label="report.html")
-                        e_report_link = gr.Markdown()
+                        e_report, e_report_file, e_report_link = report_widgets()
                     with gr.Column(scale=2):
-                        e_status = gr.Textbox(
-                            label="Progress", interactive=False, elem_classes="status"
-                        )
+                        e_status = status_box()
                         e_table = gr.Dataframe(label="Summary", interactive=False)
                         e_grids = gr.Gallery(object_fit="contain", label="Grids (rows guidance, columns steps)", columns=1, height=480)  # fmt: skip
 
