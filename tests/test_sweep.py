@@ -106,6 +106,9 @@ def test_ctrl_c_exits_130_and_resumes(run, tmp_path, monkeypatch, capsys):
 
 
 def test_cells_share_x_T_and_match_difflab_sample(run, tmp_path, monkeypatch):
+    axes = dict(
+        guidance="0,2", steps="2,3", seeds="0,1", n_per_class=2, progress=False, plots=False
+    )
     seen = []
     real = sweep_mod.sample_steps
     monkeypatch.setattr(
@@ -113,17 +116,7 @@ def test_cells_share_x_T_and_match_difflab_sample(run, tmp_path, monkeypatch):
         "sample_steps",
         lambda *a, **k: seen.append((k["seed"], k["x_T"])) or real(*a, **k),
     )
-    sweep_run(
-        run,
-        tmp_path / "a",
-        guidance="0,2",
-        steps="2,3",
-        seeds="0,1",
-        n_per_class=2,
-        progress=False,
-        plots=False,
-        max_group=8,
-    )
+    sweep_run(run, tmp_path / "a", **axes, max_group=8)
     assert len(seen) == 4  # one call per seed and step count: both guidance values batched
     by_seed = {0: [x for s, x in seen if s == 0], 1: [x for s, x in seen if s == 1]}
     assert all(torch.equal(x, by_seed[0][0]) for x in by_seed[0])  # one x_T for all cells of a seed
@@ -131,16 +124,7 @@ def test_cells_share_x_T_and_match_difflab_sample(run, tmp_path, monkeypatch):
     assert not torch.equal(by_seed[0][0], by_seed[1][0])
 
     monkeypatch.setattr(sweep_mod, "sample_steps", real)
-    sweep_run(
-        run,
-        tmp_path / "b",
-        guidance="0,2",
-        steps="2,3",
-        seeds="0,1",
-        n_per_class=2,
-        progress=False,
-        plots=False,
-    )
+    sweep_run(run, tmp_path / "b", **axes)
     # the same sweep unbatched (the CPU default), into another folder: the same images
     for p in (tmp_path / "a" / "cells").glob("*.npz"):
         a, b = np.load(p), np.load(tmp_path / "b" / "cells" / p.name)

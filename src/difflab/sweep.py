@@ -31,12 +31,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from difflab import distributed
 from difflab.checkpoint import CONFIG, WEIGHTS, check_run_dir, load_run
 from difflab.config import RunConfig
 from difflab.errors import UsageError
-from difflab.files import atomic_path, csv_text, folder_lock, write_json, write_text
+from difflab.files import csv_text, folder_lock, write_json, write_text
+from difflab.generate import save_npz
 from difflab.sampling import SAMPLERS, check_sampling_args, initial_noise, sample_steps
-from difflab.viz import to_uint8
 
 SWEEP_FILE = "sweep.json"
 CELLS_DIR = "cells"
@@ -160,47 +161,61 @@ def sweep_identity(
     }  # fmt: skip
 
 
+RESUME_HINT = "re-run the command that started it to resume, or choose another --out"
+
+
+def read_identity(out: Path, name: str) -> dict[str, Any] | None:
+    """The identity file ``name`` of the sweep folder ``out``, or None for a new sweep.
+
+    A file where the folder should be, a non-empty folder without the identity file and an
+    unreadable identity are refused with one line each.
+    """
+    where = f"--out {out}"
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{where}: is a file, not a folder")
+    path = out / name
+    if not path.exists():
+        if out.is_dir() and any(out.iterdir()):
+            raise UsageError(
+                f"{where}: folder is not empty and holds no {name}; choose another --out"
+            )
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        raise UsageError(f"{where}: {name} is unreadable; choose another --out") from None
+
+
 def prepare_folder(out: str | Path, identity: dict[str, Any]) -> Path:
     """Create ``out`` for a new sweep, or accept it when it holds this very sweep."""
     out = Path(out)
     where = f"--out {out}"
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{where}: is a file, not a folder")
-    path = out / SWEEP_FILE
-    if path.exists():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            raise UsageError(f"{where}: {SWEEP_FILE} is unreadable; choose another --out") from None
-        hint = "re-run the command that started it to resume, or choose another --out"
-        if old.get("run") != identity["run"]:
-            raise UsageError(f"{where}: holds a sweep of another run ({old.get('run')}); {hint}")
-        if old.get("weights_sha256") != identity["weights_sha256"]:
-            raise UsageError(
-                f"{where}: the weights of {identity['run']} changed since this sweep started "
-                f"({WEIGHTS} differs); choose another --out"
-            )
-        for key, value in identity.items():
-            if old.get(key) == value or key in PRESENTATION:
-                continue
-            if key in OPTIONS:
-                raise UsageError(
-                    f"{where}: holds a sweep with {OPTIONS[key]} {_show(old.get(key))}, "
-                    f"not {_show(value)}; {hint}"
-                )
-            raise UsageError(
-                f"{where}: the run's {key} changed since this sweep started "
-                f"({_show(old.get(key))}, now {_show(value)}); choose another --out"
-            )
-        if any(old.get(k) != identity[k] for k in PRESENTATION):
-            write_json(path, identity)  # only how the figures look: no cell is affected
+    old = read_identity(out, SWEEP_FILE)
+    if old is None:
+        (out / CELLS_DIR).mkdir(parents=True, exist_ok=True)
+        write_json(out / SWEEP_FILE, identity)
         return out
-    if out.is_dir() and any(out.iterdir()):
+    if old.get("run") != identity["run"]:
+        raise UsageError(f"{where}: holds a sweep of another run ({old.get('run')}); {RESUME_HINT}")
+    if old.get("weights_sha256") != identity["weights_sha256"]:
         raise UsageError(
-            f"{where}: folder is not empty and holds no {SWEEP_FILE}; choose another --out"
+            f"{where}: the weights of {identity['run']} changed since this sweep started "
+            f"({WEIGHTS} differs); choose another --out"
         )
-    (out / CELLS_DIR).mkdir(parents=True, exist_ok=True)
-    write_json(path, identity)
+    for key, value in identity.items():
+        if old.get(key) == value or key in PRESENTATION:
+            continue
+        if key in OPTIONS:
+            raise UsageError(
+                f"{where}: holds a sweep with {OPTIONS[key]} {_show(old.get(key))}, "
+                f"not {_show(value)}; {RESUME_HINT}"
+            )
+        raise UsageError(
+            f"{where}: the run's {key} changed since this sweep started "
+            f"({_show(old.get(key))}, now {_show(value)}); choose another --out"
+        )
+    if any(old.get(k) != identity[k] for k in PRESENTATION):
+        write_json(out / SWEEP_FILE, identity)  # only how the figures look: no cell is affected
     return out
 
 
@@ -279,10 +294,7 @@ def cell_groups(todo: list[Cell], max_cells: int) -> list[list[Cell]]:
 
 
 def _write_cell(out: Path, cell: Cell, images: torch.Tensor, labels: torch.Tensor, row: dict):
-    npz = out / CELLS_DIR / f"{cell.key}.npz"
-    with atomic_path(npz) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, images=to_uint8(images), labels=labels.numpy().astype(np.int64))
+    save_npz(out / CELLS_DIR / f"{cell.key}.npz", images, labels)
     write_json(out / CELLS_DIR / f"{cell.key}.json", row)  # last: marks the cell finished
 
 
@@ -318,8 +330,6 @@ def sweep_run(
     and holds its lock, every rank writes its own cell files, and rank 0 rebuilds the tables
     and draws the figures once all ranks are done.
     """
-    from difflab import distributed
-
     identity = sweep_identity(run, guidance, steps, sampler, seeds, n_per_class, grid_class)
     state = distributed.process_state(device)
     if state is not None and str(device) != "cpu":
@@ -373,8 +383,6 @@ def _run_cells(
     model, diffusion, cfg = load_run(run, device=device)
     if main:  # trains and caches the judge on first use; the other ranks then read the cache
         judge = get_judge(cfg.train.dataset, root=cfg.train.data_dir, device=device, progress=progress)  # fmt: skip
-    from difflab import distributed
-
     distributed.barrier(state)
     if not main:
         judge = get_judge(cfg.train.dataset, root=cfg.train.data_dir, device=device, progress=False)  # fmt: skip

@@ -69,7 +69,7 @@ from difflab.sd.lora import (
 from difflab.sd.metadata import save_image
 from difflab.sd.metrics import DEFAULT_CLIP_MODEL, laplacian_variance, load_scorer
 from difflab.sd.safety import diagnose, to_uint8
-from difflab.sweep import parse_list
+from difflab.sweep import RESUME_HINT, parse_list, read_identity
 
 IDENTITY_FILE = "sd_sweep.json"
 CELLS_DIR = "cells"
@@ -206,21 +206,10 @@ def sweep_identity(
 
 def check_folder(out: Path, identity: dict[str, Any]) -> bool:
     """True when ``out`` holds this very sweep (resume); False when it is new (or empty)."""
-    where = f"--out {out}"
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{where}: is a file, not a folder")
-    path = out / IDENTITY_FILE
-    if not path.exists():
-        if out.is_dir() and any(out.iterdir()):
-            raise UsageError(
-                f"{where}: folder is not empty and holds no {IDENTITY_FILE}; choose another --out"
-            )
+    where, hint = f"--out {out}", RESUME_HINT
+    old = read_identity(out, IDENTITY_FILE)
+    if old is None:
         return False
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        raise UsageError(f"{where}: {IDENTITY_FILE} is unreadable; choose another --out") from None
-    hint = "re-run the command that started it to resume, or choose another --out"
     if old.get("model_fingerprint") != identity["model_fingerprint"]:
         raise UsageError(f"{where}: holds a sweep of another model ({old.get('model')}); {hint}")
     if old.get("lora_fingerprint") != identity.get("lora_fingerprint"):
@@ -388,11 +377,7 @@ def sd_sweep(
                 raise
             bar.close()
     distributed.barrier(state)  # every process's cells are on disk
-    if main:
-        rows, summary = write_tables(out, identity, cells)
-    else:
-        rows = [r for r in (load_cell(out, c) for c in cells) if r is not None]
-        summary = summarise(rows)
+    rows, summary = (write_tables if main else read_tables)(out, identity, cells)
     ran = len(rows) - (len(cells) - len(todo))  # fewer than len(todo) when stopped early
     result = SDSweepResult(
         out, len(cells), ran, calls, time.perf_counter() - t0, rows, summary, notes=notes
@@ -458,10 +443,15 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def read_tables(out: Path, identity: dict, cells: list[Cell]) -> tuple[list[dict], list[dict]]:
+    """The finished cells' records and their summary (writes nothing)."""
+    rows = [r for r in (load_cell(out, c) for c in cells) if r is not None]
+    return rows, summarise(rows)
+
+
 def write_tables(out: Path, identity: dict, cells: list[Cell]) -> tuple[list[dict], list[dict]]:
     """Rebuild ``metrics.csv``, ``metrics.json`` and ``summary.csv`` from the cell records."""
-    rows = [r for r in (load_cell(out, c) for c in cells) if r is not None]
-    summary = summarise(rows)
+    rows, summary = read_tables(out, identity, cells)
     doc = {
         "sweep": identity, "complete": len(rows) == len(cells), "cells_done": len(rows),
         "cells_total": len(cells),

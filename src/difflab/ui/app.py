@@ -10,6 +10,7 @@ explicit ``--no-auth``); the server serves files from the runs folder alone and 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import sys
@@ -66,7 +67,7 @@ def _friendly(fn: Callable) -> Callable:
         first = (str(e).strip().splitlines() or [""])[0]
         return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
-    if _is_generator(fn):
+    if inspect.isgeneratorfunction(fn):
 
         @functools.wraps(fn)
         def gen(*args, **kwargs):
@@ -89,12 +90,6 @@ def _friendly(fn: Callable) -> Callable:
             raise gr.Error(message(e), print_exception=False) from None
 
     return wrapper
-
-
-def _is_generator(fn: Callable) -> bool:
-    import inspect
-
-    return inspect.isgeneratorfunction(fn)
 
 
 def follow(job: Job) -> Iterator[Job]:

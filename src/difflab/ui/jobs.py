@@ -24,8 +24,7 @@ from difflab.errors import UsageError
 
 log = logging.getLogger("difflab.ui")
 
-STATES = ("queued", "running", "done", "failed", "cancelled")
-FINISHED = ("done", "failed", "cancelled")
+FINISHED = ("done", "failed", "cancelled")  # a job is queued, running, or one of these
 
 
 class Cancelled(Exception):
@@ -74,10 +73,6 @@ class Job:
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
 
-    @property
-    def finished_ok(self) -> bool:
-        return self.state == "done"
-
     def status_line(self) -> str:
         pct = f" {self.progress:.0%}" if self.progress is not None else ""
         text = self.error if self.state == "failed" else self.message
@@ -103,7 +98,7 @@ class JobQueue:
             finished = [j for j in self._jobs.values() if j.state in FINISHED]
             for old in finished[: max(0, len(finished) - self._keep)]:
                 del self._jobs[old.id]
-        ahead = self.pending(before=job.id)
+        ahead = sum(1 for j in self.active() if j.id < job.id)
         job.message = f"waiting for the device ({ahead} job(s) ahead)" if ahead else "starting"
         self._queue.put(job)
         return job
@@ -119,9 +114,6 @@ class JobQueue:
         return [
             j for j in self.jobs() if j.state in ("queued", "running") and kind in (None, j.kind)
         ]
-
-    def pending(self, before: int | None = None) -> int:
-        return sum(1 for j in self.active() if before is None or (j.id < before))
 
     def cancel(self, job_id: int) -> bool:
         job = self._jobs.get(job_id)

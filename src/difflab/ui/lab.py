@@ -276,7 +276,7 @@ class Lab:
         """x_t of one test image per class at paper step ``t`` (0 = data, T = the last step)."""
         from difflab.data import load_dataset
         from difflab.diffusion import GaussianDiffusion
-        from difflab.figures import column_label
+        from difflab.figures import column_label, forward_process
 
         if source in DATASET_NAMES:
             cfg, dataset = RunConfig(), source
@@ -292,10 +292,7 @@ class Lab:
         idx = [int((data.labels == c).nonzero()[0]) for c in data.labels.unique()[:10]]
         x0 = data.images[idx].float() / 127.5 - 1
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-        if t == 0:
-            xt = x0
-        else:
-            xt = diffusion.q_sample(x0, torch.full((len(idx),), t - 1, dtype=torch.long), noise)
+        xt = forward_process(diffusion, x0, [t], noise)[:, 0]  # the forward figure's maths
         return preview_grid(xt, nrow=len(idx)), f"{dataset}, T = {T}: {column_label(diffusion, t)}"
 
     def start_reverse(
@@ -333,7 +330,8 @@ class Lab:
                 "t": step.t + 1, "x_t": preview_grid(step.x_t, 8), "x0": preview_grid(step.x0_pred, 8)
             })  # fmt: skip
             job.update((step.index + 1) / step.num_steps, f"step {step.index + 1}/{step.num_steps}")
-        frames.append({"t": 0, "x_t": preview_grid(step.x_prev, 8), "x0": preview_grid(step.x_prev.clamp(-1, 1), 8)})  # fmt: skip
+        final = preview_grid(step.x_prev, 8)  # clamped to [-1, 1] like every preview
+        frames.append({"t": 0, "x_t": final, "x0": final})
         return frames
 
     # -- sweeps -------------------------------------------------------------------------------

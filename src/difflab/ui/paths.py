@@ -9,7 +9,6 @@ followed, and refused unless it lies in the root, whether it was spelled ``../x`
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -166,7 +165,3 @@ def import_model(source: str | Path, models_dir: str | Path) -> Path:
     with atomic_path(dest) as tmp:
         shutil.copyfile(src, tmp)
     return dest
-
-
-def newest_first(paths: list[Path]) -> list[Path]:
-    return sorted(paths, key=lambda p: os.stat(p).st_mtime, reverse=True)
