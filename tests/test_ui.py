@@ -99,6 +99,15 @@ def test_default_bind_is_loopback_and_public_needs_auth(tmp_path, monkeypatch, c
     assert main(["ui", "--host", "0.0.0.0", "--auth", "nopassword", *runs]) == 2
     assert main(["ui", "--host", "0.0.0.0", "--no-auth", *runs]) == 0
     assert seen["auth"] is None
+    capsys.readouterr()
+    for bad, option in (
+        (["--port", "0"], "--port 0"),
+        (["--runs-dir", "/proc/no/runs"], "--runs-dir"),
+    ):
+        assert main(["ui", *runs, *bad]) == 2
+        captured = capsys.readouterr()
+        assert len(captured.err.strip().splitlines()) == 1 and option in captured.err
+        assert "http://" not in captured.out  # nothing announced for a server that never ran
 
 
 # -- the tabs through gradio_client ------------------------------------------------------------

@@ -411,9 +411,6 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("difflab ui needs Gradio: pip install 'difflab[ui]'") from None
         from difflab.ui.app import launch
 
-        print(
-            f"difflab ui: http://{args.host}:{args.port}  (runs folder {args.runs_dir}; Ctrl+C stops)"
-        )
         launch(
             args.runs_dir, args.models_dir, host=args.host, port=args.port, auth=args.auth,
             no_auth=args.no_auth, device=args.device,

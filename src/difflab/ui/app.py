@@ -527,12 +527,18 @@ def launch(
     if not 0 < int(port) < 65536:
         raise UsageError(f"--port {port}: must be between 1 and 65535")
     runs = Path(runs_dir).expanduser().resolve()
-    runs.mkdir(parents=True, exist_ok=True)
+    try:
+        runs.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--runs-dir {runs_dir}: cannot create it ({e.strerror})") from None
     # Gradio's own copies of shown files live inside the runs folder too, so that nothing
     # outside it is ever served.
     os.environ.setdefault("GRADIO_TEMP_DIR", str(runs / ".ui-cache"))
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    return serve(Lab(runs, models_dir, device), host, int(port), pair, block)
+    lab = Lab(runs, models_dir, device)
+    if block:
+        print(f"difflab ui: http://{host}:{port}  (runs folder {runs}; Ctrl+C stops)")
+    return serve(lab, host, int(port), pair, block)
 
 
 def serve(lab: Lab, host: str, port: int, auth: tuple[str, str] | None = None, block: bool = True):
