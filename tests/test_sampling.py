@@ -215,3 +215,44 @@ def test_class_out_of_range():
     model, d = tiny_model(), GaussianDiffusion(DiffusionConfig())
     with pytest.raises(UsageError, match="--classes"):
         next(sample_steps(model, d, torch.tensor([10])))
+
+
+def test_per_sample_guidance_plans_its_passes_once(monkeypatch):
+    """Which samples need which pass is worked out once per trajectory, not at every step
+    (``nonzero`` waits for a GPU), and the mixed batch still equals each scale alone."""
+    model, d = tiny_model(), GaussianDiffusion(DiffusionConfig())
+    labels = torch.arange(3).repeat(3)
+    scales = torch.tensor([0.0, 1.0, 3.0]).repeat_interleave(3)
+    calls = {"n": 0}
+    real = torch.Tensor.nonzero
+
+    def counting(self, *a, **k):
+        calls["n"] += 1
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "nonzero", counting)
+    x_T = torch.randn(3, 1, 8, 8).repeat(3, 1, 1, 1)  # every block starts from the same noise
+    mixed = sample(model, d, labels, guidance=scales, steps=6, sampler="ddim", x_T=x_T, groups=3)
+    assert calls["n"] == 2  # conditional and unconditional index lists, once
+    monkeypatch.setattr(torch.Tensor, "nonzero", real)
+    for k, s in enumerate((0.0, 1.0, 3.0)):
+        alone = sample(model, d, labels[:3], guidance=s, steps=6, sampler="ddim", x_T=x_T[:3])
+        torch.testing.assert_close(mixed[3 * k : 3 * k + 3], alone, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_sampling_steps_never_wait_for_the_gpu(sampler):
+    """After x_T is on the device, no step synchronises with the host: CUDA-graph friendly."""
+    model, d = tiny_model().cuda(), GaussianDiffusion(DiffusionConfig())
+    labels = torch.arange(10).cuda()
+    scales = torch.tensor([1.0, 3.0]).repeat_interleave(5)
+    steps = sample_steps(model, d, labels, guidance=scales, steps=20, sampler=sampler, seed=0)
+    first = next(steps)  # x_T's copy to the device and the pass plan are allowed to wait
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        rest = list(steps)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(rest) == 19 and first.x_prev.is_cuda
+    assert torch.isfinite(rest[-1].x_prev).all()

@@ -455,3 +455,17 @@ def test_real_sd15_generates_one_image(tmp_path):
     assert (
         read_parameters(r.images[0].png)["Model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     )
+
+
+def test_sd15_shaped_components_have_sd15s_sizes():
+    """The random stand-in for SD 1.5 (speed measurements without the download) has SD 1.5's
+    layers: the published parameter counts of its UNet, VAE and ViT-L/14 text encoder."""
+    from difflab.sd.tiny import sd15_components, tiny_tokenizer
+
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        parts = sd15_components(tiny_tokenizer())
+    count = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
+    assert count["unet"] == 859_520_964
+    assert count["vae"] == 83_653_863
+    assert count["text_encoder"] == 123_060_480
+    assert parts["unet"].config.cross_attention_dim == parts["text_encoder"].config.hidden_size

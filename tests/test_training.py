@@ -89,6 +89,44 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in good.values())
 
 
+def test_losses_read_back_in_batches_log_the_same_and_still_catch_nan(tmp_path, monkeypatch):
+    """The losses stay on the device between log rows: rows every 3 steps average the same
+    losses as rows every step, and a NaN between two rows still stops training before the
+    next checkpoint, naming its step."""
+    every = train(tiny_config(epochs=0.2), tmp_path / "every", device="cpu", progress=False)
+    third = tiny_config(epochs=0.2).override(["train.log_every=3"])
+    train(third, tmp_path / "third", device="cpu", progress=False)
+    rows1 = [json.loads(x) for x in (tmp_path / "every" / "metrics.jsonl").read_text().splitlines()]
+    rows3 = [json.loads(x) for x in (tmp_path / "third" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows3] == [
+        s for s in range(1, every.steps + 1) if s % 3 == 0 or s == every.steps
+    ]
+    for r in rows3:
+        window = [x["loss"] for x in rows1 if r["step"] - 3 < x["step"] <= r["step"]]
+        assert r["loss"] == pytest.approx(sum(window) / len(window), rel=1e-6)
+
+    cfg = tiny_config(epochs=0.3).override(["train.log_every=5", "train.checkpoint_every=3"])
+    trainer = Trainer(cfg, tmp_path / "nan", device="cpu", progress=False)
+    original = trainer.diffusion.training_loss
+
+    def poisoned(*a, **k):
+        loss = original(*a, **k)
+        return loss * float("nan") if trainer.step == 4 else loss
+
+    monkeypatch.setattr(trainer.diffusion, "training_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match="at step 4.*checkpoint of step 3"):
+        trainer.fit()
+    assert trainer.step == 5  # found when step 5 was logged, before step 6's checkpoint
+    assert ckpt.weights_metadata(tmp_path / "nan" / "model.safetensors")["step"] == 3
+    assert all(
+        torch.isfinite(v).all() for v in load_file(tmp_path / "nan" / "model.safetensors").values()
+    )
+    assert not (tmp_path / "nan" / "metrics.jsonl").exists() or all(
+        json.loads(x)["step"] < 4
+        for x in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()
+    )
+
+
 def test_killed_checkpoint_write_leaves_previous_files(tmp_path, monkeypatch):
     run = tiny_run(tmp_path)
     before = (run / "train_state.pt").read_bytes()
@@ -236,9 +274,53 @@ def test_compiled_training_matches_eager(tmp_path):
 
 
 @pytest.mark.gpu
+def test_training_steps_never_wait_for_the_gpu(tmp_path):
+    """Between two log rows a step makes no host-device synchronisation (draws on the GPU,
+    loss kept there, one multi-tensor EMA update)."""
+    cfg = tiny_config(epochs=1.0).override(["train.log_every=1000", "train.checkpoint_every=1000"])
+    trainer = Trainer(cfg, tmp_path / "run", device="cuda", progress=False)
+    trainer.train_step(1e-3)  # first step: lazy optimizer state and kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [trainer.train_step(1e-3) for _ in range(3)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(v.is_cuda for v in losses) and all(torch.isfinite(v) for v in losses)
+
+
+@pytest.mark.gpu
 def test_speed_options_on_cuda(tmp_path):
     cfg = tiny_config(channels_last=True)
     trainer = Trainer(cfg, tmp_path / "run", device="cuda", progress=False)
     assert trainer.optimizer.defaults.get("fused") is True
     assert trainer.images.device.type == "cuda"  # the digits fit easily
     assert trainer.fit().steps == 5
+
+
+@pytest.mark.parametrize(
+    ("preset", "dataset", "shape", "levels"),
+    [("quick", "mnist5k", (1, 28, 28), 2), ("paper", "mnist", (1, 28, 28), 3),
+     ("cifar10", "cifar10", (3, 32, 32), 4)],
+)  # fmt: skip
+def test_each_preset_fits_its_dataset(preset, dataset, shape, levels):
+    """Every preset names its dataset, keeps all its levels at that dataset's size, and its
+    network maps a batch of that shape to the same shape."""
+    from difflab.config import get_preset
+    from difflab.data import ImageData
+    from difflab.models import ContextUnet
+    from difflab.training import resolve_config
+
+    cfg = get_preset(preset)
+    assert cfg.train.dataset == dataset
+    fake = ImageData(
+        torch.zeros((10, *shape), dtype=torch.uint8), torch.arange(10), tuple("abcdefghij"),
+        dataset, "train",
+    )  # fmt: skip
+    resolved = resolve_config(cfg, fake)
+    assert len(resolved.model.channel_mults) == levels
+    assert resolved.model.channel_mults == cfg.model.channel_mults
+    net = ContextUnet(resolved.model).eval()
+    with torch.no_grad():
+        out = net(torch.randn(2, *shape), torch.tensor([0, 999]), torch.tensor([3, 10]))
+    assert out.shape == (2, *shape) and torch.isfinite(out).all()

@@ -25,7 +25,11 @@ def _float_list(s: str) -> list[float]:
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a class-conditional DDPM into a run folder")
-    p.add_argument("--preset", default="quick", help="quick (CPU, minutes) or paper (GPU)")
+    p.add_argument(
+        "--preset",
+        default="quick",
+        help="quick (CPU, minutes), paper (GPU, MNIST) or cifar10 (GPU)",
+    )
     p.add_argument(
         "--dataset", help="mnist5k, digits, mnist, fashion-mnist, cifar10 or folder:PATH"
     )

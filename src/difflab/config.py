@@ -248,6 +248,33 @@ PRESETS: dict[str, RunConfig] = {
         ),
         sample=SampleConfig(sampler="ddim", steps=50, guidance=2.0),
     ),
+    # CIFAR-10 on a GPU, for an hour by default: a 30 M-parameter U-Net in the shape of Ho et
+    # al.'s CIFAR-10 model (128 channels, x1,2,2,2, two blocks per level), v-prediction with
+    # min-SNR weighting. A starting point: not yet tuned on a GPU (see docs/benchmarks.md).
+    "cifar10": RunConfig(
+        preset="cifar10",
+        model=ModelConfig(
+            in_channels=3,
+            height=32,
+            width=32,
+            base_channels=128,
+            channel_mults=(1, 2, 2, 2),
+            num_res_blocks=2,
+            attention=True,
+            time_embed_dim=512,
+        ),
+        diffusion=DiffusionConfig(objective="v", loss_weighting="min_snr"),
+        train=TrainConfig(
+            dataset="cifar10",
+            batch_size=256,
+            lr=2e-4,
+            minutes=60.0,
+            warmup_steps=1000,
+            ema_decay=0.9995,
+            checkpoint_every=2000,
+        ),
+        sample=SampleConfig(sampler="dpm++", steps=25, guidance=1.5),
+    ),
 }
 
 

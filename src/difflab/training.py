@@ -132,8 +132,14 @@ def _lr_factor(progress: float, step: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
-def _step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
+def _step_generator(seed: int, step: int, device: torch.device | None = None) -> torch.Generator:
+    """The generator of step ``step``'s random draws, on ``device`` (default: the CPU).
+
+    On a GPU the draws are made there (no per-step host-to-device copy of the noise), so a seed
+    gives the same run on the same kind of device, not the same numbers as on the CPU.
+    """
+    device = torch.device("cpu") if device is None else device
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) % (2**63))
 
 
 # on a GPU, the dataset moves there if it needs at most this share of the free memory
@@ -310,13 +316,13 @@ class Trainer:
         """
         tc = self.cfg.train
         x0, y = self._batch(step)
-        g = _step_generator(tc.seed, step)
-        n, shape = tc.batch_size, (tc.batch_size, *x0.shape[1:])
-        t = torch.randint(0, self.diffusion.num_timesteps, (n,), generator=g)[self.rows]
-        noise = torch.randn(shape, generator=g)[self.rows]
-        drop = (torch.rand(n, generator=g) < tc.label_dropout)[self.rows]
-        t, drop = t.to(self.device), drop.to(self.device)
-        noise = noise.to(self.device, memory_format=torch.preserve_format)
+        g = _step_generator(tc.seed, step, self.device)
+        n, shape, dev = tc.batch_size, (tc.batch_size, *x0.shape[1:]), g.device
+        t = torch.randint(0, self.diffusion.num_timesteps, (n,), generator=g, device=dev)[self.rows]
+        noise = torch.randn(shape, generator=g, device=dev)[self.rows]
+        drop = (torch.rand(n, generator=g, device=dev) < tc.label_dropout)[self.rows]
+        if tc.channels_last:
+            noise = noise.contiguous(memory_format=torch.channels_last)
         y = torch.where(drop, torch.full_like(y, self.cfg.model.num_classes), y)
         with self.accelerator.autocast():
             out = model(self.diffusion.q_sample(x0, t, noise), t, y)
@@ -328,18 +334,17 @@ class Trainer:
             return tc.ema_decay
         return min(tc.ema_decay, (1 + self.step) / (10 + self.step))
 
-    def train_step(self, lr: float) -> float:
-        """One optimizer step on the global batch; returns its loss (the mean over ranks)."""
+    def train_step(self, lr: float) -> torch.Tensor:
+        """One optimizer step on the global batch; returns its loss (the mean over ranks).
+
+        The loss stays on the device: reading it waits for the GPU, so :meth:`fit` reads the
+        losses only when it logs or saves (:meth:`_settle`), and checks them for NaN then.
+        """
         tc = self.cfg.train
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss = self._loss(self.model, self.step)
         mean = distributed.mean_over_processes(loss, self.world)  # NaN anywhere: all ranks stop
-        if not torch.isfinite(mean):
-            raise TrainingDiverged(
-                f"loss became {mean.item()} at step {self.step}; stopped. {self.run_dir} keeps the "
-                f"checkpoint of step {self.last_checkpoint}. Try a lower --lr or --set train.grad_clip=1"
-            )
         self.accelerator.backward(loss)  # DDP averages the gradients over the ranks
         if tc.grad_clip > 0:
             self.accelerator.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
@@ -347,10 +352,30 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():  # the same update on every rank keeps the EMAs identical
             decay = self._ema_decay()
-            for e, p in zip(self.ema_model.parameters(), self.raw_model.parameters(), strict=True):
-                e.lerp_(p.detach(), 1 - decay)
+            ema = list(self.ema_model.parameters())  # looked up each step: under DDP, prepare()
+            raw = [p.detach() for p in self.raw_model.parameters()]  # gives them new storage
+            torch._foreach_lerp_(ema, raw, 1 - decay)  # one multi-tensor update
         self.step += 1
-        return mean.item()
+        return mean
+
+    def _settle(self, pending: list[tuple[int, torch.Tensor]]) -> list[float]:
+        """The values of the losses ``pending`` (step, loss) in one read; a NaN or Inf stops.
+
+        Training stops before anything is written after the bad step, so the last checkpoint
+        on disk is one from before it.
+        """
+        if not pending:
+            return []
+        values = torch.stack([v.float() for _, v in pending]).tolist()
+        for (step, _), value in zip(pending, values, strict=True):
+            if not math.isfinite(value):
+                raise TrainingDiverged(
+                    f"loss became {value} at step {step}; stopped. {self.run_dir} keeps the "
+                    f"checkpoint of step {self.last_checkpoint}. Try a lower --lr or "
+                    "--set train.grad_clip=1"
+                )
+        pending.clear()
+        return values
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(
@@ -369,6 +394,7 @@ class Trainer:
             time.perf_counter(),
         )
         losses: list[float] = []
+        pending: list[tuple[int, torch.Tensor]] = []  # losses not read back from the device yet
         bar = tqdm(
             total=total if total is not None else int(budget),
             initial=self.step if total is not None else int(self.elapsed),
@@ -395,9 +421,14 @@ class Trainer:
                 if stop:
                     break
                 lr = tc.lr * _lr_factor(progress, self.step, tc.warmup_steps, tc.lr_schedule)
-                loss = self.train_step(lr)
-                losses.append(loss)
-                if self.step % tc.log_every == 0 or (total is not None and self.step == total):
+                pending.append((self.step, self.train_step(lr)))
+                log_now = self.step % tc.log_every == 0 or (
+                    total is not None and self.step == total
+                )
+                if log_now or self.step % tc.checkpoint_every == 0:
+                    losses += self._settle(pending)
+                    loss = losses[-1]
+                if log_now:
                     now = time.perf_counter()
                     rate = len(losses) * tc.batch_size / max(now - since_log, 1e-9)
                     row = {
@@ -419,6 +450,8 @@ class Trainer:
                 if self.step % tc.checkpoint_every == 0:
                     self.elapsed = time.perf_counter() - t0
                     self.save_checkpoint()
+            losses += self._settle(pending)
+            loss = losses[-1] if losses else loss
         finally:
             bar.close()
         self.elapsed = time.perf_counter() - t0

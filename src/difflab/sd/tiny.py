@@ -8,6 +8,11 @@ real ``StableDiffusionSafetyChecker`` on a tiny CLIP whose concept thresholds ar
 flags) or -10 (``flags=True``: flags every image) and a ``CLIPImageProcessor``;
 :func:`build_tiny_clip` saves a tiny ``CLIPModel`` + ``CLIPProcessor`` for the CLIP score.
 The images are noise: these models measure code paths and speed, not quality.
+
+:func:`build_sd15_shaped` saves a pipeline with Stable Diffusion 1.5's architecture (UNet,
+VAE, ViT-L/14 text encoder and safety checker, same layer shapes) and random weights: it
+times SD 1.5 at 512 x 512 where the real weights cannot be downloaded. Only the tokenizer
+stays the byte-level one.
 """
 
 from __future__ import annotations
@@ -128,4 +133,73 @@ def build_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     CLIPModel(clip_cfg).save_pretrained(folder)
     CLIPProcessor(image_processor=_image_processor(), tokenizer=tok).save_pretrained(folder)
+    return folder
+
+
+# Stable Diffusion 1.5's shapes, from the configs of its published diffusers folder
+SD15_TEXT = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+    num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
+    hidden_act="quick_gelu",
+)  # fmt: skip
+SD15_VISION = dict(
+    image_size=224, patch_size=14, hidden_size=1024, intermediate_size=4096,
+    num_hidden_layers=24, num_attention_heads=16, projection_dim=768, hidden_act="quick_gelu",
+)  # fmt: skip
+
+
+def sd15_components(tok: Any) -> dict[str, Any]:
+    """The models of SD 1.5's pipeline with random weights (on the default device)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
+
+    ids = dict(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    text = CLIPTextConfig(**SD15_TEXT, **ids)
+    clip = CLIPConfig(
+        text_config=text.to_dict(),
+        vision_config=CLIPVisionConfig(**SD15_VISION).to_dict(),
+        projection_dim=768,
+    )
+    return dict(
+        unet=UNet2DConditionModel(cross_attention_dim=768, sample_size=64),  # the rest: defaults
+        vae=AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+            sample_size=512,
+        ),
+        text_encoder=CLIPTextModel(text),
+        safety_checker=tiny_safety_checker(clip, 10.0),  # never flags
+    )  # fmt: skip
+
+
+def build_sd15_shaped(
+    folder: str | Path, dtype: torch.dtype = torch.float16, device: str = "cpu", seed: int = 0
+) -> Path:
+    """Save SD 1.5's architecture with random weights into ``folder`` (see module doc).
+
+    About 1.07 billion parameters: 2.1 GB on disk in fp16. ``device`` is where the weights
+    are initialised (a GPU does it in seconds).
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from transformers import CLIPImageProcessor
+
+    folder = Path(folder)
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    with torch.device(device):
+        parts = sd15_components(tok)
+    pipe = StableDiffusionPipeline(
+        **parts,
+        tokenizer=tok,
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+        ),
+        feature_extractor=CLIPImageProcessor(
+            size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
+        ),
+        image_encoder=None,
+    ).to(dtype=dtype)
+    pipe.save_pretrained(folder)
     return folder
