@@ -185,6 +185,8 @@ def build_sd15_shaped(
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
     from transformers import CLIPImageProcessor
 
+    from difflab.sd.load import quiet_loading
+
     folder = Path(folder)
     tok = tiny_tokenizer()
     torch.manual_seed(seed)
@@ -200,6 +202,8 @@ def build_sd15_shaped(
             size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
         ),
         image_encoder=None,
-    ).to(dtype=dtype)
+    )
+    with quiet_loading():  # diffusers' advice on casting with to() is about loaded weights
+        pipe = pipe.to(dtype=dtype)
     pipe.save_pretrained(folder)
     return folder
