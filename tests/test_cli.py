@@ -115,3 +115,23 @@ def test_train_cli_then_resume(tmp_path, capsys):
 def test_argparse_errors_are_one_line(capsys):
     assert main(["sample"]) == 2
     one_line_error(capsys, "error")
+
+
+def test_sample_and_eval_precision(run, tmp_path, capsys):
+    """bf16 autocast is recorded in the PNG and in eval.json; a bad value is one line, exit 2."""
+    png = tmp_path / "bf16.png"
+    args = ["--n-per-class", "2", "--steps", "3", "--device", "cpu"]
+    assert main(["sample", str(run), *args, "--precision", "bf16", "--out", str(png)]) == 0
+    assert png_settings(png)["precision"] == "bf16"
+    assert main(["sample", str(run), *args, "--out", str(tmp_path / "fp32.png")]) == 0
+    assert "precision" not in png_settings(tmp_path / "fp32.png")
+    assert main(["eval", str(run), "--n", "2", "--steps", "3", "--precision", "bf16"]) == 0
+    assert json.loads((run / "eval.json").read_text())["settings"]["precision"] == "bf16"
+    capsys.readouterr()
+    assert (
+        main(["sample", str(run), *args, "--precision", "half", "--out", str(tmp_path / "h.png")])
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--precision 'half'" in err
+    assert not (tmp_path / "h.png").exists()

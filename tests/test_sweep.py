@@ -350,3 +350,32 @@ def test_second_sweep_into_a_busy_folder_is_refused(run, tmp_path, capsys):
     before.pop(".lock")
     assert after == before  # nothing else touched
     assert main([*args, "--out", str(out)]) == 0  # the lock went with the process
+
+
+def test_bf16_sweep_has_its_own_identity_and_matches_sample(run, tmp_path, capsys):
+    """--precision bf16 samples under bf16 autocast: the sweep says so in sweep.json (an fp32
+    sweep keeps the identity it always had), a cell equals `difflab sample --precision bf16`,
+    and the two precisions never share a folder."""
+    base = ["--guidance", "0,2", "--steps", "3", "--n", "2", "--device", "cpu"]
+    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+    assert main(["sweep", str(run), *base, "--out", str(fp32)]) == 0
+    assert main(["sweep", str(run), *base, "--precision", "bf16", "--out", str(bf16)]) == 0
+    assert "precision" not in json.loads((fp32 / "sweep.json").read_text())
+    assert json.loads((bf16 / "sweep.json").read_text())["precision"] == "bf16"
+    a, b = (np.load(d / "cells" / "ddim_steps3_g2_seed0.npz")["images"] for d in (fp32, bf16))
+    assert not np.array_equal(a, b)  # the network ran in another precision ...
+    assert np.abs(a.astype(int) - b.astype(int)).mean() < 8  # ... on the same trajectory
+    npz = tmp_path / "s.npz"
+    sample = ["--n-per-class", "2", "--guidance", "2", "--steps", "3", "--device", "cpu"]
+    assert main(["sample", str(run), *sample, "--precision", "bf16", "--out", str(npz)]) == 0
+    assert np.array_equal(np.load(npz)["images"], b)
+    capsys.readouterr()
+    assert main(["sweep", str(run), *base, "--out", str(bf16)]) == 2
+    one_line_error(capsys, "holds a sweep with --precision bf16, not fp32")
+    assert main(["sweep", str(run), *base, "--precision", "bf16", "--out", str(fp32)]) == 2
+    one_line_error(capsys, "holds a sweep with --precision fp32, not bf16")
+    assert (
+        main(["sweep", str(run), *base, "--precision", "fp16", "--out", str(tmp_path / "x")]) == 2
+    )
+    one_line_error(capsys, "--precision 'fp16': choose one of auto, fp32, bf16")
+    assert not (tmp_path / "x").exists()

@@ -73,6 +73,7 @@ def _add_sample(sub) -> None:
     p.add_argument("--eta", type=float, help="DDIM eta (0 deterministic)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    _add_precision(p)
     p.add_argument("--out", required=True, help="FILE.png or FILE.npz")
     p.add_argument("--trust-pickle", action="store_true", help="allow a pickle checkpoint (unsafe)")
     p.add_argument("--rows", default="class", help="grid rows: class, sample, guidance or steps")
@@ -93,6 +94,15 @@ def _add_eval(sub) -> None:
     p.add_argument("--sampler")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    _add_precision(p)
+
+
+def _add_precision(p) -> None:
+    p.add_argument(
+        "--precision", default="auto",
+        help="network precision while sampling: fp32, bf16 (autocast; 2-3x faster on a CPU too, "
+        "docs/benchmarks.md) or auto (bf16 on CUDA, else fp32)",
+    )  # fmt: skip
 
 
 def _add_demo(sub) -> None:
@@ -158,6 +168,7 @@ def _add_sweep(sub) -> None:
                    "whose own options --n... would swallow --n)")  # fmt: skip
     p.add_argument("--grid-class", type=int, default=0, help="class shown in the image grid")
     p.add_argument("--device", default="auto")
+    _add_precision(p)
     p.add_argument("--out", required=True, help="sweep folder; the same command resumes it")
 
 
@@ -426,6 +437,7 @@ def run(args: argparse.Namespace) -> int:
             args.run, args.out, classes=args.classes, n_per_class=args.n_per_class, guidance=args.guidance,
             steps=args.steps, sampler=args.sampler, eta=args.eta, seed=args.seed,
             device=resolve_device(args.device), trust_pickle=args.trust_pickle, rows=args.rows, cols=args.cols,
+            precision=args.precision,
         )  # fmt: skip
         n = r.images.shape[0]
         print(f"wrote {args.out}: {n} samples in {r.seconds:.1f} s ({n / r.seconds:.0f} images/s)")
@@ -435,6 +447,7 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate_run(
             args.run, n_per_class=args.n, guidance=args.guidance, steps=args.steps, sampler=args.sampler,
             seed=args.seed, device=resolve_device(args.device), inception=args.inception,
+            precision=args.precision,
         )  # fmt: skip
         print(format_eval(result))
     elif args.command == "demo":
@@ -448,7 +461,7 @@ def run(args: argparse.Namespace) -> int:
         r = sweep_run(
             args.run, args.out, guidance=args.guidance, steps=args.steps, sampler=args.sampler,
             seeds=args.seeds, n_per_class=args.n, grid_class=args.grid_class,
-            device=resolve_device(args.device),
+            device=resolve_device(args.device), precision=args.precision,
         )  # fmt: skip
         distributed.shutdown()
         if not distributed.is_main_process():  # under torchrun: one summary, from rank 0

@@ -64,7 +64,7 @@ def sweep_and_report(run: Path, device: str = "cpu") -> Path:
     folder = run / "sweep"
     if (folder / SWEEP_FILE).is_file():  # the demo's own folder: redo it when anything changed
         old = json.loads((folder / SWEEP_FILE).read_text(encoding="utf-8"))
-        if old != sweep_identity(run, **SWEEP):
+        if old != sweep_identity(run, **SWEEP, device=device):
             print(
                 f"{run} or the demo's sweep settings changed since {folder} was made; sweeping again"
             )

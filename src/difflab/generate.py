@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from difflab.checkpoint import load_run
 from difflab.errors import UsageError
 from difflab.files import atomic_path
-from difflab.sampling import Step, check_sampling_args, sample_steps
+from difflab.sampling import Step, check_sampling_args, resolve_precision, sample_steps
 from difflab.viz import labelled_grid, save_png, to_uint8
 
 
@@ -167,6 +167,7 @@ def sample_run(
     rows: str = "class",
     cols: str | None = None,
     on_step: Callable[[Step], None] | None = None,
+    precision: str = "auto",
 ) -> SampleResult:
     """``difflab sample``: check everything, sample, and write ``out`` (.png grid or .npz).
 
@@ -177,6 +178,7 @@ def sample_run(
     a class are an axis of the grid, else 1.
     """
     out = check_out_path(out, (".png", ".npz"))
+    autocast = resolve_precision(precision, device)
     g_list = parse_values(guidance, float, "--guidance", "0,1,3")
     s_list = parse_values(steps, int, "--steps", "10,50")
     if out.suffix.lower() == ".npz" and (len(g_list or ()) > 1 or len(s_list or ()) > 1):
@@ -205,7 +207,7 @@ def sample_run(
     for (gi, g), (si, st) in itertools.product(enumerate(g_list), enumerate(s_list)):
         cells[gi, si] = sample_labels(
             model, diffusion, labels, guidance=g, steps=st, sampler=sampler, eta=eta,
-            spacing=sc.spacing, seed=seed, progress=progress, on_step=on_step,
+            spacing=sc.spacing, seed=seed, progress=progress, on_step=on_step, autocast=autocast,
         )  # fmt: skip
     seconds = time.perf_counter() - t0
     one = lambda v: v[0] if len(v) == 1 else v  # noqa: E731
@@ -213,6 +215,8 @@ def sample_run(
         "run": str(run), "classes": cls, "n_per_class": n_per_class, "guidance": one(g_list),
         "steps": one(s_list), "sampler": sampler, "eta": eta, "seed": seed, "spacing": sc.spacing,
     }  # fmt: skip
+    if autocast:
+        settings["precision"] = autocast
     images = torch.cat(list(cells.values()))
     all_labels = labels.repeat(len(cells))
     if out.suffix.lower() == ".npz":

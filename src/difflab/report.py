@@ -179,7 +179,7 @@ def eval_blocks(ev: dict) -> list[Block]:
     s = ev["settings"]
     rows = [
         ["measure", "value"],
-        ["samples", f"{ev['n']} ({s['n_per_class']} per class; {s['sampler']}, {s['steps']} steps, guidance {s['guidance']:g}, seed {s['seed']})"],
+        ["samples", f"{ev['n']} ({s['n_per_class']} per class; {s['sampler']}, {s['steps']} steps, guidance {s['guidance']:g}, seed {s['seed']}{'; bf16' if s.get('precision') == 'bf16' else ''})"],
         ["conditional accuracy", f"{ev['accuracy']:.1%}"],
         ["judge's accuracy on real test images", "" if ev.get("judge_test_accuracy") is None else f"{ev['judge_test_accuracy']:.1%}"],
         ["Fréchet distance (judge features)", f"{ev['fd']:.3f}"],
@@ -215,7 +215,8 @@ def sweep_blocks(sweep: Path, slug: str) -> tuple[list[Block], list[str]]:
     text = (
         f"Folder {sweep}; run {ident['run']}; samplers {', '.join(ident['samplers'])}; steps "
         f"{', '.join(map(str, ident['steps']))}; guidance {', '.join(f'{g:g}' for g in ident['guidance'])}; "
-        f"seeds {', '.join(map(str, seeds))}; {ident['n_per_class']} samples per class per cell. "
+        f"seeds {', '.join(map(str, seeds))}; {ident['n_per_class']} samples per class per cell"
+        f"{'; network in bf16' if ident.get('precision') == 'bf16' else ''}. "
         "All cells of a seed start from the same noise, so they differ only by the swept settings."
     )
     if not doc["complete"]:

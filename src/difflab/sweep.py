@@ -37,7 +37,13 @@ from difflab.config import RunConfig
 from difflab.errors import UsageError
 from difflab.files import csv_text, folder_lock, write_json, write_text
 from difflab.generate import save_npz
-from difflab.sampling import SAMPLERS, check_sampling_args, initial_noise, sample_steps
+from difflab.sampling import (
+    SAMPLERS,
+    check_sampling_args,
+    initial_noise,
+    resolve_precision,
+    sample_steps,
+)
 
 SWEEP_FILE = "sweep.json"
 CELLS_DIR = "cells"
@@ -48,7 +54,7 @@ CSV_COLUMNS = (
     "kid_std", "diversity", "seconds", "eval_seconds",
 )  # fmt: skip
 OPTIONS = {"samplers": "--sampler", "steps": "--steps", "guidance": "--guidance", "seeds": "--seeds",
-           "n_per_class": "--n"}  # fmt: skip
+           "n_per_class": "--n", "precision": "--precision"}  # fmt: skip
 PRESENTATION = ("grid_class",)  # identity keys that may change without touching any cell
 CHUNK_SEED = 1_000_003  # batch k of a cell draws its step noise from seed + k * CHUNK_SEED
 
@@ -131,8 +137,15 @@ def sweep_identity(
     seeds: Any = "0",
     n_per_class: int = 20,
     grid_class: int = 0,
+    precision: str = "auto",
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Check every option (no work done) and return the sweep's identity for ``sweep.json``."""
+    """Check every option (no work done) and return the sweep's identity for ``sweep.json``.
+
+    A bf16 sweep (``precision``, resolved for ``device``) has ``"precision": "bf16"``; an
+    fp32 sweep has no such key, as sweeps made before the option existed.
+    """
+    autocast = resolve_precision(precision, device)
     g_list = parse_list(guidance, float, "--guidance", "0,1,2,4", minimum=0)
     s_list = parse_list(steps, int, "--steps", "10,25,50", minimum=1)
     samplers = parse_list(sampler, str, "--sampler", "ddim,ddpm")
@@ -158,6 +171,7 @@ def sweep_identity(
         "dataset": cfg.train.dataset, "samplers": samplers, "steps": s_list, "guidance": g_list,
         "seeds": seed_list, "n_per_class": n_per_class, "num_classes": k, "eta": sc.eta,
         "spacing": sc.spacing, "grid_class": grid_class,
+        **({"precision": autocast} if autocast else {}),
     }  # fmt: skip
 
 
@@ -202,13 +216,18 @@ def prepare_folder(out: str | Path, identity: dict[str, Any]) -> Path:
             f"{where}: the weights of {identity['run']} changed since this sweep started "
             f"({WEIGHTS} differs); choose another --out"
         )
-    for key, value in identity.items():
+    optional = [k for k in ("precision",) if k in old and k not in identity]  # fp32: no key
+    for key in [*identity, *optional]:
+        value = identity.get(key)
         if old.get(key) == value or key in PRESENTATION:
             continue
         if key in OPTIONS:
+            was, now = (
+                "fp32" if key == "precision" and v is None else _show(v)
+                for v in (old.get(key), value)
+            )
             raise UsageError(
-                f"{where}: holds a sweep with {OPTIONS[key]} {_show(old.get(key))}, "
-                f"not {_show(value)}; {RESUME_HINT}"
+                f"{where}: holds a sweep with {OPTIONS[key]} {was}, not {now}; {RESUME_HINT}"
             )
         raise UsageError(
             f"{where}: the run's {key} changed since this sweep started "
@@ -276,6 +295,7 @@ def sample_cells(
             model, diffusion, labels[part].repeat(g), guidance=guidance, steps=first.steps,
             sampler=first.sampler, eta=identity["eta"], spacing=identity["spacing"],
             seed=first.seed + k * CHUNK_SEED, x_T=x_T[part].repeat(g, 1, 1, 1), groups=g,
+            autocast=identity.get("precision"),
         ):  # fmt: skip
             x = step.x_prev
             if on_step is not None:
@@ -314,6 +334,7 @@ def sweep_run(
     max_group: int | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_cell: Callable[[int, int], None] | None = None,
+    precision: str = "auto",
 ) -> SweepResult:
     """``difflab sweep``: run (or finish) the sweep into ``out`` and write tables and figures.
 
@@ -330,7 +351,9 @@ def sweep_run(
     and holds its lock, every rank writes its own cell files, and rank 0 rebuilds the tables
     and draws the figures once all ranks are done.
     """
-    identity = sweep_identity(run, guidance, steps, sampler, seeds, n_per_class, grid_class)
+    identity = sweep_identity(
+        run, guidance, steps, sampler, seeds, n_per_class, grid_class, precision, device
+    )
     state = distributed.process_state(device)
     if state is not None and str(device) != "cpu":
         device = str(state.device)

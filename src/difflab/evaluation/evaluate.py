@@ -96,8 +96,12 @@ def evaluate_run(
     progress: bool = True,
     write: bool = True,
     inception: bool = False,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     from difflab.generate import sample_labels
+    from difflab.sampling import resolve_precision
+
+    autocast = resolve_precision(precision, device)
 
     if n_per_class < 2:
         raise UsageError(f"--n {n_per_class}: need at least 2 samples per class")
@@ -114,7 +118,7 @@ def evaluate_run(
     t0 = time.perf_counter()
     images = sample_labels(
         model, diffusion, labels, guidance=guidance, steps=steps, sampler=sampler, eta=sc.eta,
-        spacing=sc.spacing, seed=seed, progress=progress,
+        spacing=sc.spacing, seed=seed, progress=progress, autocast=autocast,
     )  # fmt: skip
     seconds = time.perf_counter() - t0
     metrics = evaluate_samples(images, labels, cfg.train.dataset, cfg.train.data_dir, device)
@@ -125,7 +129,8 @@ def evaluate_run(
     result = {
         "run": str(run),
         "settings": {"n_per_class": n_per_class, "guidance": guidance, "steps": steps, "sampler": sampler,
-                     "eta": sc.eta, "spacing": sc.spacing, "seed": seed},
+                     "eta": sc.eta, "spacing": sc.spacing, "seed": seed,
+                     "precision": autocast or "fp32"},
         "sampling_seconds": seconds,
         "samples_per_s": labels.numel() / seconds,
         **metrics,

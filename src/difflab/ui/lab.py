@@ -344,7 +344,7 @@ class Lab:
         path = self.run_path(run)
         out = inside(self.runs, f"{SWEEPS}/{safe_name(name, 'sweep name')}", "sweep name")
         n = _number(n_per_class, int, "samples per class", 2)
-        identity = sweep_identity(path, guidance, steps, sampler, seeds, n)
+        identity = sweep_identity(path, guidance, steps, sampler, seeds, n, device=self.device)
         out.parent.mkdir(parents=True, exist_ok=True)
         prepare_folder(out, identity)  # refuses another sweep's folder before queueing
         return self.jobs.submit(
