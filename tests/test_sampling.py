@@ -256,3 +256,15 @@ def test_sampling_steps_never_wait_for_the_gpu(sampler):
         torch.cuda.set_sync_debug_mode("default")
     assert len(rest) == 19 and first.x_prev.is_cuda
     assert torch.isfinite(rest[-1].x_prev).all()
+
+
+def test_precision_resolves_per_device():
+    from difflab.sampling import resolve_precision
+
+    assert resolve_precision("auto", "cpu") is None and resolve_precision(None, "cpu") is None
+    assert (
+        resolve_precision("auto", "cuda:1") == "bf16" and resolve_precision("auto", "mps") is None
+    )
+    assert resolve_precision("bf16", "cpu") == "bf16" and resolve_precision("fp32", "cuda") is None
+    with pytest.raises(UsageError, match="--precision 'fp16': choose one of auto, fp32, bf16"):
+        resolve_precision("fp16", "cpu")
