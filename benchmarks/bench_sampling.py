@@ -18,6 +18,7 @@ scale), so a fast mode that changes the pictures shows it.
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import sys
@@ -46,14 +47,14 @@ def parse_modes(text: str) -> list[tuple[str, ...]]:
         parts = tuple(p.strip() for p in item.split("+") if p.strip())
         bad = [p for p in parts if p not in MODES]
         if not parts or bad:
-            raise SystemExit(f"--modes {text!r}: each mode is one of {', '.join(MODES)} or a+b")
+            raise ValueError(f"--modes {text!r}: each mode is one of {', '.join(MODES)} or a+b")
         modes.append(parts)
     return modes
 
 
 def prepared(model: ContextUnet, mode: tuple[str, ...]) -> torch.nn.Module:
-    if "cl" in mode:
-        model = model.to(memory_format=torch.channels_last)
+    if "cl" in mode:  # on a copy: Module.to() converts in place, and later modes share `model`
+        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
     if "graphs" in mode:
         return torch.compile(model, mode="reduce-overhead")
     if "compile" in mode:
@@ -73,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="eager,bf16,bf16+cl,bf16+compile,bf16+graphs")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
-    modes = parse_modes(args.modes)
+    try:
+        modes = parse_modes(args.modes)
+    except ValueError as e:
+        p.error(str(e))  # one line, exit code 2
     device = torch.device(resolve_device(args.device))
     if args.run:
         base, diffusion, cfg = load_run(args.run, device=str(device))

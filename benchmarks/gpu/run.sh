@@ -9,6 +9,10 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-gpu-results}"
 PARTS="${1:-tests,sampling,train,sd,sweep}"
+for p in ${PARTS//,/ }; do
+  case "$p" in tests|sampling|train|sd|sweep) ;;
+    *) echo "run.sh: part '$p': choose from tests, sampling, train, sd, sweep" >&2; exit 2 ;; esac
+done
 KIT="${KIT:-gpu-kit}"
 PY="${PY:-python3}"
 mkdir -p "$OUT/runs"

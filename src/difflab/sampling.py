@@ -171,7 +171,7 @@ class GuidedModel:
         self.guidance = guidance if isinstance(guidance, torch.Tensor) else float(guidance)
         self.autocast = autocast
         self.null_label = model.num_classes
-        self._passes: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self._plan: tuple[torch.Tensor, ...] | None = None  # see _mixed
 
     @torch.no_grad()
     def __call__(
@@ -204,22 +204,19 @@ class GuidedModel:
             eps = self.diffusion.predict_eps_from_x0(x, tt, x0)
         return eps, x0
 
-    def _plan(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """Which samples need which pass, worked out once (``nonzero`` waits for the device)."""
-        if device not in self._passes:
-            s = self.guidance.to(device)
-            need_c, need_u = s != 0, s != 1
-            ic, iu = need_c.nonzero().squeeze(1), need_u.nonzero().squeeze(1)
-            self._passes[device] = (s, need_c, need_u, ic, iu)
-        return self._passes[device]
-
     def _mixed(self, x, tt, labels, null) -> torch.Tensor:
         """One forward for a batch whose samples have different guidance scales (B,).
 
         Only the passes a sample needs are run: the conditional one unless s = 0, the
-        unconditional one unless s = 1; all of them in a single batch.
+        unconditional one unless s = 1; all of them in a single batch. Which samples need
+        which pass is worked out on the first call only (``nonzero`` waits for the device).
         """
-        s, need_c, need_u, ic, iu = self._plan(x.device)
+        if self._plan is None:
+            s = self.guidance.to(x.device)
+            need_c, need_u = s != 0, s != 1
+            ic, iu = need_c.nonzero().squeeze(1), need_u.nonzero().squeeze(1)
+            self._plan = (s, need_c, need_u, ic, iu)
+        s, need_c, need_u, ic, iu = self._plan
         both = self.model(
             torch.cat([x[ic], x[iu]]),
             torch.cat([tt[ic], tt[iu]]),
@@ -241,11 +238,6 @@ def initial_noise(
     if generator is None:
         generator = torch.Generator().manual_seed(0 if seed is None else seed)
     return torch.randn(shape, generator=generator)
-
-
-def step_noise_generator(seed: int | None, device: torch.device) -> torch.Generator:
-    """The generator of the step noise on an accelerator (the CPU uses x_T's own generator)."""
-    return torch.Generator(device=device).manual_seed(0 if seed is None else seed)
 
 
 def sample_steps(
@@ -294,7 +286,11 @@ def sample_steps(
         raise UsageError(f"x_T has shape {tuple(x.shape)}, expected {shape}")
     x = x.to(device)
     block = (shape[0] // groups, *shape[1:])
-    step_gen = gen if device.type == "cpu" else step_noise_generator(seed, device)
+    step_gen = (  # on an accelerator the step noise is drawn there, with no copy per step
+        gen
+        if device.type == "cpu"
+        else torch.Generator(device).manual_seed(0 if seed is None else seed)
+    )
     net = GuidedModel(model, diffusion, guidance, autocast)
     was_training = model.training
     model.eval()

@@ -56,6 +56,7 @@ CSV_COLUMNS = (
 OPTIONS = {"samplers": "--sampler", "steps": "--steps", "guidance": "--guidance", "seeds": "--seeds",
            "n_per_class": "--n", "precision": "--precision"}  # fmt: skip
 PRESENTATION = ("grid_class",)  # identity keys that may change without touching any cell
+IMPLIED = {"precision": "fp32"}  # what an identity without these keys means (not written)
 CHUNK_SEED = 1_000_003  # batch k of a cell draws its step noise from seed + k * CHUNK_SEED
 
 
@@ -216,18 +217,14 @@ def prepare_folder(out: str | Path, identity: dict[str, Any]) -> Path:
             f"{where}: the weights of {identity['run']} changed since this sweep started "
             f"({WEIGHTS} differs); choose another --out"
         )
-    optional = [k for k in ("precision",) if k in old and k not in identity]  # fp32: no key
-    for key in [*identity, *optional]:
-        value = identity.get(key)
+    old, new = {**IMPLIED, **old}, {**IMPLIED, **identity}
+    for key, value in new.items():
         if old.get(key) == value or key in PRESENTATION:
             continue
         if key in OPTIONS:
-            was, now = (
-                "fp32" if key == "precision" and v is None else _show(v)
-                for v in (old.get(key), value)
-            )
             raise UsageError(
-                f"{where}: holds a sweep with {OPTIONS[key]} {was}, not {now}; {RESUME_HINT}"
+                f"{where}: holds a sweep with {OPTIONS[key]} {_show(old.get(key))}, "
+                f"not {_show(value)}; {RESUME_HINT}"
             )
         raise UsageError(
             f"{where}: the run's {key} changed since this sweep started "

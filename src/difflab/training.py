@@ -132,13 +132,12 @@ def _lr_factor(progress: float, step: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
-def _step_generator(seed: int, step: int, device: torch.device | None = None) -> torch.Generator:
-    """The generator of step ``step``'s random draws, on ``device`` (default: the CPU).
+def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator of step ``step``'s random draws, on ``device``.
 
     On a GPU the draws are made there (no per-step host-to-device copy of the noise), so a seed
     gives the same run on the same kind of device, not the same numbers as on the CPU.
     """
-    device = torch.device("cpu") if device is None else device
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) % (2**63))
 
 

@@ -68,10 +68,21 @@ def _clip_configs(tok: Any) -> tuple[Any, Any]:
     return text, both
 
 
-def _image_processor() -> Any:
+def _image_processor(size: int = 32) -> Any:
     from transformers import CLIPImageProcessor
 
-    return CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return CLIPImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+    )
+
+
+def _scheduler() -> Any:
+    """SD 1.x's noise schedule, stepped by Euler."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
 
 
 def tiny_safety_checker(config: Any, threshold: float) -> Any:
@@ -88,7 +99,6 @@ def build_tiny_sd(folder: str | Path, flags: bool = False, seed: int = 0) -> Pat
     """Save a tiny random SD pipeline into ``folder`` (see module doc); returns ``folder``."""
     from diffusers import (
         AutoencoderKL,
-        EulerDiscreteScheduler,
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
@@ -112,9 +122,7 @@ def build_tiny_sd(folder: str | Path, flags: bool = False, seed: int = 0) -> Pat
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=WIDTH,
             norm_num_groups=8, attention_head_dim=4,
         ),
-        scheduler=EulerDiscreteScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
-        ),
+        scheduler=_scheduler(),
         safety_checker=tiny_safety_checker(clip_cfg, -10.0 if flags else 10.0),
         feature_extractor=_image_processor(),
         image_encoder=None,
@@ -182,8 +190,7 @@ def build_sd15_shaped(
     About 1.07 billion parameters: 2.1 GB on disk in fp16. ``device`` is where the weights
     are initialised (a GPU does it in seconds).
     """
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
-    from transformers import CLIPImageProcessor
+    from diffusers import StableDiffusionPipeline
 
     from difflab.sd.load import quiet_loading
 
@@ -195,12 +202,8 @@ def build_sd15_shaped(
     pipe = StableDiffusionPipeline(
         **parts,
         tokenizer=tok,
-        scheduler=EulerDiscreteScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
-        ),
-        feature_extractor=CLIPImageProcessor(
-            size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
-        ),
+        scheduler=_scheduler(),
+        feature_extractor=_image_processor(224),
         image_encoder=None,
     )
     with quiet_loading():  # diffusers' advice on casting with to() is about loaded weights
