@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from difflab.checkpoint import load_run
 from difflab.config import get_preset
-from difflab.data import load_dataset
+from difflab.ddpm.data import load_dataset
+from difflab.ddpm.generate import sample_labels
+from difflab.ddpm.runs import load_run
+from difflab.ddpm.training import train
 from difflab.evaluation.evaluate import evaluate_samples
-from difflab.generate import sample_labels
-from difflab.training import train
 
 
 def bench_ours(minutes: float, args, workdir: Path) -> dict:

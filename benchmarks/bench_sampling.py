@@ -26,12 +26,12 @@ import time
 
 import torch
 
-from difflab.checkpoint import load_run
 from difflab.config import get_preset
-from difflab.diffusion import GaussianDiffusion
-from difflab.models import ContextUnet
-from difflab.sampling import sample
-from difflab.training import resolve_device
+from difflab.ddpm.diffusion import GaussianDiffusion
+from difflab.ddpm.model import ContextUnet
+from difflab.ddpm.runs import load_run
+from difflab.ddpm.sampling import sample
+from difflab.devices import resolve_device
 
 MODES = ("eager", "bf16", "cl", "compile", "graphs")
 

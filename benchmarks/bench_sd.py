@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
+from difflab.devices import resolve_device
 from difflab.sd.generate import encode, generate, parse_size, run_pipeline
 from difflab.sd.load import load_pipeline
 from difflab.sd.tiny import build_sd15_shaped, build_tiny_sd
-from difflab.training import resolve_device
 
 
 def _timed(fn, repeats: int) -> float:

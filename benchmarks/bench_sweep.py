@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difflab.sweep import sweep_run
+from difflab.experiments.ddpm_sweep import sweep_run
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ def tiny_config(dataset: str = "digits", epochs: float = 0.1, **train) -> RunCon
 
 
 def tiny_run(tmp_path: Path, name: str = "run", **kw) -> Path:
-    from difflab.training import train
+    from difflab.ddpm.training import train
 
     out = tmp_path / name
     train(tiny_config(**kw), out, device="cpu", progress=False)

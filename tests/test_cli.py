@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from difflab.cli import main
-from difflab.viz import png_settings
+from difflab.figures.images import png_settings
 from helpers import tiny_run
 
 

@@ -1,4 +1,4 @@
-"""Tests for difflab.data: embedded datasets, torchvision on-disk formats (fake files, no
+"""Tests for difflab.ddpm.data: embedded datasets, torchvision on-disk formats (fake files, no
 network), image folders, and the one-line errors."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from difflab.data import DATASET_NAMES, ImageData, clear_cache, load_dataset
+from difflab.ddpm.data import DATASET_NAMES, ImageData, clear_cache, load_dataset
 from difflab.errors import UsageError
 
 

@@ -6,7 +6,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from difflab.config import DiffusionConfig
-from difflab.diffusion import GaussianDiffusion, make_betas, signal_at_T
+from difflab.ddpm.diffusion import GaussianDiffusion, make_betas, signal_at_T
 from difflab.errors import UsageError
 
 

@@ -32,8 +32,8 @@ import torch
 from difflab import distributed
 from difflab.cli import main
 from difflab.config import RunConfig
+from difflab.ddpm.model import ContextUnet
 from difflab.errors import UsageError
-from difflab.models import ContextUnet
 from helpers import tiny_config
 
 RUN_FILES = {"config.json", "metrics.jsonl", "model.safetensors", "train_state.pt"}
@@ -171,7 +171,7 @@ def test_indivisible_batch_size_fails_with_one_line(tmp_path):
 _AGREEMENT_SCRIPT = """
 import json, os, sys
 import torch
-from difflab.training import Trainer, TrainingDiverged
+from difflab.ddpm.training import Trainer, TrainingDiverged
 sys.path.insert(0, {tests!r})
 from helpers import tiny_config
 

@@ -7,13 +7,16 @@ import pytest
 import torch
 from PIL import Image
 
-from difflab.checkpoint import save_config, save_weights
 from difflab.cli import main
 from difflab.config import DiffusionConfig, ModelConfig, RunConfig
-from difflab.data import load_dataset
-from difflab.diffusion import GaussianDiffusion
+from difflab.ddpm.data import load_dataset
+from difflab.ddpm.diffusion import GaussianDiffusion
+from difflab.ddpm.generate import sample_labels, sample_run
+from difflab.ddpm.model import ContextUnet
+from difflab.ddpm.runs import save_config, save_weights
 from difflab.errors import UsageError
-from difflab.figures import (
+from difflab.figures.images import Panel, draw_table, png_settings, to_uint8
+from difflab.figures.process import (
     forward_figure,
     forward_process,
     frame_indices,
@@ -21,9 +24,6 @@ from difflab.figures import (
     parse_t_list,
     reverse_figure,
 )
-from difflab.generate import sample_labels, sample_run
-from difflab.models import ContextUnet
-from difflab.viz import Panel, draw_table, png_settings, to_uint8
 from helpers import tiny_config, tiny_run
 
 
@@ -230,7 +230,7 @@ def test_reverse_default_is_ddpm_with_every_step(run, tmp_path):
 
 
 def test_reverse_columns_come_from_the_sampling_trajectory(run, tmp_path):
-    from difflab.checkpoint import load_run
+    from difflab.ddpm.runs import load_run
 
     r = reverse_figure(
         run,
@@ -314,7 +314,7 @@ def test_plot_writes_loss_and_schedule(run, tmp_path, capsys):
 
 
 def test_schedule_plot_warns_when_x_T_is_not_pure_noise():
-    from difflab.plots import schedule_figure
+    from difflab.figures.runs import schedule_figure
 
     warn = schedule_figure(GaussianDiffusion(DiffusionConfig(timesteps=400), warn=False))
     assert "not pure noise" in warn.get_supxlabel() and "13.2%" in warn.get_supxlabel()
@@ -407,8 +407,8 @@ def test_before_after_of_an_init_from_run(tmp_path):
     import json
     import shutil
 
-    from difflab.figures import before_after_samples
-    from difflab.report import write_report
+    from difflab.experiments.report import write_report
+    from difflab.figures.process import before_after_samples
 
     source = tiny_run(tmp_path, name="source")
     same = tmp_path / "same"  # the source's own weights, as if fine-tuned for zero steps
@@ -420,7 +420,7 @@ def test_before_after_of_an_init_from_run(tmp_path):
     assert before.shape == (20, 8, 8, 1) and np.array_equal(before, after)  # same noise, weights
 
     tuned = tmp_path / "tuned"
-    from difflab.training import train
+    from difflab.ddpm.training import train
 
     train(tiny_config(init_from=str(source), epochs=0.2), tuned, device="cpu", progress=False)
     before, after, _, _ = before_after_samples(tuned, n_per_class=2)

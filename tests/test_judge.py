@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from difflab.data import load_dataset
+from difflab.ddpm.data import load_dataset
 from difflab.errors import UsageError
 from difflab.evaluation import judge as judge_mod
 from difflab.evaluation.judge import FEATURE_DIM, Judge, JudgeNet, get_judge, train_judge
@@ -93,7 +93,7 @@ def test_folder_judge_is_keyed_on_path_and_retrains_when_folder_changes(
 ) -> None:
     from PIL import Image
 
-    from difflab.data import clear_cache
+    from difflab.ddpm.data import clear_cache
 
     rng = np.random.default_rng(0)
     for c in ("a", "b"):

@@ -7,12 +7,12 @@ import re
 import numpy as np
 import pytest
 
-from difflab.checkpoint import save_config
 from difflab.cli import main
-from difflab.conclusions import sweep_conclusions
-from difflab.report import write_report
-from difflab.sweep import summarise
-from difflab.viz import save_png
+from difflab.ddpm.runs import save_config
+from difflab.experiments.conclusions import sweep_conclusions
+from difflab.experiments.ddpm_sweep import summarise
+from difflab.experiments.report import write_report
+from difflab.figures.images import save_png
 from helpers import tiny_config
 
 GUIDANCE = [0.0, 1.0, 2.0, 4.0, 8.0]

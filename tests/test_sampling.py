@@ -5,10 +5,9 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from difflab.config import DiffusionConfig, ModelConfig
-from difflab.diffusion import GaussianDiffusion
-from difflab.errors import UsageError
-from difflab.models import ContextUnet
-from difflab.sampling import (
+from difflab.ddpm.diffusion import GaussianDiffusion
+from difflab.ddpm.model import ContextUnet
+from difflab.ddpm.sampling import (
     GuidedModel,
     ddim_update,
     ddpm_update,
@@ -16,6 +15,7 @@ from difflab.sampling import (
     sample,
     sample_steps,
 )
+from difflab.errors import UsageError
 
 
 def tiny_model(seed=0, **kw):
@@ -259,7 +259,7 @@ def test_sampling_steps_never_wait_for_the_gpu(sampler):
 
 
 def test_precision_resolves_per_device():
-    from difflab.sampling import resolve_precision
+    from difflab.devices import resolve_precision
 
     assert resolve_precision("auto", "cpu") is None and resolve_precision(None, "cpu") is None
     assert (

@@ -32,6 +32,8 @@ from diffusers.pipelines.stable_diffusion.safety_checker import (  # noqa: E402
 )
 from transformers import CLIPModel  # noqa: E402
 
+from difflab.evaluation.sd_metrics import ClipScorer, laplacian_variance  # noqa: E402
+from difflab.experiments.sd_sweep import sd_sweep, sweep_identity  # noqa: E402
 from difflab.sd import SCHEDULER_NAMES  # noqa: E402
 from difflab.sd.generate import generate, run_pipeline, truncation_note  # noqa: E402
 from difflab.sd.load import (  # noqa: E402
@@ -43,8 +45,6 @@ from difflab.sd.load import (  # noqa: E402
     scheduler_name,
 )
 from difflab.sd.metadata import format_parameters, parse_parameters, read_parameters  # noqa: E402
-from difflab.sd.metrics import ClipScorer, laplacian_variance  # noqa: E402
-from difflab.sd.sweep import sd_sweep, sweep_identity  # noqa: E402
 from difflab.sd.tiny import build_tiny_clip, build_tiny_sd  # noqa: E402
 
 SIZE = "32x32"
@@ -247,7 +247,7 @@ def test_sweep_marks_flagged_cells_in_grid_and_tables(models, tmp_path):
     assert r.flagged == 2 and r.black_unflagged == 0
     assert all(x["nsfw"] and x["clip_score"] is None and x["detail"] is None for x in r.rows)
     assert r.summary[0]["nsfw_share"] == 1.0
-    from difflab.sd.figures import RED, prompt_grid
+    from difflab.figures.sd import RED, prompt_grid
 
     identity = json.loads((tmp_path / "sd_sweep.json").read_text())
     table = prompt_grid(tmp_path, identity, r.rows, 0)
@@ -259,7 +259,7 @@ def test_sweep_marks_flagged_cells_in_grid_and_tables(models, tmp_path):
 
 
 def test_report_of_an_sd_sweep(models, tmp_path):
-    from difflab.report import write_report
+    from difflab.experiments.report import write_report
 
     sweep = tmp_path / "sw"
     r = _sweep(models, sweep, steps="1", seeds="0")

@@ -26,6 +26,7 @@ pytest.importorskip("peft")
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from difflab.experiments.sd_sweep import sd_sweep, sweep_identity  # noqa: E402
 from difflab.sd.dataset import load_image_folder  # noqa: E402
 from difflab.sd.finetune import (  # noqa: E402
     FinetuneConfig,
@@ -36,7 +37,6 @@ from difflab.sd.generate import generate  # noqa: E402
 from difflab.sd.load import load_pipeline  # noqa: E402
 from difflab.sd.lora import LORA_WEIGHTS, short_hash  # noqa: E402
 from difflab.sd.metadata import read_parameters  # noqa: E402
-from difflab.sd.sweep import sd_sweep, sweep_identity  # noqa: E402
 from difflab.sd.tiny import WIDTH, build_tiny_sd  # noqa: E402
 
 PROMPT = "a photo of sks square"
@@ -189,7 +189,7 @@ def test_lora_loads_in_diffusers_and_through_generate(models, tmp_path, capsys):
 
 
 def test_validation_grid_shows_what_generate_makes(models, tmp_path):
-    from difflab.sd.figures import validation_grid
+    from difflab.figures.sd import validation_grid
 
     r = generate(
         "a sks square", tmp_path, steps=25, n=4, size="32x32", model=models.sd, lora=[models.lora]

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from difflab import sweep as sweep_mod
 from difflab.cli import main
 from difflab.evaluation import judge as judge_mod
-from difflab.sweep import parse_list, sweep_run
-from difflab.viz import png_settings
+from difflab.experiments import ddpm_sweep as sweep_mod
+from difflab.experiments.ddpm_sweep import parse_list, sweep_run
+from difflab.figures.images import png_settings
 from helpers import tiny_run
 
 AXES = dict(
@@ -275,7 +275,7 @@ def test_parse_list_sorts_and_accepts_lists():
 
 
 def test_demo_sweep_and_report_redoes_a_stale_sweep(run, tmp_path, monkeypatch):
-    from difflab import demo
+    from difflab.experiments import demo
 
     monkeypatch.setattr(demo, "SWEEP", dict(guidance="0,2", steps="2", n_per_class=2))
     mine = tmp_path / "demo"
@@ -296,8 +296,8 @@ def test_demo_sweep_and_report_redoes_a_stale_sweep(run, tmp_path, monkeypatch):
 @pytest.mark.parametrize("sampler", ["ddpm", "dpm++"])
 def test_batched_guidance_cells_equal_cells_sampled_alone(run, sampler):
     """One forward for several guidance values gives what each value gives alone."""
-    from difflab.checkpoint import load_run
-    from difflab.sampling import initial_noise
+    from difflab.ddpm.runs import load_run
+    from difflab.ddpm.sampling import initial_noise
 
     model, diffusion, _ = load_run(run, device="cpu")
     identity = {"eta": 0.0, "spacing": "trailing"}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from difflab.evaluation import judge as judge_mod
-from difflab.sweep import sweep_run
+from difflab.experiments.ddpm_sweep import sweep_run
 from helpers import tiny_run
 
 
@@ -62,7 +62,7 @@ def test_sd_sweep_split_between_two_processes(tmp_path):
     pytest.importorskip("transformers")
     from PIL import Image
 
-    from difflab.sd.sweep import sd_sweep
+    from difflab.experiments.sd_sweep import sd_sweep
     from difflab.sd.tiny import build_tiny_sd
 
     model = build_tiny_sd(tmp_path / "sd")

@@ -4,10 +4,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from difflab import checkpoint as ckpt
 from difflab.config import RunConfig
+from difflab.ddpm import runs as ckpt
+from difflab.ddpm.training import Trainer, TrainingDiverged, train
 from difflab.errors import UsageError
-from difflab.training import Trainer, TrainingDiverged, train
 from helpers import tiny_config, tiny_run
 
 
@@ -190,8 +190,8 @@ def test_pickle_weights_are_refused(tmp_path):
 def test_init_from_keeps_weights_and_maps_classes(tmp_path):
     from dataclasses import replace
 
-    from difflab.models import ContextUnet
-    from difflab.training import init_from_run
+    from difflab.ddpm.model import ContextUnet
+    from difflab.ddpm.training import init_from_run
 
     source = tiny_run(tmp_path, name="source")
     src = load_file(source / "model.safetensors")
@@ -307,9 +307,9 @@ def test_each_preset_fits_its_dataset(preset, dataset, shape, levels):
     """Every preset names its dataset, keeps all its levels at that dataset's size, and its
     network maps a batch of that shape to the same shape."""
     from difflab.config import get_preset
-    from difflab.data import ImageData
-    from difflab.models import ContextUnet
-    from difflab.training import resolve_config
+    from difflab.ddpm.data import ImageData
+    from difflab.ddpm.model import ContextUnet
+    from difflab.ddpm.training import resolve_config
 
     cfg = get_preset(preset)
     assert cfg.train.dataset == dataset

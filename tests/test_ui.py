@@ -218,7 +218,7 @@ def test_jobs_cancel_between_cells(tmp_path):
     runs.mkdir()
     tiny_run(runs, "tiny")
     lab = Lab(runs, tmp_path / "models", device="cpu", jobs=JobQueue())
-    import difflab.sweep as sweep_mod
+    import difflab.experiments.ddpm_sweep as sweep_mod
 
     real = sweep_mod.sample_cells
     job_box = []

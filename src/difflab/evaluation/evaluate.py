@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from difflab.checkpoint import load_run
-from difflab.data import load_dataset
+from difflab.ddpm.data import load_dataset
+from difflab.ddpm.runs import load_run
 from difflab.errors import UsageError
 from difflab.evaluation.judge import Judge, get_judge
 from difflab.evaluation.kid import kid
@@ -98,8 +98,8 @@ def evaluate_run(
     inception: bool = False,
     precision: str = "auto",
 ) -> dict[str, Any]:
-    from difflab.generate import sample_labels
-    from difflab.sampling import resolve_precision
+    from difflab.ddpm.generate import sample_labels
+    from difflab.devices import resolve_precision
 
     autocast = resolve_precision(precision, device)
 

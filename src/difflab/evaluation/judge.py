@@ -239,7 +239,7 @@ class Judge:
 
 
 def _device(device: str | torch.device) -> str:
-    from difflab.training import resolve_device  # "auto" -> cuda, mps or cpu
+    from difflab.devices import resolve_device  # "auto" -> cuda, mps or cpu
 
     return resolve_device(str(device))
 
@@ -291,7 +291,7 @@ def get_judge(
     """
     from safetensors.torch import save
 
-    from difflab.data import load_dataset
+    from difflab.ddpm.data import load_dataset
 
     if not isinstance(dataset, str) or not dataset.strip():
         raise UsageError(f"--dataset {dataset!r}: give a dataset name")

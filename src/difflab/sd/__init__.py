@@ -2,9 +2,9 @@
 
 :mod:`~difflab.sd.load` resolves ``--model`` (Hub id, diffusers folder or single file),
 device, dtype and scheduler; :mod:`~difflab.sd.generate` makes images with A1111-style PNG
-metadata and an honest safety report; :mod:`~difflab.sd.sweep` runs resumable guidance x
-steps x seed sweeps measured by :mod:`~difflab.sd.metrics` (CLIP score, detail) and drawn by
-:mod:`~difflab.sd.figures`. Heavy imports (diffusers, transformers) happen inside functions,
+metadata and an honest safety report; :mod:`~difflab.experiments.sd_sweep` runs resumable guidance x
+steps x seed sweeps measured by :mod:`~difflab.evaluation.sd_metrics` (CLIP score, detail) and drawn by
+:mod:`~difflab.figures.sd`. Heavy imports (diffusers, transformers) happen inside functions,
 so importing this package is cheap.
 """
 

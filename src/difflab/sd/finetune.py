@@ -246,7 +246,7 @@ class FineTuner:
         resume: bool = False,
         progress: bool = True,
     ) -> None:
-        from difflab.training import resolve_device
+        from difflab.devices import resolve_device
 
         self.cfg = cfg = config.checked()
         self.out, self.resume, self.progress = Path(out), resume, progress
@@ -507,7 +507,7 @@ class FineTuner:
 
     def train_step(self) -> float:
         """One optimizer step on the batch of ``self.step``; returns its loss."""
-        from difflab.training import TrainingDiverged
+        from difflab.ddpm.training import TrainingDiverged
 
         cfg, dev = self.cfg, self.device
         idx = batch_indices(len(self.data), cfg.batch_size, cfg.seed, self.step)
@@ -547,8 +547,8 @@ class FineTuner:
     @torch.no_grad()
     def validate(self) -> Path:
         """Write ``validation/step_NNNNNN.png`` for the current weights (EMA with ``--ema``)."""
-        from difflab.sd.figures import validation_grid
-        from difflab.viz import save_png
+        from difflab.figures.images import save_png
+        from difflab.figures.sd import validation_grid
 
         prompt, r = self.cfg.validation, self.cfg.resolution
         seeds = list(VALIDATION_SEEDS)
@@ -634,8 +634,8 @@ class FineTuner:
         )  # fmt: skip
 
     def _plot(self) -> list[Path]:
-        from difflab.sd.figures import loss_curve
-        from difflab.viz import save_png
+        from difflab.figures.images import save_png
+        from difflab.figures.sd import loss_curve
 
         rows = read_jsonl(self.out / METRICS)
         if not rows:

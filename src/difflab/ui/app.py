@@ -130,8 +130,8 @@ def build_app(lab: Lab):
     import gradio as gr
 
     from difflab.config import PRESETS
-    from difflab.data import DATASET_NAMES
-    from difflab.sampling import SAMPLERS
+    from difflab.ddpm.data import DATASET_NAMES
+    from difflab.ddpm.sampling import SAMPLERS
     from difflab.sd.load import SCHEDULERS
 
     runs = lab.run_names

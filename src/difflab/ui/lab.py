@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from difflab.checkpoint import CONFIG, METRICS, TRAIN_STATE
 from difflab.config import PRESETS, RunConfig, get_preset
-from difflab.data import DATASET_NAMES
+from difflab.ddpm.data import DATASET_NAMES
+from difflab.ddpm.runs import CONFIG, METRICS, TRAIN_STATE
+from difflab.ddpm.sampling import SAMPLERS
 from difflab.errors import UsageError
 from difflab.files import read_jsonl
-from difflab.sampling import SAMPLERS
 from difflab.ui.jobs import Job, JobQueue
 from difflab.ui.paths import (
     ModelEntry,
@@ -75,7 +75,7 @@ class Lab:
         device: str = "auto",
         jobs: JobQueue | None = None,
     ) -> None:
-        from difflab.training import resolve_device
+        from difflab.devices import resolve_device
 
         self.runs = Path(runs_dir).expanduser().resolve()
         self.runs.mkdir(parents=True, exist_ok=True)
@@ -154,7 +154,7 @@ class Lab:
         return self.jobs.submit("train", title, lambda job: self._train(job, cfg, out, resume))
 
     def _train(self, job: Job, cfg: RunConfig, out: Path, resume: bool) -> Any:
-        from difflab.training import Trainer
+        from difflab.ddpm.training import Trainer
 
         job.update(0.0, "loading data and building the model")
         out.mkdir(parents=True, exist_ok=True)
@@ -177,7 +177,7 @@ class Lab:
             return job.cancelled()
 
         result = trainer.fit(should_stop=should_stop)
-        from difflab.plots import plot_run
+        from difflab.figures.runs import plot_run
 
         plot_run(out, device=self.device)  # loss and schedule figures for the Runs tab
         what = "stopped" if job.cancelled() else "finished"
@@ -217,7 +217,7 @@ class Lab:
         seed: int = 0,
     ) -> Job:
         """Queue sampling from a run: a live preview of x̂₀, then a PNG grid and an NPZ."""
-        from difflab.generate import parse_classes
+        from difflab.ddpm.generate import parse_classes
 
         path = self.run_path(run)
         cfg = RunConfig.load(path / CONFIG)
@@ -230,7 +230,7 @@ class Lab:
         seed = _number(seed, int, "seed", 0)
         if sampler not in SAMPLERS:
             raise UsageError(f"sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
-        from difflab.sampling import check_sampling_args
+        from difflab.ddpm.sampling import check_sampling_args
 
         check_sampling_args(sampler, steps, guidance, cfg.sample.eta, cfg.diffusion.timesteps)
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -250,7 +250,7 @@ class Lab:
     def _sample(
         self, job: Job, run: Path, png: Path, command: str, total: int, nrow: int, args: dict
     ) -> dict:
-        from difflab.generate import sample_run, save_npz
+        from difflab.ddpm.generate import sample_run, save_npz
 
         png.parent.mkdir(parents=True, exist_ok=True)
         batches = -(-total // 500)
@@ -274,9 +274,9 @@ class Lab:
     # -- processes ----------------------------------------------------------------------------
     def forward_view(self, source: str, t: int, seed: int = 0) -> tuple[np.ndarray, str]:
         """x_t of one test image per class at paper step ``t`` (0 = data, T = the last step)."""
-        from difflab.data import load_dataset
-        from difflab.diffusion import GaussianDiffusion
-        from difflab.figures import column_label, forward_process
+        from difflab.ddpm.data import load_dataset
+        from difflab.ddpm.diffusion import GaussianDiffusion
+        from difflab.figures.process import column_label, forward_process
 
         if source in DATASET_NAMES:
             cfg, dataset = RunConfig(), source
@@ -306,7 +306,7 @@ class Lab:
             raise UsageError(f"class {cls}: this run has classes 0..{cfg.model.num_classes - 1}")
         guidance, steps = _number(guidance, float, "guidance", 0), _number(steps, int, "steps", 1)
         seed = _number(seed, int, "seed", 0)
-        from difflab.sampling import check_sampling_args
+        from difflab.ddpm.sampling import check_sampling_args
 
         check_sampling_args(sampler, steps, guidance, cfg.sample.eta, cfg.diffusion.timesteps)
         return self.jobs.submit(
@@ -315,8 +315,8 @@ class Lab:
         )  # fmt: skip
 
     def _reverse(self, job, path, cls, guidance, steps, sampler, seed) -> list[dict]:
-        from difflab.checkpoint import load_run
-        from difflab.sampling import sample_steps
+        from difflab.ddpm.runs import load_run
+        from difflab.ddpm.sampling import sample_steps
 
         model, diffusion, cfg = load_run(path, device=self.device)
         labels = torch.full((8,), cls, dtype=torch.long)
@@ -339,7 +339,7 @@ class Lab:
         self, run: str, name: str, guidance: str = "0,1,2,4", steps: str = "5,10,25",
         sampler: str = "ddim", seeds: str = "0", n_per_class: int = 5,
     ) -> Job:  # fmt: skip
-        from difflab.sweep import prepare_folder, sweep_identity
+        from difflab.experiments.ddpm_sweep import prepare_folder, sweep_identity
 
         path = self.run_path(run)
         out = inside(self.runs, f"{SWEEPS}/{safe_name(name, 'sweep name')}", "sweep name")
@@ -352,7 +352,7 @@ class Lab:
         )  # fmt: skip
 
     def _sweep(self, job, path, out, guidance, steps, sampler, seeds, n) -> str:
-        from difflab.sweep import sweep_run
+        from difflab.experiments.ddpm_sweep import sweep_run
 
         def on_cell(done: int, total: int) -> None:
             job.update(done / total, f"{done}/{total} cells")
@@ -372,7 +372,7 @@ class Lab:
 
     def sweep_results(self, name: str) -> dict[str, Any]:
         """Summary rows, grid and plot files of a DDPM sweep folder."""
-        from difflab.report import mean_std_text
+        from difflab.experiments.report import mean_std_text
 
         out = inside(self.runs, f"{SWEEPS}/{name}", "sweep")
         if not (out / "metrics.json").is_file():
@@ -396,7 +396,7 @@ class Lab:
 
     def sweep_report(self, name: str, sd: bool = False) -> str:
         """Write ``report.html`` into a DDPM (or, with ``sd``, a Stable Diffusion) sweep folder."""
-        from difflab.report import write_report
+        from difflab.experiments.report import write_report
 
         where = f"{SD_OUT}/sweeps/{name}" if sd else f"{SWEEPS}/{name}"
         folder = inside(self.runs, where, "sweep")
@@ -474,7 +474,7 @@ class Lab:
         seeds: str = "0", size: str = "512x512", scheduler: str | None = None, model: str = "",
         clip_model: str = "none",
     ) -> Job:  # fmt: skip
-        from difflab.sd.sweep import check_folder, parse_prompts, sweep_identity
+        from difflab.experiments.sd_sweep import check_folder, parse_prompts, sweep_identity
 
         out = inside(self.runs, f"{SD_OUT}/sweeps/{safe_name(name, 'sweep name')}", "sweep name")
         lines = [p.strip() for p in str(prompts).splitlines() if p.strip()]
@@ -493,7 +493,7 @@ class Lab:
         )
 
     def _sd_sweep(self, job: Job, prompts: list[str], out: Path, kw: dict) -> str:
-        from difflab.sd.sweep import sd_sweep
+        from difflab.experiments.sd_sweep import sd_sweep
 
         def on_cell(done: int, total: int) -> None:
             job.update(done / total, f"{done}/{total} cells")

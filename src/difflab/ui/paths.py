@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
-from difflab.checkpoint import CONFIG, WEIGHTS
+from difflab.ddpm.runs import CONFIG, WEIGHTS
 from difflab.errors import UsageError
 from difflab.files import atomic_path
 

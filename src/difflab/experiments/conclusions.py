@@ -1,7 +1,7 @@
 """Sentences for a report's conclusions, generated from measured numbers only.
 
 :func:`sweep_conclusions` reads a sweep's summary rows (seed means per sampler, steps and
-guidance, as :func:`difflab.sweep.summarise` makes them) and says which guidance gave the
+guidance, as :func:`difflab.experiments.ddpm_sweep.summarise` makes them) and says which guidance gave the
 best conditional accuracy, how accuracy moves with guidance, from how many steps the
 Fréchet distance stops improving, where within-class diversity collapses (below
 :data:`COLLAPSE` of the real test images' diversity), and whether too much guidance drives

@@ -322,7 +322,7 @@ def _sd(args: argparse.Namespace, resolve_device) -> None:
             print(f"{rec.png.name}: {rec.diagnosis.note}")
     else:
         from difflab import distributed
-        from difflab.sd.sweep import sd_sweep
+        from difflab.experiments.sd_sweep import sd_sweep
 
         r = sd_sweep(
             args.prompts, args.out, guidance=args.guidance, steps=args.steps, seeds=args.seeds,
@@ -405,11 +405,11 @@ def _train_config(args):
 
 
 def run(args: argparse.Namespace) -> int:
-    from difflab.training import resolve_device
+    from difflab.devices import resolve_device
 
     if args.command == "train":
         from difflab import distributed
-        from difflab.training import train
+        from difflab.ddpm.training import train
 
         cfg = _train_config(args)
         result = train(cfg, args.out, device=resolve_device(args.device), resume=args.resume)
@@ -431,7 +431,7 @@ def run(args: argparse.Namespace) -> int:
             no_auth=args.no_auth, device=args.device,
         )  # fmt: skip
     elif args.command == "sample":
-        from difflab.generate import sample_run
+        from difflab.ddpm.generate import sample_run
 
         r = sample_run(
             args.run, args.out, classes=args.classes, n_per_class=args.n_per_class, guidance=args.guidance,
@@ -451,12 +451,12 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         print(format_eval(result))
     elif args.command == "demo":
-        from difflab.demo import run_demo
+        from difflab.experiments.demo import run_demo
 
         run_demo(args.out, minutes=args.minutes, device=resolve_device(args.device))
     elif args.command == "sweep":
         from difflab import distributed
-        from difflab.sweep import sweep_run
+        from difflab.experiments.ddpm_sweep import sweep_run
 
         r = sweep_run(
             args.run, args.out, guidance=args.guidance, steps=args.steps, sampler=args.sampler,
@@ -473,7 +473,7 @@ def run(args: argparse.Namespace) -> int:
             + f"; tables metrics.csv, summary.csv, metrics.json; {len(r.figures)} figures"
         )
     elif args.command == "report":
-        from difflab.report import write_report
+        from difflab.experiments.report import write_report
 
         r = write_report(args.inputs, args.out, title=args.title)
         print(f"wrote {r.html} and {r.markdown} ({len(r.images)} images)")
@@ -487,7 +487,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _figures(args: argparse.Namespace, resolve_device) -> None:
-    from difflab import figures, plots
+    from difflab.figures import process as figures
+    from difflab.figures import runs as plots
 
     if args.command == "forward":
         r = figures.forward_figure(
@@ -527,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"difflab {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a known failure mode gets its message, not a traceback
-        from difflab.training import TrainingDiverged
+        from difflab.ddpm.training import TrainingDiverged
 
         if isinstance(e, TrainingDiverged) and not args.debug:
             print(f"difflab {args.command}: {e}", file=sys.stderr)

@@ -7,7 +7,7 @@ in as one file), and ``report.md`` beside it whose images are PNG files in ``rep
 A run contributes its configuration, training curve, noise schedule, forward and reverse
 figures, sample grids and ``eval.json``; a sweep contributes its summary table (mean ± std
 over seeds), heat-maps, line plots and image grid. The conclusions are sentences generated
-from these numbers by :mod:`difflab.conclusions`. Every input is checked before any work.
+from these numbers by :mod:`difflab.experiments.conclusions`. Every input is checked before any work.
 """
 
 from __future__ import annotations
@@ -22,13 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from difflab import __version__
-from difflab.checkpoint import CONFIG, METRICS
-from difflab.conclusions import eval_conclusions, sd_sweep_conclusions, sweep_conclusions
 from difflab.config import RunConfig
+from difflab.ddpm.runs import CONFIG, METRICS
 from difflab.errors import UsageError
+from difflab.experiments.conclusions import (
+    eval_conclusions,
+    sd_sweep_conclusions,
+    sweep_conclusions,
+)
+from difflab.experiments.ddpm_sweep import SWEEP_FILE
+from difflab.experiments.sd_sweep import IDENTITY_FILE as SD_SWEEP_FILE
 from difflab.files import atomic_path, read_jsonl, write_text
-from difflab.sd.sweep import IDENTITY_FILE as SD_SWEEP_FILE
-from difflab.sweep import SWEEP_FILE
 
 RUN_FIGURES = (  # (file in RUN/figures, heading, what to run when it is missing)
     ("forward.png", "Forward process", "difflab forward --run RUN --out RUN/figures/forward.png"),
@@ -62,7 +66,7 @@ def _png(path: Path) -> bytes:
 
 
 def _figure_png(fig) -> bytes:
-    from difflab.viz import render_figure
+    from difflab.figures.images import render_figure
 
     buf = io.BytesIO()
     render_figure(fig).save(buf, format="PNG")
@@ -116,7 +120,7 @@ def read_sweep(folder: Path) -> dict:
 
 # -- sections -------------------------------------------------------------------------------
 def run_blocks(run: Path, slug: str) -> tuple[list[Block], list[str]]:
-    from difflab.plots import loss_figure, schedule_figure
+    from difflab.figures.runs import loss_figure, schedule_figure
 
     cfg = RunConfig.load(run / CONFIG)
     figs = run / "figures"
@@ -149,7 +153,7 @@ def run_blocks(run: Path, slug: str) -> tuple[list[Block], list[str]]:
     if (figs / "schedule.png").is_file():
         png = _png(figs / "schedule.png")
     else:
-        from difflab.diffusion import GaussianDiffusion
+        from difflab.ddpm.diffusion import GaussianDiffusion
 
         png = _figure_png(schedule_figure(GaussianDiffusion(cfg.diffusion, warn=False)))
     blocks.append(Block("image", "noise schedule", png=png, name=f"{slug}_schedule.png"))

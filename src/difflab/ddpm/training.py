@@ -28,14 +28,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from difflab import checkpoint as ckpt
 from difflab import distributed
 from difflab.config import RunConfig
-from difflab.data import ImageData, load_dataset
-from difflab.diffusion import GaussianDiffusion
+from difflab.ddpm import runs as ckpt
+from difflab.ddpm.data import ImageData, load_dataset
+from difflab.ddpm.diffusion import GaussianDiffusion
+from difflab.ddpm.model import ContextUnet
+from difflab.devices import resolve_device
 from difflab.errors import UsageError
 from difflab.files import append_jsonl, read_jsonl, write_text
-from difflab.models import ContextUnet
 
 
 class TrainingDiverged(RuntimeError):
@@ -49,30 +50,6 @@ class TrainResult:
     seconds: float
     images_per_s: float
     final_loss: float
-
-
-def resolve_device(device: str = "auto") -> str:
-    """auto -> cuda, then mps, then cpu; anything else must be available."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    base = device.split(":")[0]
-    if base not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"--device {device!r}: choose one of auto, cpu, cuda, cuda:N, mps")
-    if base == "cuda" and not torch.cuda.is_available():
-        raise UsageError(
-            f"--device {device}: CUDA is not available on this machine (use auto or cpu)"
-        )
-    if base == "mps" and not (
-        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
-    ):
-        raise UsageError(
-            f"--device {device}: MPS is not available on this machine (use auto or cpu)"
-        )
-    return device
 
 
 def resolve_config(cfg: RunConfig, data: ImageData) -> RunConfig:

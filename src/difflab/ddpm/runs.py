@@ -18,10 +18,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from difflab.config import RunConfig
-from difflab.diffusion import GaussianDiffusion
+from difflab.ddpm.diffusion import GaussianDiffusion
+from difflab.ddpm.model import ContextUnet
 from difflab.errors import UsageError
 from difflab.files import atomic_path, write_text
-from difflab.models import ContextUnet
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"

@@ -19,10 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from difflab.diffusion import GaussianDiffusion
+from difflab.ddpm.diffusion import GaussianDiffusion
 from difflab.errors import UsageError
 
-PRECISIONS = ("auto", "fp32", "bf16")
 OWN_SAMPLERS = ("ddpm", "ddim")
 DIFFUSERS_SAMPLERS = ("dpm++", "unipc", "euler")
 SAMPLERS = OWN_SAMPLERS + DIFFUSERS_SAMPLERS
@@ -54,20 +53,6 @@ def make_timesteps(num_train: int, steps: int, spacing: str = "trailing") -> lis
     else:
         raise UsageError(f"spacing {spacing!r}: choose one of {', '.join(SPACINGS)}")
     return [int(t) for t in ts]
-
-
-def resolve_precision(precision: str | None, device: str | torch.device) -> str | None:
-    """The autocast of the network while sampling: ``"bf16"`` or None (fp32).
-
-    ``auto`` is bf16 on CUDA and fp32 elsewhere. bf16 is worth asking for on a CPU too: on a
-    2-core AVX2 CPU it sampled 2-3x faster with the same accuracy and FD (docs/benchmarks.md).
-    """
-    precision = "auto" if precision is None else precision
-    if precision not in PRECISIONS:
-        raise UsageError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return "bf16" if torch.device(device).type == "cuda" else None
-    return "bf16" if precision == "bf16" else None
 
 
 def check_sampling_args(

@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.ticker import PercentFormatter
 
-from difflab.viz import Panel, draw_table, new_figure, render_figure, save_png
+from difflab.figures.images import Panel, draw_table, new_figure, render_figure, save_png
 
 PANELS = (  # (metric, axis label, higher is better)
     ("accuracy", "conditional accuracy", True),
@@ -162,8 +162,8 @@ def write_sweep_figures(
     out: Path, identity: dict, rows: list[dict], summary: list[dict]
 ) -> list[Path]:
     """All of a sweep's figures into ``out/figures``; returns the paths written."""
-    from difflab.checkpoint import CONFIG
     from difflab.config import RunConfig
+    from difflab.ddpm.runs import CONFIG
 
     figures = Path(out) / "figures"
     figures.mkdir(exist_ok=True)

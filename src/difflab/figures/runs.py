@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 from matplotlib.ticker import FuncFormatter
 
-from difflab.checkpoint import CONFIG, METRICS, WEIGHTS, check_run_dir
 from difflab.config import RunConfig
-from difflab.diffusion import SIGNAL_WARN_LEVEL, GaussianDiffusion
+from difflab.ddpm.diffusion import SIGNAL_WARN_LEVEL, GaussianDiffusion
+from difflab.ddpm.runs import CONFIG, METRICS, WEIGHTS, check_run_dir
 from difflab.errors import UsageError
+from difflab.figures.images import NOTE_COLOUR, new_figure, render_figure, save_png
 from difflab.files import read_jsonl
-from difflab.viz import NOTE_COLOUR, new_figure, render_figure, save_png
 
 _TARGET = {"eps": "ε", "x0": "x₀", "v": "v"}
 
@@ -153,7 +153,7 @@ def plot_run(run: str | Path, out_dir: str | Path | None = None, device: str = "
     """``difflab plot RUN``: write ``loss.png`` and ``schedule.png`` into ``out_dir``.
 
     A run started with ``--init-from`` also gets ``before_after.png``: samples of the source
-    run and of this one from the same noise (:func:`difflab.figures.before_after_figure`).
+    run and of this one from the same noise (:func:`difflab.figures.process.before_after_figure`).
 
     ``out_dir`` defaults to ``RUN/figures`` (created); a given folder must exist. A run with
     no logged loss yet gets only the schedule plot, and the result says why.
@@ -187,7 +187,7 @@ def plot_run(run: str | Path, out_dir: str | Path | None = None, device: str = "
     save_png(path, render_figure(schedule_figure(diffusion)), {"figure": "schedule", **settings})
     result.written.append(path)
     if cfg.train.init_from:
-        from difflab.figures import before_after_figure
+        from difflab.figures.process import before_after_figure
 
         if (run / WEIGHTS).is_file():
             result.written.append(

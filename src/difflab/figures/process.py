@@ -2,10 +2,10 @@
 
 :func:`forward_figure` noises real images with a run's schedule (or the default one) and shows
 one column per chosen ``t``; :func:`reverse_figure` runs the one sampling generator
-(:func:`difflab.sampling.sample_steps`) once and shows, per class, ``x_t`` and the model's
+(:func:`difflab.ddpm.sampling.sample_steps`) once and shows, per class, ``x_t`` and the model's
 predicted ``x_0`` at the chosen steps, plus every step of the same trajectory as a GIF/MP4.
 ``t`` is the paper's: 0..T, ``x_0`` clean and ``x_T`` noise; paper ``t >= 1`` is the 0-based
-timestep index ``t - 1``. Loss and schedule plots live in :mod:`difflab.plots`. Every builder
+timestep index ``t - 1``. Loss and schedule plots live in :mod:`difflab.figures.runs`. Every builder
 checks all of its input before any work, and writes files atomically with their settings.
 """
 
@@ -22,14 +22,23 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from difflab.checkpoint import CONFIG, check_run_dir, load_run
 from difflab.config import DiffusionConfig, RunConfig
-from difflab.data import load_dataset
-from difflab.diffusion import SIGNAL_WARN_LEVEL, GaussianDiffusion
+from difflab.ddpm.data import load_dataset
+from difflab.ddpm.diffusion import SIGNAL_WARN_LEVEL, GaussianDiffusion
+from difflab.ddpm.generate import check_out_path, parse_classes
+from difflab.ddpm.runs import CONFIG, check_run_dir, load_run
+from difflab.ddpm.sampling import check_sampling_args, sample_steps
 from difflab.errors import UsageError
-from difflab.generate import check_out_path, parse_classes
-from difflab.sampling import check_sampling_args, sample_steps
-from difflab.viz import Panel, Table, auto_scale, draw_table, save_gif, save_mp4, save_png, to_uint8
+from difflab.figures.images import (
+    Panel,
+    Table,
+    auto_scale,
+    draw_table,
+    save_gif,
+    save_mp4,
+    save_png,
+    to_uint8,
+)
 
 DEFAULT_T = "T,T/2,T/4,1,0"
 MAX_FRAMES = 120  # animations of longer trajectories keep this many evenly spaced frames
@@ -306,7 +315,7 @@ def before_after_samples(
     initial noise: each pair differs only by the weights. Classes the source run did not
     have are blank (white) in ``before``.
     """
-    from difflab.generate import sample_labels
+    from difflab.ddpm.generate import sample_labels
 
     run = check_run_dir(run)
     cfg = RunConfig.load(run / CONFIG)

@@ -24,9 +24,17 @@ import numpy as np
 from matplotlib.ticker import FuncFormatter
 from PIL import Image, ImageDraw
 
-from difflab.plots import smooth
+from difflab.figures.images import (
+    Panel,
+    auto_scale,
+    draw_table,
+    font,
+    new_figure,
+    render_figure,
+    save_png,
+)
+from difflab.figures.runs import smooth
 from difflab.sd.safety import NAN_HINT
-from difflab.viz import Panel, auto_scale, draw_table, font, new_figure, render_figure, save_png
 
 FILTERED_LABEL = "filtered by\nsafety checker"
 BLACK_LABEL = "black, NOT\nflagged (NaN?)"
@@ -65,7 +73,7 @@ def tile(out: Path, row: dict | None, tw: int, th: int) -> np.ndarray:
 def prompt_grid(
     out: Path, identity: dict, rows: list[dict], prompt_index: int, lora_scale: float | None = None
 ) -> Any:
-    """A :class:`~difflab.viz.Table` of one prompt's cells at one LoRA scale (module doc)."""
+    """A :class:`~difflab.figures.images.Table` of one prompt's cells at one LoRA scale (module doc)."""
     g_list, s_list, seeds = identity["guidance"], identity["steps"], identity["seeds"]
     w, h = _size(identity)
     side = min(256, max(128, w, h))  # tiles 128..256 px on their long side

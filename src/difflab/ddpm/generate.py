@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from difflab.checkpoint import load_run
+from difflab.ddpm.runs import load_run
+from difflab.ddpm.sampling import Step, check_sampling_args, sample_steps
+from difflab.devices import resolve_precision
 from difflab.errors import UsageError
+from difflab.figures.images import labelled_grid, save_png, to_uint8
 from difflab.files import atomic_path
-from difflab.sampling import Step, check_sampling_args, resolve_precision, sample_steps
-from difflab.viz import labelled_grid, save_png, to_uint8
 
 
 @dataclass

@@ -5,14 +5,14 @@ prompt, guidance scale, step count and seed) with the stock pipeline: every cell
 starts from the same initial latents (``latents=``, drawn as ``sd generate --seed`` draws
 them), so cells differ only by the swept parameter; the prompt is encoded once and reused;
 the seeds of a (prompt, steps, guidance) are batched into one pipeline call. Each cell is
-measured (CLIP score and Laplacian-variance detail, :mod:`difflab.sd.metrics`; seconds per
+measured (CLIP score and Laplacian-variance detail, :mod:`difflab.evaluation.sd_metrics`; seconds per
 image; the safety flag and black-image diagnosis, :mod:`difflab.sd.safety`) and written as
 ``cells/KEY.png`` (A1111 ``parameters`` chunk) then ``cells/KEY.json`` (its record, written
 last, atomically: it marks the cell finished). ``sd_sweep.json`` holds the sweep's identity
 (model fingerprint, prompts, axes, size, scheduler, dtype, safety checker, CLIP model); a
 killed sweep re-run with the same command computes only the missing cells, and different
 settings or another model in the same folder are refused. ``metrics.csv`` / ``metrics.json``
-/ ``summary.csv`` are rebuilt from the cell records; :mod:`difflab.sd.figures` draws one grid
+/ ``summary.csv`` are rebuilt from the cell records; :mod:`difflab.figures.sd` draws one grid
 per prompt and the CLIP-score-vs-guidance plot. Filtered and black cells get no CLIP score or
 detail (a black square measures nothing) and are counted in ``nsfw_share`` instead.
 
@@ -40,6 +40,8 @@ from tqdm.auto import tqdm
 
 from difflab import distributed
 from difflab.errors import UsageError
+from difflab.evaluation.sd_metrics import DEFAULT_CLIP_MODEL, laplacian_variance, load_scorer
+from difflab.experiments.ddpm_sweep import RESUME_HINT, parse_list, read_identity
 from difflab.files import csv_text, folder_lock, write_json, write_text
 from difflab.sd.generate import (
     check_count,
@@ -67,9 +69,7 @@ from difflab.sd.lora import (
     split_scale,
 )
 from difflab.sd.metadata import save_image
-from difflab.sd.metrics import DEFAULT_CLIP_MODEL, laplacian_variance, load_scorer
 from difflab.sd.safety import diagnose, to_uint8
-from difflab.sweep import RESUME_HINT, parse_list, read_identity
 
 IDENTITY_FILE = "sd_sweep.json"
 CELLS_DIR = "cells"
@@ -383,7 +383,7 @@ def sd_sweep(
         out, len(cells), ran, calls, time.perf_counter() - t0, rows, summary, notes=notes
     )
     if plots and main:
-        from difflab.sd.figures import write_sweep_figures
+        from difflab.figures.sd import write_sweep_figures
 
         result.figures = write_sweep_figures(out, identity, rows, summary)
     distributed.barrier(state)

@@ -1,6 +1,6 @@
 """Drawing primitives: image conversion, labelled image tables, animations and plot canvases.
 
-Everything that turns tensors into pictures lives here; :mod:`difflab.figures` builds the
+Everything that turns tensors into pictures lives here; :mod:`difflab.figures.process` builds the
 lab's figures from these parts. :func:`draw_table` lays out one or more panels of image tiles
 with row labels, multi-line column headers, titles and a footnote, sizing every column to its
 text so labels never overlap, and reports where it put each tile and each text. PNGs are

@@ -10,7 +10,7 @@ written atomically, the JSON last, so it marks the cell complete), and the table
 ``metrics.csv`` / ``metrics.json`` / ``summary.csv`` rebuilt from the cell files after each
 cell. A killed sweep re-run with the same command skips the finished cells; another run or
 other settings into the same folder are refused. Figures are drawn by
-:mod:`difflab.sweep_plots`.
+:mod:`difflab.figures.sweeps`.
 """
 
 from __future__ import annotations
@@ -32,18 +32,18 @@ import torch
 from tqdm.auto import tqdm
 
 from difflab import distributed
-from difflab.checkpoint import CONFIG, WEIGHTS, check_run_dir, load_run
 from difflab.config import RunConfig
-from difflab.errors import UsageError
-from difflab.files import csv_text, folder_lock, write_json, write_text
-from difflab.generate import save_npz
-from difflab.sampling import (
+from difflab.ddpm.generate import save_npz
+from difflab.ddpm.runs import CONFIG, WEIGHTS, check_run_dir, load_run
+from difflab.ddpm.sampling import (
     SAMPLERS,
     check_sampling_args,
     initial_noise,
-    resolve_precision,
     sample_steps,
 )
+from difflab.devices import resolve_precision
+from difflab.errors import UsageError
+from difflab.files import csv_text, folder_lock, write_json, write_text
 
 SWEEP_FILE = "sweep.json"
 CELLS_DIR = "cells"
@@ -384,7 +384,7 @@ def sweep_run(
         ran = len(rows) - (len(cells) - len(todo))  # fewer than len(todo) when stopped early
         result = SweepResult(out, len(cells), ran, time.perf_counter() - t0, rows, summary)
         if plots and main:
-            from difflab.sweep_plots import write_sweep_figures
+            from difflab.figures.sweeps import write_sweep_figures
 
             result.figures = write_sweep_figures(out, identity, rows, summary)
     distributed.barrier(state)

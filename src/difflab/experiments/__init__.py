@@ -1,0 +1,8 @@
+"""Experiments over both halves of the lab: sweeps, reports and their conclusions.
+
+:mod:`~difflab.experiments.ddpm_sweep` and :mod:`~difflab.experiments.sd_sweep` measure
+grids of settings into resumable folders, :mod:`~difflab.experiments.report` turns runs and
+sweeps into one HTML/Markdown report whose sentences come from
+:mod:`~difflab.experiments.conclusions`, and :mod:`~difflab.experiments.demo` runs the whole
+DDPM lab on the embedded data.
+"""

@@ -1,5 +1,0 @@
-"""Denoising networks."""
-
-from difflab.models.context_unet import ContextUnet
-
-__all__ = ["ContextUnet"]
