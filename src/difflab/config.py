@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -24,6 +25,46 @@ LossWeighting = Literal["none", "min_snr"]
 SamplerName = Literal["ddpm", "ddim", "dpm++", "unipc", "euler"]
 Spacing = Literal["trailing", "leading", "linspace"]
 Precision = Literal["auto", "no", "bf16", "fp16"]
+
+
+# -- value checks: every config object checks its values once, where it is built -----------
+MAX_SEED = 2**63 - 1
+FLAGS = {  # options with their own command-line flag; the rest are --set SECTION.KEY=VALUE
+    ("train", "batch_size"): "--batch-size", ("train", "lr"): "--lr", ("train", "seed"): "--seed",
+    ("train", "epochs"): "--epochs", ("train", "minutes"): "--minutes",
+}  # fmt: skip
+
+
+def _name(section: str, key: str) -> str:
+    return FLAGS.get((section, key), f"--set {section}.{key}")
+
+
+def _check_int(section: str, key: str, value: int, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise UsageError(
+            f"{_name(section, key)} {value!r}: must be a whole number from {low} to {high:,}"
+        )
+
+
+def _check_float(
+    section: str,
+    key: str,
+    value: float,
+    low: float,
+    high: float,
+    *,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = (
+        ok
+        and (value > low if open_low else value >= low)
+        and (value < high if open_high else value <= high)
+    )
+    if not ok:
+        lo, hi = ("(" if open_low else "[") + f"{low:g}", f"{high:g}" + (")" if open_high else "]")
+        raise UsageError(f"{_name(section, key)} {value!r}: must be a finite number in {lo}, {hi}")
 
 
 @dataclass(frozen=True)
@@ -47,6 +88,16 @@ class ModelConfig:
     patch_size: int = 1
     time_embed_dim: int = 128
 
+    def __post_init__(self) -> None:
+        for key, high in (("in_channels", 16), ("height", 4096), ("width", 4096), ("num_classes", 100_000),
+                          ("base_channels", 4096), ("num_res_blocks", 16), ("patch_size", 64),
+                          ("time_embed_dim", 8192)):  # fmt: skip
+            _check_int("model", key, getattr(self, key), 1, high)
+        if not self.channel_mults:
+            raise UsageError("--set model.channel_mults []: give at least one level, e.g. [1,2]")
+        for m in self.channel_mults:
+            _check_int("model", "channel_mults", m, 1, 64)
+
 
 @dataclass(frozen=True)
 class DiffusionConfig:
@@ -60,6 +111,18 @@ class DiffusionConfig:
     loss_weighting: LossWeighting = "none"
     min_snr_gamma: float = 5.0
     clip_x0: bool = True  # clip the predicted x0 to [-1, 1] while sampling
+
+    def __post_init__(self) -> None:
+        _check_int("diffusion", "timesteps", self.timesteps, 1, 100_000)
+        _check_float(
+            "diffusion", "beta_start", self.beta_start, 0, 1, open_low=True, open_high=True
+        )
+        _check_float("diffusion", "beta_end", self.beta_end, 0, 1, open_low=True, open_high=True)
+        if self.beta_end < self.beta_start:
+            raise UsageError(
+                f"--set diffusion.beta_end {self.beta_end:g}: must be at least beta_start {self.beta_start:g}"
+            )
+        _check_float("diffusion", "min_snr_gamma", self.min_snr_gamma, 0, 1e6, open_low=True)
 
 
 @dataclass(frozen=True)
@@ -85,6 +148,22 @@ class TrainConfig:
     checkpoint_every: int = 500
     init_from: str | None = None  # start from another run's EMA weights (fine-tuning)
 
+    def __post_init__(self) -> None:
+        _check_int("train", "batch_size", self.batch_size, 1, 65_536)
+        _check_float("train", "lr", self.lr, 0, 1, open_low=True)
+        _check_float("train", "weight_decay", self.weight_decay, 0, 10)
+        _check_int("train", "warmup_steps", self.warmup_steps, 0, 10**9)
+        if self.epochs is not None:
+            _check_float("train", "epochs", self.epochs, 0, 1e6, open_low=True)
+        if self.minutes is not None:
+            _check_float("train", "minutes", self.minutes, 0, 525_600, open_low=True)  # a year
+        _check_float("train", "ema_decay", self.ema_decay, 0, 1, open_high=True)
+        _check_float("train", "grad_clip", self.grad_clip, 0, 1e6)
+        _check_float("train", "label_dropout", self.label_dropout, 0, 1)
+        _check_int("train", "seed", self.seed, 0, MAX_SEED)
+        _check_int("train", "log_every", self.log_every, 1, 10**9)
+        _check_int("train", "checkpoint_every", self.checkpoint_every, 1, 10**9)
+
 
 @dataclass(frozen=True)
 class SampleConfig:
@@ -96,6 +175,11 @@ class SampleConfig:
     eta: float = 0.0
     spacing: Spacing = "trailing"
 
+    def __post_init__(self) -> None:
+        _check_int("sample", "steps", self.steps, 1, 100_000)
+        _check_float("sample", "guidance", self.guidance, 0, 100)
+        _check_float("sample", "eta", self.eta, 0, 1)
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -104,6 +188,13 @@ class RunConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self) -> None:
+        if self.sample.steps > self.diffusion.timesteps:
+            raise UsageError(
+                f"--set sample.steps {self.sample.steps}: must be at most diffusion.timesteps = "
+                f"{self.diffusion.timesteps}"
+            )
 
     # -- (de)serialisation --------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
