@@ -239,6 +239,27 @@ def test_sweep_refuses_other_settings_or_model_in_the_same_folder(models, tmp_pa
     assert sorted(p.name for p in out.iterdir()) == ["sd_sweep.json"]  # nothing written
 
 
+def test_sweep_into_a_held_folder_changes_nothing(models, tmp_path):
+    from difflab.files import folder_lock
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    axes = dict(guidance="1", steps="1", seeds="0")
+    with folder_lock(out):  # another writer holds the new folder
+        with pytest.raises(UsageError, match="another process"):
+            _sweep(models, out, **axes)
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # no sd_sweep.json, no cells/
+    _sweep(models, out, **axes)
+    leftover = out / "cells" / ".p00_g1_steps1_seed0.png.k2.tmp.png"  # from a killed write
+    leftover.write_bytes(b"x")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with folder_lock(out):
+        with pytest.raises(UsageError, match="another process"):
+            _sweep(models, out, **axes)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert _sweep(models, out, **axes).cells_run == 0 and not leftover.exists()
+
+
 def test_sweep_marks_flagged_cells_in_grid_and_tables(models, tmp_path):
     r = sd_sweep(
         "a cat", tmp_path, guidance="1", steps="1", seeds="0,1", size=SIZE, model=models.flags,

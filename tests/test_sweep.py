@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from difflab.cli import main
 from difflab.evaluation import judge as judge_mod
 from difflab.experiments import ddpm_sweep as sweep_mod
+from difflab.experiments.core import file_sha256
 from difflab.experiments.ddpm_sweep import parse_list, sweep_run
 from difflab.figures.images import png_settings
 from helpers import tiny_run
@@ -290,7 +291,7 @@ def test_demo_sweep_and_report_redoes_a_stale_sweep(run, tmp_path, monkeypatch):
     )
     demo.sweep_and_report(mine)  # redone, not refused
     identity = json.loads((mine / "sweep" / "sweep.json").read_text())
-    assert identity["weights_sha256"] == sweep_mod.weights_hash(mine)
+    assert identity["weights_sha256"] == file_sha256(mine / "model.safetensors")
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "dpm++"])
@@ -350,6 +351,42 @@ def test_second_sweep_into_a_busy_folder_is_refused(run, tmp_path, capsys):
     before.pop(".lock")
     assert after == before  # nothing else touched
     assert main([*args, "--out", str(out)]) == 0  # the lock went with the process
+
+
+def test_a_held_folder_is_refused_before_anything_in_it_changes(run, tmp_path):
+    from difflab.errors import UsageError
+    from difflab.files import folder_lock
+
+    axes = {**AXES, "guidance": "0", "steps": "2"}
+    out, fresh = tmp_path / "sw", tmp_path / "fresh"
+    sweep_run(run, out, **axes)
+    (out / "cells" / ".ddim_steps3_g0_seed0.json.k2.tmp.json").write_text("{")  # a killed write
+    fresh.mkdir()
+    before = snapshot(out)
+    with folder_lock(out), folder_lock(fresh):  # another writer holds both folders
+        with pytest.raises(UsageError, match="another process"):
+            sweep_run(run, out, **axes, grid_class=3)  # would rewrite sweep.json
+        with pytest.raises(UsageError, match="another process"):
+            sweep_run(run, fresh, **axes)
+    assert snapshot(out) == before  # the temporary file kept, sweep.json as it was
+    assert sorted(p.name for p in fresh.iterdir()) == [".lock"]  # no sweep.json, no cells/
+    sweep_run(run, out, **axes)  # the next writer clears what the killed one left
+    assert not list((out / "cells").glob(".*.tmp*"))
+
+
+def test_a_torn_cell_record_is_made_again(run, tmp_path):
+    out = tmp_path / "sw"
+    axes = {**AXES, "guidance": "0", "steps": "2,3"}
+    sweep_run(run, out, **axes)
+    record = out / "cells" / "ddim_steps3_g0_seed0.json"
+    whole = record.read_bytes()
+    images = np.load(record.with_suffix(".npz"))["images"]
+    record.write_bytes(whole[: len(whole) // 2])  # cut off, as by a copy that died half-way
+    again = sweep_run(run, out, **axes)
+    assert again.cells_run == 1 and len(again.rows) == 2
+    assert json.loads(record.read_text())["key"] == "ddim_steps3_g0_seed0"
+    assert np.array_equal(np.load(record.with_suffix(".npz"))["images"], images)
+    assert json.loads((out / "metrics.json").read_text())["complete"]
 
 
 def test_bf16_sweep_has_its_own_identity_and_matches_sample(run, tmp_path, capsys):

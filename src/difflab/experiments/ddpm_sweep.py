@@ -9,25 +9,22 @@ weights, axes, sample count), ``cells/KEY.npz`` + ``cells/KEY.json`` per finishe
 written atomically, the JSON last, so it marks the cell complete), and the tables
 ``metrics.csv`` / ``metrics.json`` / ``summary.csv`` rebuilt from the cell files after each
 cell. A killed sweep re-run with the same command skips the finished cells; another run or
-other settings into the same folder are refused. Figures are drawn by
+other settings into the same folder are refused. The folder itself (identity, lock, records,
+tables) is :mod:`difflab.experiments.core`'s; figures are drawn by
 :mod:`difflab.figures.sweeps`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import math
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -43,15 +40,18 @@ from difflab.ddpm.sampling import (
 )
 from difflab.devices import resolve_precision
 from difflab.errors import UsageError
-from difflab.files import csv_text, folder_lock, write_json, write_text
+from difflab.experiments import core
+from difflab.experiments.core import RESUME_HINT, SweepFolder, Tables, file_sha256
 
 SWEEP_FILE = "sweep.json"
-CELLS_DIR = "cells"
 FORMAT = 1
 METRICS = ("accuracy", "fd", "kid", "diversity", "seconds")  # summarised as mean ± std
 CSV_COLUMNS = (
     "sampler", "steps", "guidance", "seed", "n", "accuracy", "fd", "fd_ratio", "kid",
     "kid_std", "diversity", "seconds", "eval_seconds",
+)  # fmt: skip
+SUMMARY_COLUMNS = (
+    "sampler", "steps", "guidance", "seeds", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")),
 )  # fmt: skip
 OPTIONS = {"samplers": "--sampler", "steps": "--steps", "guidance": "--guidance", "seeds": "--seeds",
            "n_per_class": "--n", "precision": "--precision"}  # fmt: skip
@@ -122,14 +122,6 @@ def parse_list(
     return sorted(out)
 
 
-def weights_hash(run: Path) -> str:
-    h = hashlib.sha256()
-    with open(run / WEIGHTS, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def sweep_identity(
     run: str | Path,
     guidance: Any = "0,1,2,4,8",
@@ -168,7 +160,7 @@ def sweep_identity(
             f"--grid-class {grid_class}: out of range; this run has classes 0..{k - 1}"
         )
     return {
-        "format": FORMAT, "run": str(run.resolve()), "weights_sha256": weights_hash(run),
+        "format": FORMAT, "run": str(run.resolve()), "weights_sha256": file_sha256(run / WEIGHTS),
         "dataset": cfg.train.dataset, "samplers": samplers, "steps": s_list, "guidance": g_list,
         "seeds": seed_list, "n_per_class": n_per_class, "num_classes": k, "eta": sc.eta,
         "spacing": sc.spacing, "grid_class": grid_class,
@@ -176,69 +168,10 @@ def sweep_identity(
     }  # fmt: skip
 
 
-RESUME_HINT = "re-run the command that started it to resume, or choose another --out"
-
-
-def read_identity(out: Path, name: str) -> dict[str, Any] | None:
-    """The identity file ``name`` of the sweep folder ``out``, or None for a new sweep.
-
-    A file where the folder should be, a non-empty folder without the identity file and an
-    unreadable identity are refused with one line each.
-    """
-    where = f"--out {out}"
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{where}: is a file, not a folder")
-    path = out / name
-    if not path.exists():
-        if out.is_dir() and any(out.iterdir()):
-            raise UsageError(
-                f"{where}: folder is not empty and holds no {name}; choose another --out"
-            )
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        raise UsageError(f"{where}: {name} is unreadable; choose another --out") from None
-
-
-def prepare_folder(out: str | Path, identity: dict[str, Any]) -> Path:
-    """Create ``out`` for a new sweep, or accept it when it holds this very sweep."""
-    out = Path(out)
-    where = f"--out {out}"
-    old = read_identity(out, SWEEP_FILE)
-    if old is None:
-        (out / CELLS_DIR).mkdir(parents=True, exist_ok=True)
-        write_json(out / SWEEP_FILE, identity)
-        return out
-    if old.get("run") != identity["run"]:
-        raise UsageError(f"{where}: holds a sweep of another run ({old.get('run')}); {RESUME_HINT}")
-    if old.get("weights_sha256") != identity["weights_sha256"]:
-        raise UsageError(
-            f"{where}: the weights of {identity['run']} changed since this sweep started "
-            f"({WEIGHTS} differs); choose another --out"
-        )
-    old, new = {**IMPLIED, **old}, {**IMPLIED, **identity}
-    for key, value in new.items():
-        if old.get(key) == value or key in PRESENTATION:
-            continue
-        if key in OPTIONS:
-            raise UsageError(
-                f"{where}: holds a sweep with {OPTIONS[key]} {_show(old.get(key))}, "
-                f"not {_show(value)}; {RESUME_HINT}"
-            )
-        raise UsageError(
-            f"{where}: the run's {key} changed since this sweep started "
-            f"({_show(old.get(key))}, now {_show(value)}); choose another --out"
-        )
-    if any(old.get(k) != identity[k] for k in PRESENTATION):
-        write_json(out / SWEEP_FILE, identity)  # only how the figures look: no cell is affected
-    return out
-
-
-def _show(v: Any) -> str:
-    if isinstance(v, list):
-        return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)
-    return str(v)
+def check_folder(out: str | Path, identity: dict[str, Any]) -> bool:
+    """True when ``out`` holds this very sweep, False when it is new; refuses another sweep's
+    folder with one line (reads only)."""
+    return FOLDER.check(out, identity)
 
 
 def all_cells(identity: dict[str, Any]) -> list[Cell]:
@@ -253,19 +186,6 @@ def all_cells(identity: dict[str, Any]) -> list[Cell]:
 
 
 # -- cells ----------------------------------------------------------------------------------
-def load_cell(out: Path, cell: Cell) -> dict | None:
-    """The finished cell's record, or None when it is missing, torn or not this cell's."""
-    path, npz = out / CELLS_DIR / f"{cell.key}.json", out / CELLS_DIR / f"{cell.key}.npz"
-    if not (path.is_file() and npz.is_file()):
-        return None
-    try:
-        row = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    same = (row.get("sampler"), row.get("steps"), row.get("guidance"), row.get("seed"))
-    return row if same == (cell.sampler, cell.steps, cell.guidance, cell.seed) else None
-
-
 def sample_cells(
     model, diffusion, labels: torch.Tensor, x_T: torch.Tensor, cells: list[Cell], identity: dict,
     batch_size: int = 500, on_step=None,
@@ -308,11 +228,6 @@ def cell_groups(todo: list[Cell], max_cells: int) -> list[list[Cell]]:
     for c in todo:
         groups.setdefault((c.seed, c.sampler, c.steps), []).append(c)
     return [v[i : i + max_cells] for v in groups.values() for i in range(0, len(v), max_cells)]
-
-
-def _write_cell(out: Path, cell: Cell, images: torch.Tensor, labels: torch.Tensor, row: dict):
-    save_npz(out / CELLS_DIR / f"{cell.key}.npz", images, labels)
-    write_json(out / CELLS_DIR / f"{cell.key}.json", row)  # last: marks the cell finished
 
 
 def sweep_run(
@@ -358,16 +273,9 @@ def sweep_run(
         max_group = 1 if str(device) == "cpu" else 8
     main = state is None or state.is_main_process
     out = Path(out)
-    if main:
-        out = prepare_folder(out, identity)
-    lock = folder_lock(out) if main else nullcontext()
-    with lock:
-        if main:
-            for stale in (out / CELLS_DIR).glob(".*.tmp*"):  # left by a killed write
-                stale.unlink(missing_ok=True)
-        distributed.barrier(state)  # the folder is ready
+    with FOLDER.hold(out, identity, state):  # locked before anything in it is touched
         cells = all_cells(identity)
-        todo = [c for c in cells if load_cell(out, c) is None]
+        todo = [c for c in cells if FOLDER.load_cell(out, c) is None]
         distributed.barrier(state)  # every rank has the same list before anyone writes
         groups = cell_groups(todo, max_group)
         t0 = time.perf_counter()
@@ -378,9 +286,7 @@ def sweep_run(
                 should_stop, on_cell, state,
             )  # fmt: skip
         distributed.barrier(state)  # all cells of all ranks are on disk
-        rows, summary = (
-            write_tables(out, identity, cells) if main else read_tables(out, identity, cells)
-        )
+        rows, summary = (FOLDER.write_tables if main else FOLDER.read_tables)(out, identity, cells)
         ran = len(rows) - (len(cells) - len(todo))  # fewer than len(todo) when stopped early
         result = SweepResult(out, len(cells), ran, time.perf_counter() - t0, rows, summary)
         if plots and main:
@@ -444,7 +350,7 @@ def _run_cells(
                     "eval_seconds": time.perf_counter() - t2, "device": str(device),
                     "batched_cells": len(group), "process": 0 if state is None else state.process_index,
                 }  # fmt: skip
-                _write_cell(out, cell, cell_images, labels, row)
+                FOLDER.write_cell(out, cell, row, lambda p, x=cell_images: save_npz(p, x, labels))
                 n_done += 1
                 bar.set_description(f"sweep {n_done}/{len(cells)} cells{ranks}")
                 if on_cell is not None:
@@ -455,7 +361,7 @@ def _run_cells(
                         f"KID {m['kid']:.4f}, diversity {m['diversity']:.2f} ({share:.1f} s)"
                     )
             if main:
-                write_tables(out, identity, cells)
+                FOLDER.write_tables(out, identity, cells)
     except KeyboardInterrupt:
         bar.close()
         print(
@@ -469,46 +375,35 @@ def _run_cells(
 # -- tables ---------------------------------------------------------------------------------
 def summarise(rows: list[dict]) -> list[dict]:
     """Mean and standard deviation across seeds (None for one seed) per sampler/steps/guidance."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["sampler"], r["steps"], r["guidance"]), []).append(r)
-    out = []
-    for (smp, st, g), rs in groups.items():
-        entry = {"sampler": smp, "steps": st, "guidance": g, "seeds": len(rs)}
-        for m in METRICS:
-            v = np.array([r[m] for r in rs], dtype=np.float64)
-            entry[f"{m}_mean"] = float(v.mean())
-            entry[f"{m}_std"] = float(v.std(ddof=1)) if len(v) > 1 else None
-        out.append(entry)
-    return out
+    return core.summarise(rows, ("sampler", "steps", "guidance"), METRICS)
 
 
-def read_tables(out: Path, identity: dict, cells: list[Cell]) -> tuple[list[dict], list[dict]]:
-    """The finished cells' rows and their summary, read from the cell files (writes nothing)."""
-    rows = [r for r in (load_cell(out, c) for c in cells) if r is not None]
-    return rows, summarise(rows)
-
-
-def write_tables(out: Path, identity: dict, cells: list[Cell]) -> tuple[list[dict], list[dict]]:
-    """Rebuild ``metrics.csv``, ``metrics.json`` and ``summary.csv`` from the cell files."""
-    rows, summary = read_tables(out, identity, cells)
+def _about(rows: list[dict]) -> dict[str, Any]:
     first = rows[0] if rows else {}
-    doc = {
-        "sweep": identity,
-        "complete": len(rows) == len(cells),
-        "cells_done": len(rows),
-        "cells_total": len(cells),
-        "fd_floor": first.get("fd_floor"),
-        "diversity_real": first.get("diversity_real"),
-        "judge_test_accuracy": first.get("judge_test_accuracy"),
+    return {
+        **{k: first.get(k) for k in ("fd_floor", "diversity_real", "judge_test_accuracy")},
         "note": "fd, kid and diversity are on the reference classifier's features; "
         "not comparable with Inception FID/KID",
-        "cells": rows,
-        "summary": summary,
     }
-    write_json(out / "metrics.json", doc)
-    write_text(out / "metrics.csv", csv_text(rows, list(CSV_COLUMNS)))
-    columns = ["sampler", "steps", "guidance", "seeds"]
-    columns += [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
-    write_text(out / "summary.csv", csv_text(summary, columns))
-    return rows, summary
+
+
+def _another_run(old: dict, new: dict) -> str:
+    return f"holds a sweep of another run ({old.get('run')}); {RESUME_HINT}"
+
+
+def _weights_changed(old: dict, new: dict) -> str:
+    return (
+        f"the weights of {new['run']} changed since this sweep started ({WEIGHTS} differs); "
+        "choose another --out"
+    )
+
+
+FOLDER = SweepFolder(
+    SWEEP_FILE, ".npz",
+    Tables(summarise, lambda identity: CSV_COLUMNS, lambda identity: SUMMARY_COLUMNS, _about),
+    options=OPTIONS, first={"run": _another_run, "weights_sha256": _weights_changed},
+    implied=IMPLIED, presentation=PRESENTATION,
+    changed=lambda key, old, new: (
+        f"the run's {key} changed since this sweep started ({old}, now {new}); choose another --out"
+    ),
+)  # fmt: skip

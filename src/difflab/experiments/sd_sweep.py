@@ -12,7 +12,8 @@ last, atomically: it marks the cell finished). ``sd_sweep.json`` holds the sweep
 (model fingerprint, prompts, axes, size, scheduler, dtype, safety checker, CLIP model); a
 killed sweep re-run with the same command computes only the missing cells, and different
 settings or another model in the same folder are refused. ``metrics.csv`` / ``metrics.json``
-/ ``summary.csv`` are rebuilt from the cell records; :mod:`difflab.figures.sd` draws one grid
+/ ``summary.csv`` are rebuilt from the cell records (the folder, its lock and its records are
+:mod:`difflab.experiments.core`'s); :mod:`difflab.figures.sd` draws one grid
 per prompt and the CLIP-score-vs-guidance plot. Filtered and black cells get no CLIP score or
 detail (a black square measures nothing) and are counted in ``nsfw_share`` instead.
 
@@ -24,25 +25,29 @@ per prompt and scale. A sweep without a LoRA keeps the keys, tables and identity
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from difflab import distributed
 from difflab.errors import UsageError
 from difflab.evaluation.sd_metrics import DEFAULT_CLIP_MODEL, laplacian_variance, load_scorer
-from difflab.experiments.ddpm_sweep import RESUME_HINT, parse_list, read_identity
-from difflab.files import csv_text, folder_lock, write_json, write_text
+from difflab.experiments.core import (
+    CELLS_DIR,
+    RESUME_HINT,
+    SweepFolder,
+    Tables,
+    file_sha256,
+    group_rows,
+    mean_std,
+)
+from difflab.experiments.ddpm_sweep import parse_list
 from difflab.sd.generate import (
     check_count,
     check_guidance,
@@ -72,7 +77,6 @@ from difflab.sd.metadata import save_image
 from difflab.sd.safety import diagnose, to_uint8
 
 IDENTITY_FILE = "sd_sweep.json"
-CELLS_DIR = "cells"
 FORMAT = 1
 CSV_COLUMNS = (
     "prompt_index", "guidance", "steps", "seed", "clip_score", "detail", "seconds_per_image",
@@ -161,14 +165,6 @@ def parse_sweep_lora(lora: Any, lora_scales: Any) -> tuple[LoraSpec | None, list
     return spec, parse_list(lora_scales, float, "--lora-scales", "0,0.5,1")
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def sweep_identity(
     prompts: Any, guidance: Any, steps: Any, seeds: Any, negative_prompt: str, size: Any,
     scheduler: str | None, model: Any, device: str, dtype: str, safety_checker: bool,
@@ -198,36 +194,16 @@ def sweep_identity(
     if spec is not None:
         identity |= {
             "lora": str(spec.path),
-            "lora_fingerprint": {"name": spec.name, "sha256": _file_sha256(spec.path)},
+            "lora_fingerprint": {"name": spec.name, "sha256": file_sha256(spec.path)},
             "lora_scales": scales,
         }
     return identity
 
 
-def check_folder(out: Path, identity: dict[str, Any]) -> bool:
-    """True when ``out`` holds this very sweep (resume); False when it is new (or empty)."""
-    where, hint = f"--out {out}", RESUME_HINT
-    old = read_identity(out, IDENTITY_FILE)
-    if old is None:
-        return False
-    if old.get("model_fingerprint") != identity["model_fingerprint"]:
-        raise UsageError(f"{where}: holds a sweep of another model ({old.get('model')}); {hint}")
-    if old.get("lora_fingerprint") != identity.get("lora_fingerprint"):
-        other = f"with the LoRA {old['lora']}" if old.get("lora") else "without a LoRA"
-        raise UsageError(f"{where}: holds a sweep {other}; {hint}")
-    for key, value in identity.items():
-        if key not in ("model", "model_fingerprint", "lora") and old.get(key) != value:
-            option = "--" + key.replace("_", "-")
-            raise UsageError(
-                f"{where}: holds a sweep with {option} {_show(old.get(key))}, not {_show(value)}; {hint}"
-            )
-    return True
-
-
-def _show(v: Any) -> str:
-    if isinstance(v, list):
-        return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)
-    return json.dumps(v) if isinstance(v, (str, type(None), bool)) else str(v)
+def check_folder(out: str | Path, identity: dict[str, Any]) -> bool:
+    """True when ``out`` holds this very sweep (resume), False when it is new (or empty);
+    refuses another sweep's folder with one line (reads only)."""
+    return FOLDER.check(out, identity)
 
 
 def all_cells(identity: dict[str, Any]) -> list[Cell]:
@@ -239,23 +215,6 @@ def all_cells(identity: dict[str, Any]) -> list[Cell]:
             i["seeds"],
         )
     ]  # fmt: skip
-
-
-def load_cell(out: Path, cell: Cell) -> dict | None:
-    """The finished cell's record, or None when it is missing, torn or not this cell's."""
-    path = out / CELLS_DIR / f"{cell.key}.json"
-    if not (path.is_file() and path.with_suffix(".png").is_file()):
-        return None
-    try:
-        row = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    same = (
-        row.get("prompt_index"), row.get("guidance"), row.get("steps"), row.get("seed"),
-        row.get("lora_scale"),
-    )  # fmt: skip
-    mine = (cell.prompt_index, cell.guidance, cell.steps, cell.seed, cell.lora_scale)
-    return row if same == mine else None
 
 
 def _batches(todo: list[Cell], batch_size: int) -> list[list[Cell]]:
@@ -312,82 +271,100 @@ def sd_sweep(
     main = state is None or state.is_main_process
     if state is not None and str(device) != "cpu":
         device = str(state.device)  # this process's GPU (the identity keeps the option)
-    resuming = check_folder(out, identity) if main else True
-    if main and resuming:  # before any process writes: temporary files of a killed write
-        for stale in (out / CELLS_DIR).glob(".*.tmp*"):
-            stale.unlink(missing_ok=True)
-    distributed.barrier(state)
+    if main:
+        check_folder(out, identity)  # reads only: another sweep is refused before any loading
     cells = all_cells(identity)
-    todo = [c for c in cells if load_cell(out, c) is None] if resuming else cells
-    distributed.barrier(state)  # every process has the same list before anyone writes
-    batches = _batches(todo, batch_size)
-    batches = distributed.my_share(state, batches, lambda b: len(b) * b[0].steps)
-    width, height = parse_size(identity["size"])
-    notes: list[str] = []
-    calls, t0 = 0, time.perf_counter()
-    if batches:
+
+    def share(left: list[Cell]) -> list[list[Cell]]:  # this process's pipeline calls
+        batches = _batches(left, batch_size)
+        return distributed.my_share(state, batches, lambda b: len(b) * b[0].steps)
+
+    def load() -> tuple:
         scorer = load_scorer(identity["clip_model"], device)  # first: fails fast when offline
         loaded = load_pipeline(
             model, device, identity["dtype"], scheduler, safety_checker, trust_pickle,
             model_config, vae, compile,
         )  # fmt: skip
-        notes += loaded.notes
+        notes = list(loaded.notes)
         for i, p in enumerate(identity["prompts"]):
             note = truncation_note(loaded.pipe.tokenizer, p, f"--prompts #{i + 1}")
             notes += [note] if note else []
-        (out / CELLS_DIR).mkdir(parents=True, exist_ok=True)
-        if not resuming:
-            write_json(out / IDENTITY_FILE, identity)
-        with folder_lock(out) if main else nullcontext():
-            embeds: dict[tuple, tuple] = {}
-            bar = tqdm(
-                total=len(cells), initial=len(cells) - len(todo), desc="sd sweep", unit="cell",
-                disable=not (progress and main), file=sys.stderr, dynamic_ncols=True,
-            )  # fmt: skip
-            try:
-                with applied(loaded.pipe, [spec] if spec else []) as adapters:
-                    for batch in batches:
-                        if should_stop is not None and should_stop():
-                            break
-                        c0 = batch[0]
-                        prompt = identity["prompts"][c0.prompt_index]
-                        which = (c0.prompt_index, c0.lora_scale)  # a LoRA may adapt the CLIP too
-                        if which not in embeds:
-                            if adapters:
-                                set_scales(loaded.pipe, adapters, [c0.lora_scale])
-                            embeds = {which: encode(loaded, prompt, identity["negative_prompt"])}
-                        t1 = time.perf_counter()
-                        images, flags = run_pipeline(
-                            loaded, embeds[which], c0.guidance, c0.steps,
-                            [c.seed for c in batch], width, height,
-                        )  # fmt: skip
-                        per_image = (time.perf_counter() - t1) / len(batch)
-                        calls += 1
-                        _write_cells(
-                            out, identity, loaded, scorer, batch, images, flags, per_image, spec
-                        )
-                        bar.update(len(batch))
-                        if on_cell is not None:
-                            on_cell(bar.n, len(cells))
-                        if main:
-                            write_tables(out, identity, cells)
-            except KeyboardInterrupt:
-                bar.close()
-                print("sd sweep stopped; the same command continues it", file=sys.stderr)
-                raise
-            bar.close()
-    distributed.barrier(state)  # every process's cells are on disk
-    rows, summary = (write_tables if main else read_tables)(out, identity, cells)
-    ran = len(rows) - (len(cells) - len(todo))  # fewer than len(todo) when stopped early
-    result = SDSweepResult(
-        out, len(cells), ran, calls, time.perf_counter() - t0, rows, summary, notes=notes
-    )
-    if plots and main:
-        from difflab.figures.sd import write_sweep_figures
+        return scorer, loaded, notes
 
-        result.figures = write_sweep_figures(out, identity, rows, summary)
+    t0 = time.perf_counter()
+    # the models load before the folder is touched: one that fails to load leaves no folder
+    models = load() if share([c for c in cells if FOLDER.load_cell(out, c) is None]) else None
+    with FOLDER.hold(out, identity, state):  # locked before anything in it is touched
+        todo = [c for c in cells if FOLDER.load_cell(out, c) is None]
+        distributed.barrier(state)  # every process has the same list before anyone writes
+        batches = share(todo)
+        if batches and models is None:  # cells went missing since the look above
+            models = load()
+        calls = 0
+        if batches:
+            calls = _make_cells(
+                out, identity, cells, todo, batches, models, spec, progress and main, should_stop,
+                on_cell, main,
+            )  # fmt: skip
+        distributed.barrier(state)  # every process's cells are on disk
+        rows, summary = (FOLDER.write_tables if main else FOLDER.read_tables)(out, identity, cells)
+        ran = len(rows) - (len(cells) - len(todo))  # fewer than len(todo) when stopped early
+        notes = models[2] if models is not None else []
+        result = SDSweepResult(
+            out, len(cells), ran, calls, time.perf_counter() - t0, rows, summary, notes=notes
+        )
+        if plots and main:
+            from difflab.figures.sd import write_sweep_figures
+
+            result.figures = write_sweep_figures(out, identity, rows, summary)
     distributed.barrier(state)
     return result
+
+
+def _make_cells(
+    out, identity, cells, todo, batches, models, spec, progress, should_stop, on_cell, main
+) -> int:
+    """Make and measure ``batches`` (this process's share of ``todo``) into ``out``; returns
+    the number of pipeline calls."""
+    scorer, loaded, _ = models
+    width, height = parse_size(identity["size"])
+    embeds: dict[tuple, tuple] = {}
+    calls = 0
+    bar = tqdm(
+        total=len(cells), initial=len(cells) - len(todo), desc="sd sweep", unit="cell",
+        disable=not progress, file=sys.stderr, dynamic_ncols=True,
+    )  # fmt: skip
+    try:
+        with applied(loaded.pipe, [spec] if spec else []) as adapters:
+            for batch in batches:
+                if should_stop is not None and should_stop():
+                    break
+                c0 = batch[0]
+                prompt = identity["prompts"][c0.prompt_index]
+                which = (c0.prompt_index, c0.lora_scale)  # a LoRA may adapt the CLIP too
+                if which not in embeds:
+                    if adapters:
+                        set_scales(loaded.pipe, adapters, [c0.lora_scale])
+                    embeds = {which: encode(loaded, prompt, identity["negative_prompt"])}
+                t1 = time.perf_counter()
+                images, flags = run_pipeline(
+                    loaded, embeds[which], c0.guidance, c0.steps, [c.seed for c in batch],
+                    width, height,
+                )  # fmt: skip
+                per_image = (time.perf_counter() - t1) / len(batch)
+                calls += 1
+                _write_cells(out, identity, loaded, scorer, batch, images, flags, per_image, spec)
+                bar.update(len(batch))
+                if on_cell is not None:
+                    on_cell(bar.n, len(cells))
+                if main:
+                    FOLDER.write_tables(out, identity, cells)
+    except KeyboardInterrupt:
+        bar.close()
+        print("sd sweep stopped; the same command continues it", file=sys.stderr)
+        raise
+    bar.close()
+    return calls
 
 
 def _write_cells(out, identity, loaded, scorer, batch, images, flags, per_image, lora) -> None:
@@ -411,64 +388,62 @@ def _write_cells(out, identity, loaded, scorer, batch, images, flags, per_image,
             "seconds_per_image": per_image, "batch": len(batch), **d.as_dict(),
             "png": f"{CELLS_DIR}/{cell.key}.png",
         }  # fmt: skip
-        save_image(out / CELLS_DIR / f"{cell.key}.png", px, text, row)  # the JSON last
+        save_image(FOLDER.cell_paths(out, cell)[0], px, text, row)  # the record last
 
 
 # -- tables ---------------------------------------------------------------------------------
-def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    v = np.array([x for x in values if x is not None], dtype=np.float64)
-    if not len(v):
-        return None, None
-    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None)
-
-
 def summarise(rows: list[dict]) -> list[dict]:
     """Per (steps, guidance, LoRA scale), across prompts and seeds: means, std and the
     filtered share."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["steps"], r["guidance"], r.get("lora_scale")), []).append(r)
+    groups = group_rows(rows, ("steps", "guidance", "lora_scale"))
     out = []
     for (st, g, scale), rs in sorted(groups.items(), key=lambda kv: (*kv[0][:2], kv[0][2] or 0)):
-        clip_m, clip_s = _mean_std([r["clip_score"] for r in rs])
-        det_m, det_s = _mean_std([r["detail"] for r in rs])
+        clip_m, clip_s = mean_std([r["clip_score"] for r in rs])
+        det_m, det_s = mean_std([r["detail"] for r in rs])
         nsfw = sum(bool(r["nsfw"]) for r in rs)
         out.append({
             "steps": st, "guidance": g, "images": len(rs), "clip_score_mean": clip_m,
             "clip_score_std": clip_s, "detail_mean": det_m, "detail_std": det_s,
-            "seconds_per_image_mean": _mean_std([r["seconds_per_image"] for r in rs])[0],
+            "seconds_per_image_mean": mean_std([r["seconds_per_image"] for r in rs])[0],
             "nsfw_count": nsfw, "nsfw_share": nsfw / len(rs),
             "black_unflagged": sum(bool(r["black"]) and not r["nsfw"] for r in rs),
         } | ({} if scale is None else {"lora_scale": scale}))  # fmt: skip
     return out
 
 
-def read_tables(out: Path, identity: dict, cells: list[Cell]) -> tuple[list[dict], list[dict]]:
-    """The finished cells' records and their summary (writes nothing)."""
-    rows = [r for r in (load_cell(out, c) for c in cells) if r is not None]
-    return rows, summarise(rows)
+def _columns(identity: dict) -> tuple[str, ...]:
+    if "lora_scales" not in identity:
+        return CSV_COLUMNS
+    return (*CSV_COLUMNS[:4], "lora_scale", *CSV_COLUMNS[4:])
 
 
-def write_tables(out: Path, identity: dict, cells: list[Cell]) -> tuple[list[dict], list[dict]]:
-    """Rebuild ``metrics.csv``, ``metrics.json`` and ``summary.csv`` from the cell records."""
-    rows, summary = read_tables(out, identity, cells)
-    doc = {
-        "sweep": identity, "complete": len(rows) == len(cells), "cells_done": len(rows),
-        "cells_total": len(cells),
-        "measures": {
-            "clip_score": "100 * max(cos(CLIP image, CLIP prompt), 0); higher = better aligned",
-            "detail": "variance of the 4-neighbour Laplacian of the luma in [0, 1]; higher = "
-            "more fine detail (compare at equal size)",
-            "seconds_per_image": "pipeline wall time of the batch / images in it",
-            "nsfw": "flagged by the safety checker (the image is black); no clip_score/detail",
-        },
-        "cells": rows, "summary": summary,
-    }  # fmt: skip
-    write_json(out / "metrics.json", doc)
-    columns, summary_columns = CSV_COLUMNS, SUMMARY_COLUMNS
-    if "lora_scales" in identity:
-        columns = (*CSV_COLUMNS[:4], "lora_scale", *CSV_COLUMNS[4:])
-        summary_columns = (*SUMMARY_COLUMNS[:2], "lora_scale", *SUMMARY_COLUMNS[2:])
-    write_text(out / "metrics.csv", csv_text(rows, columns))
-    write_text(out / "summary.csv", csv_text(summary, summary_columns))
-    return rows, summary
+def _summary_columns(identity: dict) -> tuple[str, ...]:
+    if "lora_scales" not in identity:
+        return SUMMARY_COLUMNS
+    return (*SUMMARY_COLUMNS[:2], "lora_scale", *SUMMARY_COLUMNS[2:])
+
+
+MEASURES = {
+    "clip_score": "100 * max(cos(CLIP image, CLIP prompt), 0); higher = better aligned",
+    "detail": "variance of the 4-neighbour Laplacian of the luma in [0, 1]; higher = "
+    "more fine detail (compare at equal size)",
+    "seconds_per_image": "pipeline wall time of the batch / images in it",
+    "nsfw": "flagged by the safety checker (the image is black); no clip_score/detail",
+}
+
+
+def _another_model(old: dict, new: dict) -> str:
+    return f"holds a sweep of another model ({old.get('model')}); {RESUME_HINT}"
+
+
+def _other_lora(old: dict, new: dict) -> str:
+    other = f"with the LoRA {old['lora']}" if old.get("lora") else "without a LoRA"
+    return f"holds a sweep {other}; {RESUME_HINT}"
+
+
+FOLDER = SweepFolder(
+    IDENTITY_FILE, ".png",
+    Tables(summarise, _columns, _summary_columns, lambda rows: {"measures": MEASURES}),
+    first={"model_fingerprint": _another_model, "lora_fingerprint": _other_lora},
+    unchecked=("model", "lora"),  # paths: the fingerprints stand for what they hold
+)  # fmt: skip

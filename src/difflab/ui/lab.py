@@ -339,14 +339,14 @@ class Lab:
         self, run: str, name: str, guidance: str = "0,1,2,4", steps: str = "5,10,25",
         sampler: str = "ddim", seeds: str = "0", n_per_class: int = 5,
     ) -> Job:  # fmt: skip
-        from difflab.experiments.ddpm_sweep import prepare_folder, sweep_identity
+        from difflab.experiments.ddpm_sweep import check_folder, sweep_identity
 
         path = self.run_path(run)
         out = inside(self.runs, f"{SWEEPS}/{safe_name(name, 'sweep name')}", "sweep name")
         n = _number(n_per_class, int, "samples per class", 2)
         identity = sweep_identity(path, guidance, steps, sampler, seeds, n, device=self.device)
         out.parent.mkdir(parents=True, exist_ok=True)
-        prepare_folder(out, identity)  # refuses another sweep's folder before queueing
+        check_folder(out, identity)  # refuses another sweep's folder before queueing
         return self.jobs.submit(
             "sweep", out.name, lambda job: self._sweep(job, path, out, guidance, steps, sampler, seeds, n)
         )  # fmt: skip
