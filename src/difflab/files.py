@@ -63,16 +63,51 @@ def append_jsonl(path: str | Path, record: dict) -> None:
         f.flush()
 
 
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file; a missing, unreadable or non-UTF-8 one is one line naming it."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a folder, expected a file") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def read_json(path: str | Path, kind: type = dict) -> Any:
+    """A JSON file holding a ``kind`` (an object by default); anything else is one line naming it."""
+    path = Path(path)
+    try:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, kind):
+        raise UsageError(f"{path}: expected a JSON {kind.__name__}, got {type(data).__name__}")
+    return data
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
-    rows = []
+    """One JSON object per line. A torn last line (a kill mid-append) is skipped; a bad line
+    anywhere else, or bytes that are not UTF-8, is one line naming the file and the line."""
     p = Path(path)
     if not p.exists():
-        return rows
-    for line in p.read_text(encoding="utf-8").splitlines():
+        return []
+    lines = p.read_bytes().splitlines()
+    rows = []
+    for i, raw in enumerate(lines):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+            row = json.loads(raw.decode("utf-8"))
+            if not isinstance(row, dict):
+                raise ValueError("not an object")
+            rows.append(row)
+        except (UnicodeDecodeError, ValueError):
+            if i == len(lines) - 1:
+                continue
+            raise UsageError(f"{p}: line {i + 1} is not a JSON object") from None
     return rows
 
 
