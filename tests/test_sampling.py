@@ -3,6 +3,7 @@
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.utils.torch_utils import randn_tensor
 
 from difflab.config import DiffusionConfig, ModelConfig
 from difflab.ddpm.diffusion import GaussianDiffusion
@@ -16,6 +17,7 @@ from difflab.ddpm.sampling import (
     sample_steps,
 )
 from difflab.errors import UsageError
+from difflab.seeds import image_seeds, indices_within_class
 
 
 def tiny_model(seed=0, **kw):
@@ -31,10 +33,16 @@ def tiny_model(seed=0, **kw):
 
 
 def reference_loop(scheduler, model, diffusion, labels, steps, guidance, seed, **step_kw):
-    """The plain diffusers loop that our generator must reproduce."""
-    gen = torch.Generator().manual_seed(seed)
+    """The plain diffusers loop that our generator must reproduce.
+
+    Its noise follows the seeding rule as diffusers draws it from lists of generators, one
+    per image: x_T from each image's first generator, the step noise from its second.
+    """
+    pairs = image_seeds(seed, labels, indices_within_class(labels))
+    initial = [torch.Generator().manual_seed(a) for a, _ in pairs]
+    gen = [torch.Generator().manual_seed(b) for _, b in pairs]
     cfg = model.cfg
-    x = torch.randn((labels.shape[0], cfg.in_channels, cfg.height, cfg.width), generator=gen)
+    x = randn_tensor((labels.shape[0], cfg.in_channels, cfg.height, cfg.width), generator=initial)
     scheduler.set_timesteps(steps)
     net = GuidedModel(model, diffusion, guidance)
     for t in scheduler.timesteps:

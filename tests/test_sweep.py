@@ -298,12 +298,12 @@ def test_demo_sweep_and_report_redoes_a_stale_sweep(run, tmp_path, monkeypatch):
 def test_batched_guidance_cells_equal_cells_sampled_alone(run, sampler):
     """One forward for several guidance values gives what each value gives alone."""
     from difflab.ddpm.runs import load_run
-    from difflab.ddpm.sampling import initial_noise
+    from difflab.seeds import initial_noise
 
     model, diffusion, _ = load_run(run, device="cpu")
     identity = {"eta": 0.0, "spacing": "trailing"}
     labels = torch.arange(10).repeat_interleave(2)
-    x_T = initial_noise((20, 1, 8, 8), 3)
+    x_T = initial_noise(3, labels, (1, 8, 8))
     cells = [sweep_mod.Cell(sampler, 4, g, 3) for g in (0.0, 1.0, 2.5)]
     together = sweep_mod.sample_cells(model, diffusion, labels, x_T, cells, identity, batch_size=8)
     for cell, images in zip(cells, together, strict=True):

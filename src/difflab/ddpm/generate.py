@@ -24,6 +24,7 @@ from difflab.devices import resolve_precision
 from difflab.errors import UsageError
 from difflab.figures.images import labelled_grid, save_png, to_uint8
 from difflab.files import atomic_path
+from difflab.seeds import indices_within_class
 
 
 @dataclass
@@ -78,21 +79,25 @@ def sample_labels(
     autocast: str | None = None,
     on_step: Callable[[Step], None] | None = None,
 ) -> torch.Tensor:
-    """Samples for ``labels`` in batches; batch k uses seed ``seed + k`` (B, C, H, W) in [-1, 1].
+    """Samples (B, C, H, W) in [-1, 1] for ``labels``, in batches of at most ``batch_size``.
 
+    Image i's noise comes from (``seed``, ``labels[i]``, its index within its class in
+    ``labels``) by the seeding rule (:mod:`difflab.seeds`), so it does not depend on the
+    batch size, on how many images are asked for or on the other classes.
     ``on_step(step)`` sees every step of every batch (live previews, cancelling by raising).
     """
     check_sampling_args(sampler, steps, guidance, eta, diffusion.num_timesteps)
     out = []
-    chunks = list(labels.split(batch_size))
+    indices = indices_within_class(labels)
+    chunks = list(zip(labels.split(batch_size), indices.split(batch_size), strict=True))
     bar = tqdm(
         total=len(chunks) * steps, desc="sample", unit="step", disable=not progress, file=sys.stderr
     )
-    for k, chunk in enumerate(chunks):
+    for chunk, chunk_indices in chunks:
         x = None
         for step in sample_steps(
             model, diffusion, chunk, guidance=guidance, steps=steps, sampler=sampler, eta=eta,
-            spacing=spacing, seed=seed + k, autocast=autocast,
+            spacing=spacing, seed=seed, indices=chunk_indices, autocast=autocast,
         ):  # fmt: skip
             x = step.x_prev
             bar.update(1)
@@ -174,8 +179,9 @@ def sample_run(
 
     ``guidance`` and ``steps`` may be lists (``"0,1,3"``) for a PNG grid whose ``rows`` and
     ``cols`` are any two of class, sample, guidance and steps (class and sample, when not
-    shown and several, repeat the rows). Every cell of a row starts from the same noise, so
-    cells differ only by the swept option. ``n_per_class`` defaults to 8 when the samples of
+    shown and several, repeat the rows). Every cell of a row starts from the same noise (the
+    seeding rule gives an image the same x_T whatever the guidance or steps), so cells differ
+    only by the swept option. ``n_per_class`` defaults to 8 when the samples of
     a class are an axis of the grid, else 1.
     """
     out = check_out_path(out, (".png", ".npz"))
@@ -204,7 +210,7 @@ def sample_run(
     row_axes, col_axis = grid_axes(rows, cols, {**sizes, "class": len(cls), "sample": n_per_class})
     labels = torch.tensor(cls).repeat_interleave(n_per_class)
     t0 = time.perf_counter()
-    cells = {}  # (guidance index, steps index) -> (N, C, H, W); the same seed, so the same x_T
+    cells = {}  # (guidance index, steps index) -> (N, C, H, W); the same labels, so the same x_T
     for (gi, g), (si, st) in itertools.product(enumerate(g_list), enumerate(s_list)):
         cells[gi, si] = sample_labels(
             model, diffusion, labels, guidance=g, steps=st, sampler=sampler, eta=eta,

@@ -5,7 +5,8 @@ network evaluation, so figures, GIFs, progress bars, sweeps and the UI's live pr
 consume the same trajectory. Classifier-free guidance follows diffusers' convention,
 ``eps = eps_uncond + s * (eps_cond - eps_uncond)`` (s = 0 unconditional, 1 conditional),
 with the conditional and unconditional passes batched in one forward. Timestep indices are
-0-based as in diffusers: ``x_t`` at index ``t`` is the paper's ``x_{t+1}``.
+0-based as in diffusers: ``x_t`` at index ``t`` is the paper's ``x_{t+1}``. Every image's
+initial and step noise follow the seeding rule of :mod:`difflab.seeds`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 
 from difflab.ddpm.diffusion import GaussianDiffusion
 from difflab.errors import UsageError
+from difflab.seeds import ImageNoise, indices_within_class
 
 OWN_SAMPLERS = ("ddpm", "ddim")
 DIFFUSERS_SAMPLERS = ("dpm++", "unipc", "euler")
@@ -216,15 +218,6 @@ class GuidedModel:
         )
 
 
-def initial_noise(
-    shape: tuple[int, ...], seed: int | None, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """x_T drawn on the CPU so that a seed gives the same noise on every device."""
-    if generator is None:
-        generator = torch.Generator().manual_seed(0 if seed is None else seed)
-    return torch.randn(shape, generator=generator)
-
-
 def sample_steps(
     model: nn.Module,
     diffusion: GaussianDiffusion,
@@ -236,21 +229,25 @@ def sample_steps(
     eta: float = 0.0,
     spacing: str = "trailing",
     seed: int | None = 0,
+    indices: torch.Tensor | None = None,
     x_T: torch.Tensor | None = None,
     autocast: str | None = None,
     groups: int = 1,
 ) -> Iterator[Step]:
     """Run the reverse process for ``labels`` (B,), yielding each :class:`Step`.
 
-    ``x_T`` (B, C, H, W) may be given to share the initial noise between calls (sweeps);
-    otherwise it is drawn from ``seed`` on the CPU, so a seed gives the same x_T on every
-    device. Step noise (DDPM, DDIM with eta > 0) comes from a generator seeded by ``seed`` too:
-    on the CPU the same one, on a GPU one on the GPU, so that no step waits for a copy from
-    the host. A seed fixes the whole trajectory on a given kind of device.
+    The noise follows the seeding rule (:mod:`difflab.seeds`): image i has its own seed from
+    (``seed``, ``labels[i]``, ``indices[i]``), its index within its class (default: the
+    running count of each class in the order given), and two independent streams: x_T,
+    drawn on the CPU, and the step noise (DDPM, DDIM with eta > 0), drawn on the model's
+    device. A seed fixes each image's trajectory on a given kind of device, whatever batch
+    it is in. ``x_T`` (B, C, H, W) may be given instead of the first stream; the step noise
+    still comes from the step stream.
 
     ``guidance`` may be a tensor (B,) of per-sample scales; with ``groups = G`` the batch is
-    G equal-sized blocks (one per guidance value, say) that share the step noise, so each
-    block follows the trajectory it would follow if sampled on its own.
+    G equal-sized blocks (one per guidance value, say) holding the same labels and indices:
+    they share x_T and the step noise, so each block follows the trajectory it would follow
+    if sampled on its own.
     """
     scales = guidance.tolist() if isinstance(guidance, torch.Tensor) else [guidance]
     for g in sorted(set(scales)):
@@ -259,23 +256,35 @@ def sample_steps(
         raise ValueError(f"groups={groups} does not divide the batch of {labels.shape[0]}")
     device = next(model.parameters()).device
     cfg = model.cfg
-    labels = labels.to(device=device, dtype=torch.long)
-    if labels.numel() and (labels.min() < 0 or labels.max() >= cfg.num_classes):
+    labels_cpu = labels.detach().cpu().long()
+    if labels.numel() and (labels_cpu.min() < 0 or labels_cpu.max() >= cfg.num_classes):
         raise UsageError(
             f"--classes: class index out of range; this run has classes 0..{cfg.num_classes - 1}"
         )
-    gen = torch.Generator().manual_seed(0 if seed is None else seed)
     shape = (labels.shape[0], cfg.in_channels, cfg.height, cfg.width)
-    x = initial_noise(shape, seed, gen) if x_T is None else x_T.detach().cpu().float().clone()
-    if x_T is not None and tuple(x.shape) != shape:
-        raise UsageError(f"x_T has shape {tuple(x.shape)}, expected {shape}")
+    n = shape[0] // groups
+    if indices is None:
+        indices = indices_within_class(labels_cpu[:n]).repeat(groups)
+    indices = torch.as_tensor(indices).cpu().long()
+    if indices.shape != labels_cpu.shape:
+        raise ValueError(f"indices have shape {tuple(indices.shape)}, labels {tuple(labels.shape)}")
+    blocks = torch.stack([labels_cpu, indices]).view(2, groups, n)
+    if groups > 1 and not (blocks == blocks[:, :1]).all():
+        raise ValueError(f"groups={groups}: every block must hold the same labels and indices")
+    noise = ImageNoise(seed, labels_cpu[:n], shape[1:], indices[:n], device)
+    if x_T is None:
+        x = noise.initial().repeat(groups, 1, 1, 1)
+    else:
+        x = x_T.detach().cpu().float().clone()
+        if tuple(x.shape) != shape:
+            raise UsageError(f"x_T has shape {tuple(x.shape)}, expected {shape}")
     x = x.to(device)
-    block = (shape[0] // groups, *shape[1:])
-    step_gen = (  # on an accelerator the step noise is drawn there, with no copy per step
-        gen
-        if device.type == "cpu"
-        else torch.Generator(device).manual_seed(0 if seed is None else seed)
-    )
+    labels = labels.to(device=device, dtype=torch.long)
+
+    def step_noise() -> torch.Tensor:  # (B, C, H, W) on the device, the same for every block
+        z = noise.step()
+        return z if groups == 1 else z.repeat(groups, 1, 1, 1)
+
     net = GuidedModel(model, diffusion, guidance, autocast)
     was_training = model.training
     model.eval()
@@ -286,17 +295,11 @@ def sample_steps(
                 t_prev = ts[i + 1] if i + 1 < len(ts) else -1
                 eps, x0 = net(x, t, labels)
                 stochastic = sampler == "ddpm" or eta > 0
-                noise = (
-                    torch.randn(block, generator=step_gen, device=step_gen.device)
-                    .repeat(groups, 1, 1, 1)
-                    .to(device)
-                    if stochastic and t_prev >= 0
-                    else None
-                )
+                z = step_noise() if stochastic and t_prev >= 0 else None
                 if sampler == "ddpm":
-                    x_prev = ddpm_update(diffusion, x, t, t_prev, x0, noise)
+                    x_prev = ddpm_update(diffusion, x, t, t_prev, x0, z)
                 else:
-                    x_prev = ddim_update(diffusion, x, t, t_prev, eps, x0, eta, noise)
+                    x_prev = ddim_update(diffusion, x, t, t_prev, eps, x0, eta, z)
                 yield Step(i, len(ts), t, t_prev, x, x0, x_prev)
                 x = x_prev
         else:
@@ -304,10 +307,15 @@ def sample_steps(
             sched.set_timesteps(steps, device=device)
             ts = [int(round(float(t))) for t in sched.timesteps]
             x = x * sched.init_noise_sigma
-            takes_generator = "generator" in inspect.signature(sched.step).parameters
-            if takes_generator and groups > 1 and not _deterministic(sched):
-                raise ValueError(f"sampler {sampler!r} draws step noise: cannot share it in groups")
-            extra = {"generator": gen} if takes_generator else {}
+            extra = {}
+            if "generator" in inspect.signature(sched.step).parameters and not _deterministic(
+                sched
+            ):
+                if groups > 1:  # diffusers would draw from each image's stream once per block
+                    raise ValueError(
+                        f"sampler {sampler!r} draws step noise: cannot share it in groups"
+                    )
+                extra = {"generator": noise.step_generators()}  # diffusers: one per image
             for i, t in enumerate(sched.timesteps):
                 x_in = sched.scale_model_input(
                     x, t

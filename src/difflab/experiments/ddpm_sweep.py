@@ -32,19 +32,15 @@ from difflab import distributed
 from difflab.config import RunConfig
 from difflab.ddpm.generate import save_npz
 from difflab.ddpm.runs import CONFIG, WEIGHTS, check_run_dir, load_run
-from difflab.ddpm.sampling import (
-    SAMPLERS,
-    check_sampling_args,
-    initial_noise,
-    sample_steps,
-)
+from difflab.ddpm.sampling import SAMPLERS, check_sampling_args, sample_steps
 from difflab.devices import resolve_precision
 from difflab.errors import UsageError
 from difflab.experiments import core
 from difflab.experiments.core import RESUME_HINT, SweepFolder, Tables, file_sha256
+from difflab.seeds import indices_within_class, initial_noise
 
 SWEEP_FILE = "sweep.json"
-FORMAT = 1
+FORMAT = 2  # 2: each image has its own seed (difflab.seeds); 1 seeded whole batches
 METRICS = ("accuracy", "fd", "kid", "diversity", "seconds")  # summarised as mean ± std
 CSV_COLUMNS = (
     "sampler", "steps", "guidance", "seed", "n", "accuracy", "fd", "fd_ratio", "kid",
@@ -57,7 +53,6 @@ OPTIONS = {"samplers": "--sampler", "steps": "--steps", "guidance": "--guidance"
            "n_per_class": "--n", "precision": "--precision"}  # fmt: skip
 PRESENTATION = ("grid_class",)  # identity keys that may change without touching any cell
 IMPLIED = {"precision": "fp32"}  # what an identity without these keys means (not written)
-CHUNK_SEED = 1_000_003  # batch k of a cell draws its step noise from seed + k * CHUNK_SEED
 
 
 @dataclass(frozen=True)
@@ -187,14 +182,17 @@ def all_cells(identity: dict[str, Any]) -> list[Cell]:
 
 # -- cells ----------------------------------------------------------------------------------
 def sample_cells(
-    model, diffusion, labels: torch.Tensor, x_T: torch.Tensor, cells: list[Cell], identity: dict,
-    batch_size: int = 500, on_step=None,
+    model, diffusion, labels: torch.Tensor, x_T: torch.Tensor | None, cells: list[Cell],
+    identity: dict, batch_size: int = 500, on_step=None,
 ) -> list[torch.Tensor]:  # fmt: skip
     """The samples (N, C, H, W) in [-1, 1] of cells that differ only in guidance, in one batch.
 
-    Every cell starts from the seed's shared ``x_T`` and draws the same step noise, exactly as
-    if it were sampled alone; the cells ride in one forward pass per step (batch size
-    ``len(cells) * batch_size`` at most), so the model is called once per step, not per cell.
+    Every image follows the seeding rule (:mod:`difflab.seeds`) with the cell's seed: it
+    starts from its x_T (``x_T``, the seed's shared :func:`~difflab.seeds.initial_noise` of
+    ``labels``, or None to draw it) and draws its own step noise, so a cell is exactly what
+    ``difflab sample`` gives with the same settings, whatever ``batch_size``. The cells ride
+    in one forward pass per step (batch size ``len(cells) * batch_size`` at most), so the
+    model is called once per step, not per cell.
     """
     first = cells[0]
     assert all(
@@ -202,8 +200,12 @@ def sample_cells(
     )
     g = len(cells)
     scales = torch.tensor([c.guidance for c in cells])
+    indices = indices_within_class(labels)
+    if x_T is None:
+        cfg = model.cfg
+        x_T = initial_noise(first.seed, labels, (cfg.in_channels, cfg.height, cfg.width), indices)
     out: list[list[torch.Tensor]] = [[] for _ in cells]
-    for k, start in enumerate(range(0, len(labels), batch_size)):
+    for start in range(0, len(labels), batch_size):
         part = slice(start, start + batch_size)
         n = len(labels[part])
         guidance = scales.repeat_interleave(n) if g > 1 else first.guidance
@@ -211,8 +213,8 @@ def sample_cells(
         for step in sample_steps(
             model, diffusion, labels[part].repeat(g), guidance=guidance, steps=first.steps,
             sampler=first.sampler, eta=identity["eta"], spacing=identity["spacing"],
-            seed=first.seed + k * CHUNK_SEED, x_T=x_T[part].repeat(g, 1, 1, 1), groups=g,
-            autocast=identity.get("precision"),
+            seed=first.seed, indices=indices[part].repeat(g), x_T=x_T[part].repeat(g, 1, 1, 1),
+            groups=g, autocast=identity.get("precision"),
         ):  # fmt: skip
             x = step.x_prev
             if on_step is not None:
@@ -313,7 +315,7 @@ def _run_cells(
     if not main:
         judge = get_judge(cfg.train.dataset, root=cfg.train.data_dir, device=device, progress=False)  # fmt: skip
     labels = torch.arange(identity["num_classes"]).repeat_interleave(identity["n_per_class"])
-    shape = (len(labels), cfg.model.in_channels, cfg.model.height, cfg.model.width)
+    shape = (cfg.model.in_channels, cfg.model.height, cfg.model.width)
     mine = [c for g in groups for c in g]
     n_done = len(cells) - len(todo)
     ranks = (
@@ -330,7 +332,7 @@ def _run_cells(
                 break
             seed = group[0].seed
             if seed not in x_T:
-                x_T = {seed: initial_noise(shape, seed)}
+                x_T = {seed: initial_noise(seed, labels, shape)}
             passes = sum(c.cost for c in group) // group[0].steps
             t1 = time.perf_counter()
             images = sample_cells(
@@ -391,6 +393,13 @@ def _another_run(old: dict, new: dict) -> str:
     return f"holds a sweep of another run ({old.get('run')}); {RESUME_HINT}"
 
 
+def _older_format(old: dict, new: dict) -> str:
+    return (
+        f"holds a sweep made by an older difflab (format {old.get('format')}, now {new['format']}: "
+        "images are now seeded one by one); choose another --out"
+    )
+
+
 def _weights_changed(old: dict, new: dict) -> str:
     return (
         f"the weights of {new['run']} changed since this sweep started ({WEIGHTS} differs); "
@@ -401,7 +410,7 @@ def _weights_changed(old: dict, new: dict) -> str:
 FOLDER = SweepFolder(
     SWEEP_FILE, ".npz",
     Tables(summarise, lambda identity: CSV_COLUMNS, lambda identity: SUMMARY_COLUMNS, _about),
-    options=OPTIONS, first={"run": _another_run, "weights_sha256": _weights_changed},
+    options=OPTIONS, first={"format": _older_format, "run": _another_run, "weights_sha256": _weights_changed},
     implied=IMPLIED, presentation=PRESENTATION,
     changed=lambda key, old, new: (
         f"the run's {key} changed since this sweep started ({old}, now {new}); choose another --out"

@@ -311,9 +311,9 @@ def before_after_samples(
 ) -> tuple[np.ndarray, np.ndarray, RunConfig, str]:
     """(before, after) uint8 samples (N, H, W, C) of the source run and of ``run``.
 
-    Both use ``run``'s sampler, steps and guidance and the same seed and batch, so the same
-    initial noise: each pair differs only by the weights. Classes the source run did not
-    have are blank (white) in ``before``.
+    Both use ``run``'s sampler, steps and guidance and the same seed, so each image has the
+    same noise left and right (the seeding rule, :mod:`difflab.seeds`): each pair differs
+    only by the weights. Classes the source run did not have are blank (white) in ``before``.
     """
     from difflab.ddpm.generate import sample_labels
 
@@ -332,8 +332,8 @@ def before_after_samples(
     known = (labels < k_old).numpy()
     before = np.full_like(after, 255)
     if known.any():
-        x = sample_labels(before_model, before_diffusion, labels.clamp(max=k_old - 1), **kw)
-        before[known] = to_uint8(x)[known]
+        x = sample_labels(before_model, before_diffusion, labels[labels < k_old], **kw)
+        before[known] = to_uint8(x)
     return before, after, cfg, str(source)
 
 
