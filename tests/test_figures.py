@@ -13,17 +13,16 @@ from difflab.ddpm.data import load_dataset
 from difflab.ddpm.diffusion import GaussianDiffusion
 from difflab.ddpm.generate import sample_labels, sample_run
 from difflab.ddpm.model import ContextUnet
+from difflab.ddpm.processes import (
+    forward_figure,
+    forward_process,
+    not_pure_noise_note,
+    reverse_figure,
+)
 from difflab.ddpm.runs import save_config, save_weights
 from difflab.errors import UsageError
 from difflab.figures.images import Panel, draw_table, png_settings, to_uint8
-from difflab.figures.process import (
-    forward_figure,
-    forward_process,
-    frame_indices,
-    not_pure_noise_note,
-    parse_t_list,
-    reverse_figure,
-)
+from difflab.figures.process import frame_indices, parse_t_list
 from helpers import tiny_config, tiny_run
 
 
@@ -314,11 +313,11 @@ def test_plot_writes_loss_and_schedule(run, tmp_path, capsys):
 
 
 def test_schedule_plot_warns_when_x_T_is_not_pure_noise():
-    from difflab.figures.runs import schedule_figure
+    from difflab.ddpm.processes import run_schedule_figure
 
-    warn = schedule_figure(GaussianDiffusion(DiffusionConfig(timesteps=400), warn=False))
+    warn = run_schedule_figure(GaussianDiffusion(DiffusionConfig(timesteps=400), warn=False))
     assert "not pure noise" in warn.get_supxlabel() and "13.2%" in warn.get_supxlabel()
-    fine = schedule_figure(GaussianDiffusion(DiffusionConfig(), warn=False))
+    fine = run_schedule_figure(GaussianDiffusion(DiffusionConfig(), warn=False))
     assert "is pure noise" in fine.get_supxlabel() and "0.64%" in fine.get_supxlabel()
 
 
@@ -407,8 +406,8 @@ def test_before_after_of_an_init_from_run(tmp_path):
     import json
     import shutil
 
+    from difflab.ddpm.processes import before_after_samples
     from difflab.experiments.report import write_report
-    from difflab.figures.process import before_after_samples
 
     source = tiny_run(tmp_path, name="source")
     same = tmp_path / "same"  # the source's own weights, as if fine-tuned for zero steps
@@ -430,3 +429,31 @@ def test_before_after_of_an_init_from_run(tmp_path):
     assert figure.width > figure.height / 2
     page = write_report([tuned], tmp_path / "r.html").html.read_text()
     assert f"Before and after: fine-tuned from {source}" in page
+
+
+# -- layering -----------------------------------------------------------------------------------
+def test_figures_import_no_lab_package():
+    """figures/ is a drawing layer: besides itself it imports only the base modules."""
+    import ast
+    from pathlib import Path
+
+    import difflab.figures
+
+    allowed = {"difflab.errors", "difflab.files", "difflab.config"}
+    found = {}
+    for path in sorted(Path(difflab.figures.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):  # lazy imports too
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue  # relative imports stay inside figures/
+            for name in names:
+                if name.split(".")[0] == "difflab":
+                    found.setdefault(name, []).append(path.name)
+    assert found, "the AST walk found no difflab import at all"
+    bad = {
+        n: f for n, f in found.items() if n not in allowed and not n.startswith("difflab.figures")
+    }
+    assert not bad, bad

@@ -13,14 +13,9 @@ import torch
 from difflab.ddpm.data import load_dataset
 from difflab.errors import UsageError
 from difflab.evaluation import judge as judge_mod
+from difflab.evaluation.distances import frechet_distance
 from difflab.evaluation.judge import FEATURE_DIM, Judge, JudgeNet, get_judge, train_judge
-from difflab.evaluation.metrics import (
-    conditional_accuracy,
-    diversity,
-    features_of,
-    frechet_distance,
-    real_floor,
-)
+from difflab.evaluation.metrics import conditional_accuracy, diversity, features_of, real_floor
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""KID: the unbiased polynomial-kernel MMD², checked against a direct computation."""
+"""The one Fréchet distance and KID, checked against direct computations and torchmetrics."""
 
 import itertools
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from difflab.errors import UsageError
-from difflab.evaluation.kid import kid
+from difflab.evaluation.distances import frechet_distance, kid, kid_subsets
 
 
 def direct_mmd2(x: np.ndarray, y: np.ndarray) -> float:
@@ -70,3 +70,65 @@ def test_bad_input():
         kid(np.zeros((1, 3)), np.zeros((5, 3)))
     with pytest.raises(UsageError, match="NaN or inf"):
         kid(np.full((5, 3), np.nan), np.zeros((5, 3)))
+
+
+# -- one implementation, checked against the others' numbers ----------------------------------
+def test_fd_matches_the_sqrtm_formula():
+    """Our trace of (S_a S_b)^½ by a symmetric eigenproblem against scipy's sqrtm (pytorch-fid)."""
+    import scipy.linalg
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(300, 12)) @ rng.normal(size=(12, 12))
+    y = rng.normal(0.3, 1.0, size=(400, 12)) @ rng.normal(size=(12, 12))
+    s_x, s_y = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s_x @ s_y).real
+    diff = x.mean(0) - y.mean(0)
+    expected = diff @ diff + np.trace(s_x) + np.trace(s_y) - 2 * np.trace(covmean)
+    assert frechet_distance(x, y) == pytest.approx(expected, rel=1e-6)
+
+
+class _Identity(torch.nn.Module):
+    """A "feature extractor" for torchmetrics that hands features through unchanged."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.num_features = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@pytest.mark.slow  # importing torchmetrics' image metrics takes seconds
+@pytest.mark.parametrize("n, d", [(200, 16), (30, 64)])  # the second: singular covariances
+def test_fd_matches_torchmetrics_frechet_inception_distance(n, d):
+    fid_mod = pytest.importorskip("torchmetrics.image.fid")
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(n, d))
+    y = rng.normal(0.2, 1.3, size=(n + 7, d))
+    metric = fid_mod.FrechetInceptionDistance(feature=_Identity(d))
+    metric.update(torch.from_numpy(y), real=True)
+    metric.update(torch.from_numpy(x), real=False)
+    assert frechet_distance(x, y) == pytest.approx(float(metric.compute()), rel=1e-6)
+
+
+@pytest.mark.slow  # importing torchmetrics' image metrics takes seconds
+def test_kid_matches_torchmetrics_on_the_same_subsets():
+    kid_mod = pytest.importorskip("torchmetrics.image.kid")
+    rng = np.random.default_rng(6)
+    a, b = rng.normal(size=(120, 10)), rng.normal(0.3, 1.0, size=(150, 10))
+    ours = kid(a, b, subsets=30, subset_size=50, seed=2)
+    theirs = torch.stack([
+        kid_mod.poly_mmd(torch.from_numpy(a[ia]), torch.from_numpy(b[ib]))
+        for ia, ib in kid_subsets(len(a), len(b), subsets=30, subset_size=50, seed=2)
+    ])  # fmt: skip
+    assert ours.subsets == 30 and ours.subset_size == 50
+    assert ours.mean == pytest.approx(float(theirs.mean()), rel=1e-9)
+    assert ours.std == pytest.approx(float(theirs.std(unbiased=False)), rel=1e-9)
+    # torchmetrics' own metric: with subsets as large as the sets, every subset is exact
+    metric = kid_mod.KernelInceptionDistance(feature=_Identity(10), subsets=3, subset_size=120)
+    metric.update(torch.from_numpy(b[:120]), real=True)
+    metric.update(torch.from_numpy(a), real=False)
+    mean, std = metric.compute()
+    exact = kid(a, b[:120])
+    assert exact.subsets == 1 and exact.mean == pytest.approx(float(mean), rel=1e-9)
+    assert float(std) == pytest.approx(0.0, abs=1e-12)

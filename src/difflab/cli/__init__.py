@@ -487,8 +487,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _figures(args: argparse.Namespace, resolve_device) -> None:
-    from difflab.figures import process as figures
-    from difflab.figures import runs as plots
+    from difflab.ddpm import processes as figures
 
     if args.command == "forward":
         r = figures.forward_figure(
@@ -505,7 +504,7 @@ def _figures(args: argparse.Namespace, resolve_device) -> None:
         extra = "".join(f", {p}" for p in r.extra) + (f" ({r.frames} frames)" if r.frames else "")
         print(f"wrote {r.path}{extra} (t = {', '.join(map(str, r.t))})")
     else:
-        r = plots.plot_run(args.run, args.out, device=resolve_device(args.device))
+        r = figures.plot_run(args.run, args.out)
         for note in r.skipped:
             print(f"skipped {note}")
         print("wrote " + ", ".join(map(str, r.written)))

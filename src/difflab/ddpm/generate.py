@@ -22,7 +22,7 @@ from difflab.ddpm.runs import load_run
 from difflab.ddpm.sampling import Step, check_sampling_args, sample_steps
 from difflab.devices import resolve_precision
 from difflab.errors import UsageError
-from difflab.figures.images import labelled_grid, save_png, to_uint8
+from difflab.figures.images import Panel, draw_table, save_png, to_uint8
 from difflab.files import atomic_path
 from difflab.seeds import indices_within_class
 
@@ -284,10 +284,9 @@ def sample_grid(
     if (row_axes[0], col_axis) != ("class", "sample"):
         words = {"guidance": "guidance scale s", "steps": "sampling steps"}
         title += f"\nrows: {words.get(row_axes[0], row_axes[0])}, columns: {words.get(col_axis, col_axis)}"
-    return labelled_grid(
-        np.stack(tiles),
-        nrow=len(row_labels),
-        row_labels=row_labels,
-        col_labels=col_labels,
-        title=title,
-    )
+    tiles = np.stack(tiles)  # (R * K, H, W, C), row by row
+    h, w = tiles.shape[1:3]
+    panel = Panel(tiles.reshape(len(row_labels), -1, *tiles.shape[1:]), col_labels or ())
+    return draw_table(
+        [panel], row_labels=row_labels, title=title, scale=max(1, 64 // max(h, w))
+    ).image

@@ -433,6 +433,13 @@ class Trainer:
         self.elapsed = time.perf_counter() - t0
         if self.step != self.last_checkpoint or not (self.run_dir / ckpt.WEIGHTS).exists():
             self.save_checkpoint()
+        if tc.init_from and self.accelerator.is_main_process:  # figures/before_after.png
+            from difflab.ddpm.processes import before_after_figure
+
+            try:
+                before_after_figure(self.run_dir, device=str(self.device))
+            except UsageError as e:  # the source run has moved since training started
+                warnings.warn(f"before_after.png not drawn: {e}", stacklevel=2)
         self.accelerator.wait_for_everyone()  # the run folder is complete when any rank returns
         steps = self.step - start_step
         run_seconds = max(self.elapsed, 1e-9)

@@ -1,16 +1,13 @@
 """Evaluation of samples: a reference classifier (the "judge") trained once per dataset and
-cached, and the metrics computed with it: conditional accuracy, the Fréchet distance on the
-judge's features beside the real-vs-real floor, and within-class diversity.
+cached, and the metrics computed with it: conditional accuracy, the Fréchet distance and KID
+on the judge's features beside the real-vs-real floor, and within-class diversity. The
+Fréchet distance and KID have one implementation (:mod:`.distances`) for every feature
+extractor, the judge's and Inception-v3's alike.
 """
 
+from difflab.evaluation.distances import frechet_distance, kid
 from difflab.evaluation.judge import Judge, JudgeNet, get_judge, train_judge
-from difflab.evaluation.metrics import (
-    conditional_accuracy,
-    diversity,
-    features_of,
-    frechet_distance,
-    real_floor,
-)
+from difflab.evaluation.metrics import conditional_accuracy, diversity, features_of, real_floor
 
 __all__ = [
     "Judge",
@@ -20,6 +17,7 @@ __all__ = [
     "features_of",
     "frechet_distance",
     "get_judge",
+    "kid",
     "real_floor",
     "train_judge",
 ]

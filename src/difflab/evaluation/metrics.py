@@ -1,9 +1,9 @@
 """Sample metrics measured with the reference classifier (the judge).
 
 Conditional accuracy asks whether a sample drawn for class *c* is recognised as *c*. The
-Fréchet distance and the diversity (and the KID of :mod:`.kid`) are computed on the judge's
-own penultimate features (:meth:`Judge.features`), not on Inception-v3 features: they rank
-models trained on the same dataset and can be set against the real-vs-real floor
+Fréchet distance and the KID (both from :mod:`.distances`) and the diversity are computed on
+the judge's own penultimate features (:meth:`Judge.features`), not on Inception-v3 features:
+they rank models trained on the same dataset and can be set against the real-vs-real floor
 (:func:`real_floor`: train split against test split), but they are NOT comparable with
 published Inception FID numbers. Features of real splits are cached in memory per judge.
 """
@@ -11,15 +11,14 @@ published Inception FID numbers. Features of real splits are cached in memory pe
 from __future__ import annotations
 
 import hashlib
-import warnings
 import weakref
 from typing import Any
 
 import numpy as np
-import scipy.linalg
 import torch
 
 from difflab.errors import UsageError
+from difflab.evaluation.distances import as_features, frechet_distance
 
 _FEATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _FLOORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -32,17 +31,6 @@ def _labels(labels: Any, n: int) -> torch.Tensor:
     if y.is_floating_point() or y.dtype == torch.bool:
         raise UsageError(f"labels: expected integer class indices, got {y.dtype}")
     return y.to(torch.int64)
-
-
-def as_features(x: Any, what: str) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().to(torch.float64).numpy()
-    a = np.asarray(x, dtype=np.float64)
-    if a.ndim != 2:
-        raise UsageError(f"{what}: expected an (N, D) feature array, got shape {a.shape}")
-    if not np.isfinite(a).all():
-        raise UsageError(f"{what}: features contain NaN or inf")
-    return a
 
 
 def conditional_accuracy(judge: Any, images: Any, labels: Any) -> dict[str, Any]:
@@ -74,34 +62,6 @@ def conditional_accuracy(judge: Any, images: Any, labels: Any) -> dict[str, Any]
         "confusion": confusion.tolist(),
         "n": int(y.numel()),
     }
-
-
-def frechet_distance(feats_a: Any, feats_b: Any, eps: float = 1e-6) -> float:
-    """Fréchet distance between Gaussians fitted to two (N, D) feature sets, in float64.
-
-    ``||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))``; when the product is singular
-    ``eps`` is added to both diagonals; tiny imaginary parts of the square root are dropped.
-    """
-    a, b = as_features(feats_a, "feats_a"), as_features(feats_b, "feats_b")
-    if a.shape[1] != b.shape[1]:
-        raise UsageError(f"features: dimensions differ ({a.shape[1]} vs {b.shape[1]})")
-    if min(len(a), len(b)) < 2:
-        raise UsageError("features: the Fréchet distance needs at least 2 samples in each set")
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        covmean = scipy.linalg.sqrtm(s_a @ s_b)
-        if not np.isfinite(covmean).all():
-            offset = np.eye(len(s_a)) * eps
-            covmean = scipy.linalg.sqrtm((s_a + offset) @ (s_b + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3 * max(1.0, np.trace(s_a))):
-            warnings.warn("frechet_distance: sqrtm has a large imaginary part", stacklevel=2)
-        covmean = covmean.real
-    diff = mu_a - mu_b
-    fd = diff @ diff + np.trace(s_a) + np.trace(s_b) - 2.0 * np.trace(covmean)
-    return float(max(fd, 0.0))
 
 
 def _fingerprint(data: Any) -> str:

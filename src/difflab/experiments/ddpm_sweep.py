@@ -294,7 +294,8 @@ def sweep_run(
         if plots and main:
             from difflab.figures.sweeps import write_sweep_figures
 
-            result.figures = write_sweep_figures(out, identity, rows, summary)
+            names = RunConfig.load(Path(identity["run"]) / CONFIG).model.class_names
+            result.figures = write_sweep_figures(out, identity, rows, summary, names)
     distributed.barrier(state)
     return result
 

@@ -19,12 +19,11 @@ from pathlib import Path
 from difflab.config import get_preset
 from difflab.ddpm import runs as ckpt
 from difflab.ddpm.generate import sample_run
+from difflab.ddpm.processes import forward_figure, plot_run, reverse_figure
 from difflab.ddpm.training import train
 from difflab.evaluation.evaluate import evaluate_run, format_eval
 from difflab.experiments.ddpm_sweep import SWEEP_FILE, sweep_identity, sweep_run
 from difflab.experiments.report import write_report
-from difflab.figures.process import forward_figure, reverse_figure
-from difflab.figures.runs import plot_run
 
 # The demo's sweep: small enough for well under a minute on two CPU cores.
 SWEEP = dict(guidance="0,1,2,4", steps="10,25", sampler="ddim", seeds="0", n_per_class=6)

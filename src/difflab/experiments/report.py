@@ -120,7 +120,7 @@ def read_sweep(folder: Path) -> dict:
 
 # -- sections -------------------------------------------------------------------------------
 def run_blocks(run: Path, slug: str) -> tuple[list[Block], list[str]]:
-    from difflab.figures.runs import loss_figure, schedule_figure
+    from difflab.ddpm.processes import run_loss_figure, run_schedule_figure
 
     cfg = RunConfig.load(run / CONFIG)
     figs = run / "figures"
@@ -145,7 +145,7 @@ def run_blocks(run: Path, slug: str) -> tuple[list[Block], list[str]]:
             Block("image", "training loss", png=_png(figs / "loss.png"), name=f"{slug}_loss.png")
         )
     elif rows and all("step" in r for r in rows):
-        png = _figure_png(loss_figure(rows, cfg, run.name))
+        png = _figure_png(run_loss_figure(rows, cfg, run.name))
         blocks.append(Block("image", "training loss", png=png, name=f"{slug}_loss.png"))
     else:
         blocks.append(Block("note", f"No training loss logged yet ({run / METRICS})."))
@@ -155,11 +155,11 @@ def run_blocks(run: Path, slug: str) -> tuple[list[Block], list[str]]:
     else:
         from difflab.ddpm.diffusion import GaussianDiffusion
 
-        png = _figure_png(schedule_figure(GaussianDiffusion(cfg.diffusion, warn=False)))
+        png = _figure_png(run_schedule_figure(GaussianDiffusion(cfg.diffusion, warn=False)))
     blocks.append(Block("image", "noise schedule", png=png, name=f"{slug}_schedule.png"))
     figures = list(RUN_FIGURES)
     if cfg.train.init_from:
-        figures.append(("before_after.png", f"Before and after: fine-tuned from {cfg.train.init_from}", "difflab plot RUN"))  # fmt: skip
+        figures.append(("before_after.png", f"Before and after: fine-tuned from {cfg.train.init_from}", f"drawn when training ends (difflab train --init-from {cfg.train.init_from} --out RUN)"))  # fmt: skip
     for file, heading, command in figures:
         blocks.append(Block("h3", heading))
         if (figs / file).is_file():

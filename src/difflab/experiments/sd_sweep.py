@@ -315,8 +315,9 @@ def sd_sweep(
         )
         if plots and main:
             from difflab.figures.sd import write_sweep_figures
+            from difflab.sd.safety import NAN_HINT
 
-            result.figures = write_sweep_figures(out, identity, rows, summary)
+            result.figures = write_sweep_figures(out, identity, rows, summary, NAN_HINT)
     distributed.barrier(state)
     return result
 

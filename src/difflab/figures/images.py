@@ -1,9 +1,11 @@
 """Drawing primitives: image conversion, labelled image tables, animations and plot canvases.
 
-Everything that turns tensors into pictures lives here; :mod:`difflab.figures.process` builds the
-lab's figures from these parts. :func:`draw_table` lays out one or more panels of image tiles
-with row labels, multi-line column headers, titles and a footnote, sizing every column to its
-text so labels never overlap, and reports where it put each tile and each text. PNGs are
+Everything that turns tensors into pictures lives here; the other modules of
+:mod:`difflab.figures` build the lab's figures from these parts. :func:`draw_table` is the one
+grid: it lays out one or more panels of image tiles with row labels, multi-line column
+headers, titles and a footnote, sizing every column to its text so labels never overlap, and
+reports where it put each tile and each text; callers arrange their cells as (rows, columns)
+arrays and hand them over. PNGs are
 written atomically with a ``parameters`` text chunk (the settings that made them, as JSON) so
 a figure can be traced back to the command that produced it; GIFs and MP4s are written
 atomically too. Text uses DejaVu Sans (shipped with matplotlib), which has the Greek and
@@ -228,29 +230,6 @@ def draw_table(
     for i, line in enumerate(note_lines):
         text((margin, height - margin - note_h + 10 + i * lh), line, fnt, "la", NOTE_COLOUR)
     return table
-
-
-def labelled_grid(
-    images: np.ndarray,
-    nrow: int,
-    row_labels: Sequence[str] | None = None,
-    col_labels: Sequence[str] | None = None,
-    title: str | None = None,
-    scale: int | None = None,
-    pad: int = 2,
-) -> Image.Image:
-    """Tile (N, H, W, C) uint8 images into ``nrow`` rows with text labels on the left and top.
-
-    ``scale`` enlarges small images with nearest-neighbour so 28x28 digits stay crisp.
-    """
-    n, h, w, c = images.shape
-    ncol = int(np.ceil(n / nrow))
-    if scale is None:
-        scale = max(1, 64 // max(h, w))
-    cells = np.full((nrow * ncol, h, w, c), 255, dtype=np.uint8)  # blank tiles fill the last row
-    cells[:n] = images
-    panel = Panel(cells.reshape(nrow, ncol, h, w, c), col_labels=list(col_labels or []))
-    return draw_table([panel], row_labels=row_labels, title=title, scale=scale, pad=pad).image
 
 
 def pad_to_same_size(frames: Sequence[Image.Image], multiple: int = 1) -> list[Image.Image]:

@@ -1,33 +1,31 @@
-"""The lab's figures of the diffusion processes: forward strips, reverse strips and animations.
+"""Pictures of the diffusion processes: forward strips, reverse strips, animations, before/after.
 
-:func:`forward_figure` noises real images with a run's schedule (or the default one) and shows
-one column per chosen ``t``; :func:`reverse_figure` runs the one sampling generator
-(:func:`difflab.ddpm.sampling.sample_steps`) once and shows, per class, ``x_t`` and the model's
-predicted ``x_0`` at the chosen steps, plus every step of the same trajectory as a GIF/MP4.
-``t`` is the paper's: 0..T, ``x_0`` clean and ``x_T`` noise; paper ``t >= 1`` is the 0-based
-timestep index ``t - 1``. Loss and schedule plots live in :mod:`difflab.figures.runs`. Every builder
-checks all of its input before any work, and writes files atomically with their settings.
+The drawing half of ``difflab forward`` / ``difflab reverse``: these functions take images and
+labels, never a run. :func:`forward_table` lays out ``x_t`` of real images, one column per
+chosen ``t``; :func:`reverse_table` takes the steps of one sampling trajectory (anything with
+``t``, ``x_t``, ``x0_pred`` and, on the last step, ``x_prev``, as
+:class:`difflab.ddpm.sampling.Step` has) and shows ``x_t`` and the predicted ``x_0`` at the
+chosen steps; :func:`reverse_frames` turns every step into an animation frame and
+:func:`save_animation` writes them as GIF/MP4; :func:`before_after_table` sets two models'
+samples side by side. Column headers give the signal level ``√ᾱ_t`` read from the schedule's
+``alphas_cumprod`` (T,). ``t`` is the paper's: 0..T, ``x_0`` clean and ``x_T`` noise; paper
+``t >= 1`` is the 0-based timestep index ``t - 1``. Loading runs and data and running the
+sampler is :mod:`difflab.ddpm.processes`'s work.
 """
 
 from __future__ import annotations
 
 import math
 import re
-import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from PIL import Image
 
-from difflab.config import DiffusionConfig, RunConfig
-from difflab.ddpm.data import load_dataset
-from difflab.ddpm.diffusion import SIGNAL_WARN_LEVEL, GaussianDiffusion
-from difflab.ddpm.generate import check_out_path, parse_classes
-from difflab.ddpm.runs import CONFIG, check_run_dir, load_run
-from difflab.ddpm.sampling import check_sampling_args, sample_steps
 from difflab.errors import UsageError
 from difflab.figures.images import (
     Panel,
@@ -36,7 +34,6 @@ from difflab.figures.images import (
     draw_table,
     save_gif,
     save_mp4,
-    save_png,
     to_uint8,
 )
 
@@ -44,16 +41,6 @@ DEFAULT_T = "T,T/2,T/4,1,0"
 MAX_FRAMES = 120  # animations of longer trajectories keep this many evenly spaced frames
 ANIMATION_S = 6.0  # target length of one pass through an animation
 _T_EXPR = re.compile(r"([0-9]+)?\*?T(?:/([0-9]+))?")
-
-
-@dataclass
-class FigureResult:
-    path: Path
-    settings: dict
-    t: list[int]  # the paper t of each column, as drawn
-    table: Table
-    extra: list[Path] = field(default_factory=list)  # GIF / MP4 written beside the PNG
-    frames: int = 0
 
 
 def parse_t_list(text: str | Sequence[int | str], T: int, option: str = "--t") -> list[int]:
@@ -81,97 +68,65 @@ def parse_t_list(text: str | Sequence[int | str], T: int, option: str = "--t") -
     return values
 
 
-def signal_level(diffusion: GaussianDiffusion, t: int) -> float:
+def signal_level(alphas_cumprod: Any, t: int) -> float:
     """sqrt(alphas_cumprod) at paper t (1 at t = 0, the clean image)."""
-    return 1.0 if t == 0 else math.sqrt(float(diffusion.alphas_cumprod[t - 1]))
+    return 1.0 if t == 0 else math.sqrt(float(alphas_cumprod[t - 1]))
 
 
-def column_label(diffusion: GaussianDiffusion, t: int) -> str:
-    return f"t = {t}\n√ᾱ = {signal_level(diffusion, t):.3f}"
+def column_label(alphas_cumprod: Any, t: int) -> str:
+    return f"t = {t}\n√ᾱ = {signal_level(alphas_cumprod, t):.3f}"
 
 
-def not_pure_noise_note(diffusion: GaussianDiffusion) -> str | None:
-    s = diffusion.signal_at_T
-    if s <= SIGNAL_WARN_LEVEL:
-        return None
-    c = diffusion.cfg
+def not_pure_noise_text(schedule: str, T: int, signal: float) -> str:
+    """The warning under a figure whose x_T keeps ``signal`` (√ᾱ_T) of the image."""
     return (
-        f"Warning: x_T is not pure noise. The {c.schedule} schedule with T = {c.timesteps} "
-        f"keeps √ᾱ = {s:.3f} ({s:.0%} of the image) at t = T."
+        f"Warning: x_T is not pure noise. The {schedule} schedule with T = {T} "
+        f"keeps √ᾱ = {signal:.3f} ({signal:.0%} of the image) at t = T."
     )
 
 
+def _u8(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(B, C, H, W) floats in [-1, 1] -> (B, H, W, C) uint8; uint8 arrays pass through."""
+    return x if isinstance(x, np.ndarray) else to_uint8(x)
+
+
 # -- forward process ------------------------------------------------------------------------
-def forward_process(
-    diffusion: GaussianDiffusion, x0: torch.Tensor, ts: Sequence[int], noise: torch.Tensor
-) -> torch.Tensor:
-    """x_t for every paper t in ``ts`` with the same noise: (N, C, H, W) -> (N, len(ts), C, H, W)."""
-    cols = []
-    for t in ts:
-        if t == 0:
-            cols.append(x0)
-        else:  # eq. 4 at 0-based index t - 1
-            idx = torch.full((x0.shape[0],), t - 1, dtype=torch.long)
-            cols.append(diffusion.q_sample(x0, idx, noise))
-    return torch.stack(cols, 1)
-
-
-def forward_figure(
-    out: str | Path,
-    dataset: str | None = None,
-    run: str | Path | None = None,
-    t: str | Sequence[int] = DEFAULT_T,
-    per_class: int = 1,
-    seed: int = 0,
-    data_dir: str | None = None,
-) -> FigureResult:
-    """``difflab forward``: real images noised with the run's (or the default) schedule.
-
-    Rows are ``per_class`` images of every class (picked with ``seed``); columns are the
-    chosen ``t`` in increasing order, titled with ``t`` and the signal level ``√ᾱ_t``. One
-    noise draw per image is shared by all columns, so a row shows one image dissolving.
-    """
-    out = check_out_path(out, (".png",))
-    if not 1 <= per_class <= 20:
-        raise UsageError(f"--per-class {per_class}: must be between 1 and 20")
-    if run is not None:
-        cfg = RunConfig.load(check_run_dir(run, need_weights=False) / CONFIG)
-        dcfg = cfg.diffusion
-        dataset = dataset or cfg.train.dataset
-        data_dir = data_dir or cfg.train.data_dir
-    else:
-        dcfg, dataset = DiffusionConfig(), dataset or "mnist5k"
-    diffusion = GaussianDiffusion(dcfg, warn=False)
-    ts = sorted(set(parse_t_list(t, diffusion.num_timesteps)))
-    data = load_dataset(dataset, "train", data_dir)
-
-    gen = torch.Generator().manual_seed(seed)
-    idx, names = [], []
-    for c, name in enumerate(data.class_names):
-        members = (data.labels == c).nonzero().flatten()
-        pick = members[torch.randperm(len(members), generator=gen)[:per_class]]
-        idx += pick.tolist()
-        names += [name] * len(pick)
-    x0 = data.to_float(torch.tensor(idx))  # (N, C, H, W) in [-1, 1]
-    noise = torch.randn(x0.shape, generator=gen)
-    xt = forward_process(diffusion, x0, ts, noise)  # (N, K, C, H, W)
-
-    n, k = xt.shape[:2]
-    tiles = to_uint8(xt.flatten(0, 1)).reshape(n, k, *xt.shape[3:], xt.shape[2])
-    title = f"Forward process q(xₜ | x₀)\n{data.name}, {dcfg.schedule} schedule, T = {dcfg.timesteps}, seed {seed}"
-    table = draw_table(
-        [Panel(tiles, [column_label(diffusion, v) for v in ts])], row_labels=names, title=title,
-        note=not_pure_noise_note(diffusion), scale=auto_scale(*x0.shape[2:]),
+def forward_table(
+    x_t: torch.Tensor,
+    ts: Sequence[int],
+    alphas_cumprod: Any,
+    row_labels: Sequence[str],
+    title: str,
+    note: str | None = None,
+) -> Table:
+    """``x_t`` (N, K, C, H, W) in [-1, 1] of N images at the K paper ``ts``, one row per image."""
+    n, k = x_t.shape[:2]
+    tiles = to_uint8(x_t.flatten(0, 1)).reshape(n, k, *x_t.shape[3:], x_t.shape[2])
+    return draw_table(
+        [Panel(tiles, [column_label(alphas_cumprod, v) for v in ts])], row_labels=row_labels,
+        title=title, note=note, scale=auto_scale(*tiles.shape[2:4]),
     )  # fmt: skip
-    settings = {
-        "figure": "forward", "dataset": data.name, "run": None if run is None else str(run), "t": ts,
-        "per_class": per_class, "seed": seed, "images": idx, "schedule": dcfg.schedule, "T": dcfg.timesteps,
-    }  # fmt: skip
-    save_png(out, table.image, settings)
-    return FigureResult(out, settings, ts, table)
 
 
 # -- reverse process ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepPictures:
+    """What the figures keep of one sampling step: (B, H, W, C) uint8 images, not tensors."""
+
+    t: int  # 0-based timestep index of x_t
+    x_t: np.ndarray
+    x0_pred: np.ndarray
+    x_prev: np.ndarray | None  # the final sample on the last step (t_prev == -1), else None
+
+
+def pictures(step: Any) -> StepPictures:
+    """A light copy of a :class:`~difflab.ddpm.sampling.Step` (a whole trajectory fits in memory)."""
+    last = getattr(step, "t_prev", -1) < 0
+    return StepPictures(
+        step.t, _u8(step.x_t), _u8(step.x0_pred), _u8(step.x_prev) if last else None
+    )
+
+
 def pick_steps(timesteps: Sequence[int], wanted: Sequence[int]) -> list[int | None]:
     """For each paper t the index of the step whose x_t is nearest (None: the final x_0)."""
     picks: list[int | None] = []
@@ -189,115 +144,53 @@ def frame_indices(num_frames: int, limit: int = MAX_FRAMES) -> list[int]:
     return sorted({int(round(v)) for v in np.linspace(0, num_frames - 1, limit)})
 
 
-def reverse_figure(
-    run: str | Path,
-    out: str | Path,
-    t: str | Sequence[int] = DEFAULT_T,
-    classes: str | None = None,
-    seed: int = 0,
-    guidance: float | None = None,
-    sampler: str | None = None,
-    steps: int | None = None,
-    eta: float | None = None,
-    gif: str | Path | None = None,
-    mp4: str | Path | None = None,
-    device: str = "cpu",
-    progress: bool = True,
-    trust_pickle: bool = False,
-) -> FigureResult:
-    """``difflab reverse``: one trajectory per class, as x_t and predicted x_0 at chosen t.
+def reverse_table(
+    steps: Sequence[Any],
+    ts: Sequence[int],
+    alphas_cumprod: Any,
+    row_labels: Sequence[str],
+    title: str,
+    note: str | None = None,
+) -> tuple[Table, list[int]]:
+    """x_t (left) and predicted x_0 (right) of one trajectory at the paper ``ts``, t descending.
 
-    The default is DDPM with all T steps, so every requested t is exact; a sampler that skips
-    steps shows the step whose x_t is nearest and titles the column with that step's t.
-    The animation has one frame per step (its x_t and predicted x_0) plus a last frame with
-    the final sample: ``steps + 1`` frames, evenly thinned to at most :data:`MAX_FRAMES`
-    (always keeping the first and the last).
+    A trajectory that skips steps shows the step whose x_t is nearest each wanted t and
+    titles the column with that step's t; returns the table and the t values drawn.
     """
-    out = check_out_path(out, (".png",))
-    gif = None if gif is None else check_out_path(gif, (".gif",), option="--gif")
-    mp4 = None if mp4 is None else check_out_path(mp4, (".mp4",), option="--mp4")
-    if mp4 is not None:
-        try:
-            import imageio_ffmpeg  # noqa: F401
-        except ImportError:
-            raise UsageError(
-                f"--mp4 {mp4}: needs the imageio-ffmpeg package (or use --gif)"
-            ) from None
-    model, diffusion, cfg = load_run(run, device=device, trust_pickle=trust_pickle)
-    T = diffusion.num_timesteps
-    sampler = sampler or "ddpm"
-    if steps is None:
-        steps = T if sampler == "ddpm" else cfg.sample.steps
-    guidance = cfg.sample.guidance if guidance is None else guidance
-    eta = cfg.sample.eta if eta is None else eta
-    check_sampling_args(sampler, steps, guidance, eta, T)
-    ts = sorted(set(parse_t_list(t, T)), reverse=True)
-    cls = parse_classes(classes, cfg.model.num_classes)
-    known = cfg.model.class_names
-    names = [known[c] if c < len(known) else str(c) for c in cls]
-
-    x_t, x0_pred, timesteps = [], [], []  # per step: (B, H, W, C) uint8
-    bar = tqdm(total=steps, desc="reverse", unit="step", disable=not progress, file=sys.stderr)
-    for step in sample_steps(
-        model, diffusion, torch.tensor(cls), guidance=guidance, steps=steps, sampler=sampler,
-        eta=eta, spacing=cfg.sample.spacing, seed=seed,
-    ):  # fmt: skip
-        x_t.append(to_uint8(step.x_t))
-        x0_pred.append(to_uint8(step.x0_pred))
-        timesteps.append(step.t)
-        final = step.x_prev
-        bar.update(1)
-    bar.close()
-    final = to_uint8(final)
-
+    timesteps = [s.t for s in steps]
+    final = _u8(steps[-1].x_prev)
     picks = pick_steps(timesteps, ts)
     shown = [0 if i is None else timesteps[i] + 1 for i in picks]  # paper t actually drawn
-    left = np.stack([final if i is None else x_t[i] for i in picks], 1)  # (B, K, H, W, C)
-    right = np.stack([final if i is None else x0_pred[i] for i in picks], 1)
-    labels = [column_label(diffusion, v) for v in shown]
-    how = f"{sampler}, {steps} steps, guidance s = {guidance:g}, seed {seed}"
-    scale = auto_scale(*left.shape[2:4])
+    # (B, K, H, W, C): one column per picked step
+    left = np.stack([final if i is None else _u8(steps[i].x_t) for i in picks], 1)
+    right = np.stack([final if i is None else _u8(steps[i].x0_pred) for i in picks], 1)
+    labels = [column_label(alphas_cumprod, v) for v in shown]
     table = draw_table(
         [Panel(left, labels, "xₜ: the sample being denoised"),
          Panel(right, labels, "predicted x₀ at each step")],
-        row_labels=names, title=f"Reverse process p(xₜ₋₁ | xₜ)\n{how}",
-        note=not_pure_noise_note(diffusion), scale=scale,
+        row_labels=row_labels, title=title, note=note, scale=auto_scale(*left.shape[2:4]),
     )  # fmt: skip
-    settings = {
-        "figure": "reverse", "run": str(run), "t": shown, "classes": cls, "seed": seed,
-        "guidance": guidance, "sampler": sampler, "steps": steps, "eta": eta, "spacing": cfg.sample.spacing,
-    }  # fmt: skip
-    result = FigureResult(out, settings, shown, table)
-    if gif is not None or mp4 is not None:
-        frames = _animation_frames(diffusion, x_t, x0_pred, timesteps, final, names)
-        ms = int(min(400, max(40, 1000 * ANIMATION_S / len(frames))))
-        if gif is not None:
-            save_gif(gif, frames, [ms] * (len(frames) - 1) + [2000])
-            result.extra.append(gif)
-        if mp4 is not None:
-            save_mp4(mp4, frames, fps=1000 / ms)
-            result.extra.append(mp4)
-        result.frames = len(frames)
-        settings["frames"] = len(frames)
-    save_png(out, table.image, settings)
-    return result
+    return table, shown
 
 
-def _animation_frames(diffusion, x_t, x0_pred, timesteps, final, names) -> list:
+def reverse_frames(
+    steps: Sequence[Any], alphas_cumprod: Any, names: Sequence[str]
+) -> list[Image.Image]:
     """x_t above predicted x_0 for every step (thinned to MAX_FRAMES), then the final sample."""
-    n = len(timesteps)
+    n = len(steps)
+    final = _u8(steps[-1].x_prev)
     frames = []
     for i in frame_indices(n + 1):
         if i == n:
             frames.append(_frame(final, final, names, "t = 0   (final sample)"))
             continue
-        t = timesteps[i] + 1
-        caption = f"t = {t}   (step {i + 1} of {n}, √ᾱ = {signal_level(diffusion, t):.3f})"
-        frames.append(_frame(x_t[i], x0_pred[i], names, caption))
+        t = steps[i].t + 1
+        caption = f"t = {t}   (step {i + 1} of {n}, √ᾱ = {signal_level(alphas_cumprod, t):.3f})"
+        frames.append(_frame(_u8(steps[i].x_t), _u8(steps[i].x0_pred), names, caption))
     return frames
 
 
-def _frame(x_t: np.ndarray, x0: np.ndarray, names: Sequence[str], caption: str):
+def _frame(x_t: np.ndarray, x0: np.ndarray, names: Sequence[str], caption: str) -> Image.Image:
     """One animation frame: (B, H, W, C) x_t above predicted x_0, one column per class."""
     tiles = np.stack([x_t, x0], 0)  # (2, B, H, W, C)
     scale = auto_scale(*x_t.shape[1:3], target=56)
@@ -306,57 +199,31 @@ def _frame(x_t: np.ndarray, x0: np.ndarray, names: Sequence[str], caption: str):
     ).image
 
 
-def before_after_samples(
-    run: Path, n_per_class: int = 3, seed: int = 0, device: str = "cpu"
-) -> tuple[np.ndarray, np.ndarray, RunConfig, str]:
-    """(before, after) uint8 samples (N, H, W, C) of the source run and of ``run``.
-
-    Both use ``run``'s sampler, steps and guidance and the same seed, so each image has the
-    same noise left and right (the seeding rule, :mod:`difflab.seeds`): each pair differs
-    only by the weights. Classes the source run did not have are blank (white) in ``before``.
-    """
-    from difflab.ddpm.generate import sample_labels
-
-    run = check_run_dir(run)
-    cfg = RunConfig.load(run / CONFIG)
-    source = cfg.train.init_from
-    if not source:
-        raise UsageError(f"{run}: was not started from another run (no train.init_from)")
-    after_model, diffusion, cfg = load_run(run, device=device)
-    before_model, before_diffusion, before_cfg = load_run(source, device=device)
-    sc, k_new, k_old = cfg.sample, cfg.model.num_classes, before_cfg.model.num_classes
-    labels = torch.arange(k_new).repeat_interleave(n_per_class)
-    kw = dict(guidance=sc.guidance, steps=sc.steps, sampler=sc.sampler, seed=seed, eta=sc.eta,
-              spacing=sc.spacing, progress=False)  # fmt: skip
-    after = to_uint8(sample_labels(after_model, diffusion, labels, **kw))
-    known = (labels < k_old).numpy()
-    before = np.full_like(after, 255)
-    if known.any():
-        x = sample_labels(before_model, before_diffusion, labels[labels < k_old], **kw)
-        before[known] = to_uint8(x)
-    return before, after, cfg, str(source)
+def save_animation(
+    frames: Sequence[Image.Image], gif: Path | None = None, mp4: Path | None = None
+) -> list[Path]:
+    """Write ``frames`` as a GIF and/or MP4 lasting about :data:`ANIMATION_S`; the last holds."""
+    ms = int(min(400, max(40, 1000 * ANIMATION_S / len(frames))))
+    written = []
+    if gif is not None:
+        save_gif(gif, frames, [ms] * (len(frames) - 1) + [2000])
+        written.append(gif)
+    if mp4 is not None:
+        save_mp4(mp4, frames, fps=1000 / ms)
+        written.append(mp4)
+    return written
 
 
-def before_after_figure(
-    run: str | Path, out: str | Path, n_per_class: int = 3, seed: int = 0, device: str = "cpu"
-) -> Path:
-    """One row per class: the source run's samples on the left, ``run``'s on the right."""
-    run = Path(run)
-    before, after, cfg, source = before_after_samples(run, n_per_class, seed, device)
-    sc, k_new = cfg.sample, cfg.model.num_classes
-    shape = (k_new, n_per_class, *after.shape[1:])
-    names = list(cfg.model.class_names) or [str(c) for c in range(k_new)]
-    h, w = after.shape[1:3]
-    panels = [
-        Panel(before.reshape(shape), title=f"before: {Path(source).name}"),
-        Panel(after.reshape(shape), title=f"after: {run.name}"),
-    ]
-    table = draw_table(
-        panels, row_labels=[names[c] if c < len(names) else str(c) for c in range(k_new)],
-        title=f"{run.name}: before and after fine-tuning on {cfg.train.dataset}",
-        note=f"{sc.sampler}, {sc.steps} steps, guidance {sc.guidance:g}, seed {seed}; same noise left and right",
-        scale=auto_scale(h, w),
-    )  # fmt: skip
-    out = Path(out)
-    save_png(out, table.image, {"run": str(run), "init_from": source, "seed": seed})
-    return out
+# -- before and after -----------------------------------------------------------------------
+def before_after_table(
+    before: np.ndarray,
+    after: np.ndarray,
+    row_labels: Sequence[str],
+    titles: tuple[str, str],
+    title: str,
+    note: str | None = None,
+) -> Table:
+    """Two (R, K, H, W, C) uint8 sets side by side, one row per class: ``titles`` above each."""
+    panels = [Panel(before, title=titles[0]), Panel(after, title=titles[1])]
+    h, w = after.shape[2:4]
+    return draw_table(panels, row_labels=row_labels, title=title, note=note, scale=auto_scale(h, w))

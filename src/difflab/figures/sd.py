@@ -11,8 +11,9 @@ A sweep with a LoRA scale axis gets one grid per prompt and scale (``grid_pNN_lo
 one line per step count and scale.
 
 For ``difflab sd finetune``: :func:`validation_grid` labels a row of validation images (one
-per fixed seed) with the step and prompt, and :func:`loss_curve` draws the logged losses with
-a smoothed curve on a log scale.
+per fixed seed) with the step and prompt; its loss curve is
+:func:`difflab.figures.runs.loss_figure`, the one DDPM training draws. What the note says
+about unflagged black images (``black_hint``) comes from the caller (:mod:`difflab.sd.safety`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.ticker import FuncFormatter
 from PIL import Image, ImageDraw
 
 from difflab.figures.images import (
@@ -33,8 +33,6 @@ from difflab.figures.images import (
     render_figure,
     save_png,
 )
-from difflab.figures.runs import smooth
-from difflab.sd.safety import NAN_HINT
 
 FILTERED_LABEL = "filtered by\nsafety checker"
 BLACK_LABEL = "black, NOT\nflagged (NaN?)"
@@ -71,9 +69,17 @@ def tile(out: Path, row: dict | None, tw: int, th: int) -> np.ndarray:
 
 
 def prompt_grid(
-    out: Path, identity: dict, rows: list[dict], prompt_index: int, lora_scale: float | None = None
+    out: Path,
+    identity: dict,
+    rows: list[dict],
+    prompt_index: int,
+    lora_scale: float | None = None,
+    black_hint: str | None = None,
 ) -> Any:
-    """A :class:`~difflab.figures.images.Table` of one prompt's cells at one LoRA scale (module doc)."""
+    """A :class:`~difflab.figures.images.Table` of one prompt's cells at one LoRA scale (module doc).
+
+    ``black_hint`` follows the count of black images the safety checker did not flag.
+    """
     g_list, s_list, seeds = identity["guidance"], identity["steps"], identity["seeds"]
     w, h = _size(identity)
     side = min(256, max(128, w, h))  # tiles 128..256 px on their long side
@@ -101,7 +107,8 @@ def prompt_grid(
             "marked in red)."
         )
     if n_black:
-        notes.append(f"{n_black} black images NOT flagged (orange): {NAN_HINT}.")
+        hint = f": {black_hint}" if black_hint else ""
+        notes.append(f"{n_black} black images NOT flagged (orange){hint}.")
     prompt = identity["prompts"][prompt_index]
     short = prompt if len(prompt) <= 90 else prompt[:89] + "…"
     sampler = next((r["sampler"] for r in mine if r.get("sampler")), identity["scheduler"])
@@ -163,7 +170,7 @@ def curves(identity: dict, summary: list[dict]) -> Image.Image:
 
 
 def write_sweep_figures(
-    out: Path, identity: dict, rows: list[dict], summary: list[dict]
+    out: Path, identity: dict, rows: list[dict], summary: list[dict], black_hint: str | None = None
 ) -> list[Path]:
     """Write every grid and the curves into ``out``; returns their paths."""
     paths = []
@@ -171,7 +178,7 @@ def write_sweep_figures(
         for scale in identity.get("lora_scales") or [None]:
             lora = "" if scale is None else f"_lora{scale:g}"
             path = out / f"grid_p{i:02d}{lora}.png"
-            table = prompt_grid(out, identity, rows, i, scale)
+            table = prompt_grid(out, identity, rows, i, scale, black_hint)
             settings = {"prompt": identity["prompts"][i]}
             save_png(path, table.image, settings | ({} if scale is None else {"lora_scale": scale}))
             paths.append(path)
@@ -192,27 +199,3 @@ def validation_grid(
         [Panel(images[None], labels)], title=f"step {step}\n“{short}”", scale=auto_scale(h, w, 128)
     )
     return table.image
-
-
-def loss_curve(rows: list[dict], title: str, target: str) -> Image.Image:
-    """The loss per step (light) and smoothed (dark) on a log scale; ``target`` names what
-    the MSE is measured on (ε or v)."""
-    step = np.array([r["step"] for r in rows], dtype=np.float64)
-    loss = np.array([r["loss"] for r in rows], dtype=np.float64)
-    fig = new_figure(8, 4.5)
-    ax = fig.add_subplot()
-    ax.plot(step, loss, color="#9ecae1", lw=1, label="loss per step")
-    if len(loss) >= 10:
-        ax.plot(
-            step, smooth(loss, max(3, len(loss) // 20)), color="#08519c", lw=2, label="smoothed"
-        )
-    ax.set_yscale("log")
-    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 1.2, not 1.2 x 10^0
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
-    ax.set_xlabel("training step")
-    ax.set_ylabel(f"loss (MSE on {target})")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper right")
-    ax.set_title(title, fontsize=11)
-    return render_figure(fig)

@@ -13,6 +13,7 @@ atomically with their settings.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -124,8 +125,11 @@ def lines(summary: list[dict], sampler: str, g: list, s: list, refs: dict, x_axi
     return fig
 
 
-def sample_grid(out: Path, identity: dict, sampler: str, class_name: str):
-    """Rows = guidance, one panel per step count: the first samples of the grid class."""
+def sweep_grid(out: Path, identity: dict, rows: list[dict], sampler: str, class_name: str):
+    """Rows = guidance, one panel per step count: the first samples of the grid class.
+
+    Each cell's images are its ``cells/KEY.npz`` (``KEY`` from its row); a missing cell is blank.
+    """
     g, s, seed, c = (
         identity["guidance"],
         identity["steps"],
@@ -133,22 +137,26 @@ def sample_grid(out: Path, identity: dict, sampler: str, class_name: str):
         identity["grid_class"],
     )
     k = min(GRID_SAMPLES, identity["n_per_class"])
+    keys = {
+        (r["steps"], r["guidance"]): r["key"]
+        for r in rows
+        if r["sampler"] == sampler and r["seed"] == seed and "key" in r
+    }
     panels, blank = [], None
     for st in s:
-        rows = []
+        cells = []
         for gv in g:
-            key = f"{sampler}_steps{st}_g{gv:g}_seed{seed}"
-            path = out / "cells" / f"{key}.npz"
-            if path.is_file():
+            path = out / "cells" / f"{keys.get((st, gv))}.npz"
+            if (st, gv) in keys and path.is_file():
                 with np.load(path) as z:
-                    rows.append(z["images"][z["labels"] == c][:k])
-                    blank = np.full_like(rows[-1], 255)
+                    cells.append(z["images"][z["labels"] == c][:k])
+                    blank = np.full_like(cells[-1], 255)
             else:
-                rows.append(None)
+                cells.append(None)
         if blank is None:
             continue
-        rows = [blank if r is None else r for r in rows]
-        panels.append(Panel(np.stack(rows), [], f"{st} steps"))
+        cells = [blank if x is None else x for x in cells]
+        panels.append(Panel(np.stack(cells), [], f"{st} steps"))
     if not panels:
         return None
     title = (
@@ -159,12 +167,16 @@ def sample_grid(out: Path, identity: dict, sampler: str, class_name: str):
 
 
 def write_sweep_figures(
-    out: Path, identity: dict, rows: list[dict], summary: list[dict]
+    out: Path,
+    identity: dict,
+    rows: list[dict],
+    summary: list[dict],
+    class_names: Sequence[str] = (),
 ) -> list[Path]:
-    """All of a sweep's figures into ``out/figures``; returns the paths written."""
-    from difflab.config import RunConfig
-    from difflab.ddpm.runs import CONFIG
+    """All of a sweep's figures into ``out/figures``; returns the paths written.
 
+    ``class_names`` (the run's) title the grid; a class without a name is shown by its index.
+    """
     figures = Path(out) / "figures"
     figures.mkdir(exist_ok=True)
     if not rows:
@@ -175,12 +187,8 @@ def write_sweep_figures(
         "fd": rows[0].get("fd_floor"),
         "diversity": rows[0].get("diversity_real"),
     }
-    names = [str(i) for i in range(identity["num_classes"])]
-    try:
-        known = RunConfig.load(Path(identity["run"]) / CONFIG).model.class_names
-        names = [known[i] if i < len(known) else n for i, n in enumerate(names)]
-    except Exception:  # the run may have moved since; fall back to class indices
-        pass
+    known = list(class_names)
+    names = [known[i] if i < len(known) else str(i) for i in range(identity["num_classes"])]
     seeds = identity["seeds"]
     about = f"{Path(identity['run']).name}, n = {identity['n_per_class']}/class, " + (
         f"mean ± std over seeds {','.join(map(str, seeds))}"
@@ -200,7 +208,7 @@ def write_sweep_figures(
         for name, fig in figs.items():
             save_png(figures / name, render_figure(fig), {"figure": name[:-4], **settings})
             written.append(figures / name)
-        grid = sample_grid(Path(out), identity, smp, names[identity["grid_class"]])
+        grid = sweep_grid(Path(out), identity, rows, smp, names[identity["grid_class"]])
         if grid is not None:
             save_png(figures / f"grid_{smp}.png", grid, {"figure": "grid", **settings})
             written.append(figures / f"grid_{smp}.png")

@@ -634,8 +634,8 @@ class FineTuner:
         )  # fmt: skip
 
     def _plot(self) -> list[Path]:
-        from difflab.figures.images import save_png
-        from difflab.figures.sd import loss_curve
+        from difflab.figures.images import render_figure, save_png
+        from difflab.figures.runs import loss_figure
 
         rows = read_jsonl(self.out / METRICS)
         if not rows:
@@ -648,7 +648,7 @@ class FineTuner:
         )
         path = self.out / "figures" / "loss.png"
         path.parent.mkdir(exist_ok=True)
-        save_png(path, loss_curve(rows, title, target), {"run": str(self.out)})
+        save_png(path, render_figure(loss_figure(rows, title, target)), {"run": str(self.out)})
         return [path]
 
 

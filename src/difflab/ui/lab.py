@@ -177,9 +177,9 @@ class Lab:
             return job.cancelled()
 
         result = trainer.fit(should_stop=should_stop)
-        from difflab.figures.runs import plot_run
+        from difflab.ddpm.processes import plot_run
 
-        plot_run(out, device=self.device)  # loss and schedule figures for the Runs tab
+        plot_run(out)  # loss and schedule figures for the Runs tab
         what = "stopped" if job.cancelled() else "finished"
         job.update(
             1.0 if not job.cancelled() else None,
@@ -276,7 +276,7 @@ class Lab:
         """x_t of one test image per class at paper step ``t`` (0 = data, T = the last step)."""
         from difflab.ddpm.data import load_dataset
         from difflab.ddpm.diffusion import GaussianDiffusion
-        from difflab.figures.process import column_label, forward_process
+        from difflab.ddpm.processes import column_label, forward_process
 
         if source in DATASET_NAMES:
             cfg, dataset = RunConfig(), source
