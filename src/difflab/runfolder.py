@@ -19,6 +19,7 @@ import json
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -109,7 +110,9 @@ def load_train_state(folder: str | Path, option: str = "--resume") -> dict[str, 
     if not path.is_file():
         raise UsageError(f"{option}: {path} not found; nothing to resume")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on what it is about to refuse
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip (RuntimeError), EOFError, UnpicklingError, ...
         why = next(iter(str(e).strip().splitlines()), type(e).__name__)[:160]
         raise UsageError(

@@ -172,6 +172,7 @@ class Trainer:
         self.elapsed = 0.0
         self.last_checkpoint = 0
         self.weights_stale = False  # the weights file is not the one of the train state
+        self.notes: list[str] = []  # for the user, before fit(): what resuming found
         if resume:
             self._load_state()
         elif self.accelerator.is_main_process:
@@ -248,6 +249,8 @@ class Trainer:
         self.last_checkpoint = self.step
         torch.set_rng_state(state["torch_rng"])
         self.weights_stale = not runfolder.weights_match(state, self.run_dir / ckpt.WEIGHTS)
+        if self.weights_stale and self.accelerator.is_main_process:
+            self.notes.append(runfolder.mismatch_note(self.run_dir, ckpt.WEIGHTS, self.step))
         if self.accelerator.is_main_process:
             runfolder.clean_folder(self.run_dir)  # temporary files of a killed checkpoint
             runfolder.trim_metrics(self.run_dir, self.step)  # logged after this checkpoint
@@ -354,9 +357,6 @@ class Trainer:
         :class:`TrainingInterrupted`.
         """
         if self.weights_stale:  # a kill came between the weights and the state: rewrite both
-            warnings.warn(
-                runfolder.mismatch_note(self.run_dir, ckpt.WEIGHTS, self.step), stacklevel=2
-            )
             self.save_checkpoint()
         with runfolder.stop_on_signals() as signalled:
             result = self._fit(
@@ -457,8 +457,13 @@ def train(
     resume: bool = False,
     progress: bool = True,
     stop_at_step: int | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> TrainResult:
-    """Train ``cfg`` into the run folder ``out`` (or resume the run there)."""
+    """Train ``cfg`` into the run folder ``out`` (or resume the run there).
+
+    What resuming finds (weights rewritten from the train state) goes to ``on_note``, one
+    line each, or is issued as a warning.
+    """
     out = Path(out)
     if not resume and out.exists() and (out / ckpt.TRAIN_STATE).exists():
         raise UsageError(
@@ -466,6 +471,10 @@ def train(
         )
     if not out.parent.exists():
         raise UsageError(f"--out {out}: folder {out.parent} does not exist")
-    return Trainer(cfg, out, device=device, resume=resume, progress=progress).fit(
-        stop_at_step=stop_at_step
-    )
+    trainer = Trainer(cfg, out, device=device, resume=resume, progress=progress)
+    for note in trainer.notes:
+        if on_note is None:
+            warnings.warn(note, stacklevel=2)
+        else:
+            on_note(note)
+    return trainer.fit(stop_at_step=stop_at_step)
