@@ -6,7 +6,7 @@ RNG states for an exact resume; read with ``torch.load(weights_only=True)``); th
 checkpoint protocol and the resume checks it shares with SD fine-tuning are
 :mod:`difflab.runfolder`'s. Every file is written atomically. Weights are never unpickled: a
 pickle file where weights are expected is refused unless the caller passes
-``trust_pickle=True``.
+``trust_pickle=True``. :func:`init_from_run` starts a new run from another run's weights.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from difflab.files import atomic_path, write_text
 from difflab.runfolder import CONFIG, METRICS, TRAIN_STATE
 
 __all__ = [
-    "CONFIG", "METRICS", "TRAIN_STATE", "WEIGHTS", "check_run_dir", "load_run", "load_train_state",
+    "CONFIG", "METRICS", "TRAIN_STATE", "WEIGHTS", "check_run_dir", "init_from_run", "load_run",
+    "load_train_state",
     "load_weights", "save_checkpoint", "save_config", "save_weights", "weights_metadata",
 ]  # fmt: skip
 
@@ -125,3 +126,31 @@ def save_checkpoint(
 def load_train_state(run_dir: str | Path) -> dict[str, Any]:
     """``train_state.pt``; a missing or damaged file is one line naming it."""
     return runfolder.load_train_state(run_dir)
+
+
+def init_from_run(model: ContextUnet, run: str | Path) -> None:
+    """Load another run's EMA weights into ``model`` (continued training / fine-tuning).
+
+    The architectures must match except for the number of classes: the known classes keep
+    their embeddings, the "no class" token moves to its new index, and new classes start
+    from the "no class" embedding, i.e. as the unconditional model.
+    """
+    src = check_run_dir(run)
+    src_cfg = RunConfig.load(src / CONFIG).model
+    for name in ("in_channels", "height", "width", "base_channels", "channel_mults", "num_res_blocks",
+                 "attention", "patch_size", "time_embed_dim"):  # fmt: skip
+        a, b = getattr(src_cfg, name), getattr(model.cfg, name)
+        if a != b:
+            raise UsageError(
+                f"--init-from {run}: its model.{name} is {a}, this run needs {b}; they must match"
+            )
+    state = load_weights(src / WEIGHTS)
+    old = state.pop("class_embed.weight")  # (old_classes + 1, D)
+    emb = model.class_embed.weight.detach().clone()
+    n_old, n_new = old.shape[0] - 1, model.cfg.num_classes
+    keep = min(n_old, n_new)
+    emb[:keep] = old[:keep]
+    emb[keep:n_new] = old[n_old]  # new classes start as "no class"
+    emb[n_new] = old[n_old]
+    state["class_embed.weight"] = emb
+    model.load_state_dict(state)

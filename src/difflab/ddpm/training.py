@@ -31,12 +31,16 @@ from difflab.ddpm import runs as ckpt
 from difflab.ddpm.data import ImageData, load_dataset
 from difflab.ddpm.diffusion import GaussianDiffusion
 from difflab.ddpm.model import ContextUnet
+from difflab.ddpm.runs import init_from_run
 from difflab.devices import resolve_device
 from difflab.errors import UsageError
 from difflab.files import append_jsonl
 from difflab.runfolder import TrainingDiverged, TrainingInterrupted
 
-__all__ = ["TrainResult", "Trainer", "TrainingDiverged", "TrainingInterrupted", "train"]
+__all__ = [
+    "TrainResult", "Trainer", "TrainingDiverged", "TrainingInterrupted", "init_from_run", "resolve_config",
+    "train",
+]  # fmt: skip
 
 
 @dataclass
@@ -67,34 +71,6 @@ def resolve_config(cfg: RunConfig, data: ImageData) -> RunConfig:
         levels -= 1  # e.g. 8x8 digits cannot be halved three times
     model = replace(model, channel_mults=model.channel_mults[:levels], patch_size=p)
     return replace(cfg, model=model)
-
-
-def init_from_run(model: ContextUnet, run: str | Path) -> None:
-    """Load another run's EMA weights into ``model`` (continued training / fine-tuning).
-
-    The architectures must match except for the number of classes: the known classes keep
-    their embeddings, the "no class" token moves to its new index, and new classes start
-    from the "no class" embedding, i.e. as the unconditional model.
-    """
-    src = ckpt.check_run_dir(run)
-    src_cfg = RunConfig.load(src / ckpt.CONFIG).model
-    for name in ("in_channels", "height", "width", "base_channels", "channel_mults", "num_res_blocks",
-                 "attention", "patch_size", "time_embed_dim"):  # fmt: skip
-        a, b = getattr(src_cfg, name), getattr(model.cfg, name)
-        if a != b:
-            raise UsageError(
-                f"--init-from {run}: its model.{name} is {a}, this run needs {b}; they must match"
-            )
-    state = ckpt.load_weights(src / ckpt.WEIGHTS)
-    old = state.pop("class_embed.weight")  # (old_classes + 1, D)
-    emb = model.class_embed.weight.detach().clone()
-    n_old, n_new = old.shape[0] - 1, model.cfg.num_classes
-    keep = min(n_old, n_new)
-    emb[:keep] = old[:keep]
-    emb[keep:n_new] = old[n_old]  # new classes start as "no class"
-    emb[n_new] = old[n_old]
-    state["class_embed.weight"] = emb
-    model.load_state_dict(state)
 
 
 def _lr_factor(progress: float, step: int, warmup: int, schedule: str) -> float:
