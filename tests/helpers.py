@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 from difflab.config import DiffusionConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
@@ -32,3 +34,14 @@ def tiny_run(tmp_path: Path, name: str = "run", **kw) -> Path:
     out = tmp_path / name
     train(tiny_config(**kw), out, device="cpu", progress=False)
     return out
+
+
+def train_args(out: Path, epochs: float, *extra: str, **train) -> list[str]:
+    """``difflab train`` arguments for :func:`tiny_config` (``train`` overrides its fields)."""
+    cfg = tiny_config(**train)
+    args = ["train", "--device", "cpu", "--epochs", str(epochs), "--out", str(out)]
+    for section in ("model", "diffusion", "train"):
+        for key, value in asdict(getattr(cfg, section)).items():
+            if key not in ("class_names", "epochs", "minutes"):
+                args += ["--set", f"{section}.{key}={json.dumps(value)}"]
+    return args + list(extra)  # after the --set options, so that they win

@@ -23,7 +23,6 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -34,20 +33,14 @@ from difflab.cli import main
 from difflab.config import RunConfig
 from difflab.ddpm.model import ContextUnet
 from difflab.errors import UsageError
-from helpers import tiny_config
+from helpers import train_args
 
 RUN_FILES = {"config.json", "metrics.jsonl", "model.safetensors", "train_state.pt"}
 
 
 def _train_args(out: Path, epochs: float, *extra: str) -> list[str]:
     """``difflab train`` arguments for the tiny config (see the module docstring)."""
-    cfg = tiny_config(lr_schedule="constant")
-    args = ["train", "--device", "cpu", "--epochs", str(epochs), "--out", str(out)]
-    for section in ("model", "diffusion", "train"):
-        for key, value in asdict(getattr(cfg, section)).items():
-            if key not in ("class_names", "epochs", "minutes"):
-                args += ["--set", f"{section}.{key}={json.dumps(value)}"]
-    return args + list(extra)  # after the --set options, so that they win
+    return train_args(out, epochs, *extra, lr_schedule="constant")
 
 
 def _torchrun(cwd: Path, *args: str) -> subprocess.CompletedProcess:

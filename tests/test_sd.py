@@ -341,6 +341,45 @@ def test_resolve_model_sources(models, tmp_path):
     assert resolve_dtype("auto", "cpu") == "fp32" and resolve_dtype("auto", "cuda") == "fp16"
 
 
+def test_pickle_folders_are_refused_without_trust_pickle(models, tmp_path, capsys, monkeypatch):
+    """Folder loads ask diffusers and transformers for safetensors only; a folder whose weights
+    are ``.bin`` pickles is refused with one line unless --trust-pickle is given."""
+    pickled = tmp_path / "pickled"
+    StableDiffusionPipeline.from_pretrained(models.sd).save_pretrained(
+        pickled, safe_serialization=False
+    )
+    assert (pickled / "unet" / "diffusion_pytorch_model.bin").is_file()
+    assert not list((pickled / "unet").glob("*.safetensors"))  # (transformers saves both ways)
+    args = ["sd", "generate", "--model", str(pickled), "--size", SIZE, "--steps", "1",
+            "--device", "cpu", "--prompt", "a cube", "--seed", "3"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "--model" in err and ".bin is a pickle" in err and "--trust-pickle" in err, err
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(UsageError, match="--vae .*diffusion_pytorch_model.bin is a pickle"):
+        load_pipeline(models.sd, vae=pickled / "vae")
+
+    seen = []
+    real = StableDiffusionPipeline.from_pretrained.__func__
+
+    def spy(cls, *a, **kw):
+        seen.append(kw.get("use_safetensors", "missing"))
+        return real(cls, *a, **kw)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", classmethod(spy))
+    load_pipeline(models.sd)
+    assert seen == [True]  # safetensors only
+    assert main([*args, "--out", str(tmp_path / "trusted"), "--trust-pickle"]) == 0
+    assert seen[-1] is None  # trusted: diffusers may fall back to the pickles
+    assert main([*args, "--out", str(tmp_path / "safe")]) == 2  # still refused without it
+    monkeypatch.undo()
+    main([*args[:3], str(models.sd), *args[4:], "--out", str(tmp_path / "safe")])
+    trusted = np.asarray(Image.open(next((tmp_path / "trusted").glob("*.png"))))
+    safe = np.asarray(Image.open(next((tmp_path / "safe").glob("*.png"))))
+    assert np.array_equal(trusted, safe)  # the same weights, loaded from the pickles
+
+
 def test_single_file_keeps_the_safety_checker(models, tmp_path, monkeypatch):
     from safetensors.torch import save_file
 

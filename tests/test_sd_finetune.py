@@ -132,6 +132,73 @@ def test_resume_after_a_kill_gives_the_same_weights(models, tmp_path, monkeypatc
     assert steps == list(range(1, 13))  # the lines of steps 6 and 7 were dropped and redone
 
 
+def test_a_kill_between_the_lora_and_the_state_resumes_from_the_state(
+    models, tmp_path, monkeypatch, capsys
+):
+    config = FinetuneConfig(
+        str(models.data), PROMPT, rank=2, steps=6, lr=1e-2, batch_size=2, resolution=32,
+        checkpoint_every=3, model=str(models.sd),
+    )  # fmt: skip
+    FineTuner(config, tmp_path / "straight", device="cpu", progress=False).fit()
+    run, real = tmp_path / "run", torch.save
+
+    def killed(obj, *a, **k):  # the LoRA of step 6 is written, then the process dies
+        if isinstance(obj, dict) and obj.get("step") == 6:
+            raise KeyboardInterrupt
+        return real(obj, *a, **k)
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        FineTuner(config, run, device="cpu", progress=False).fit()
+    monkeypatch.undo()
+    assert torch.load(run / "train_state.pt", weights_only=True)["step"] == 3
+    stale = [run / ".train_state.pt.a1b2c3.tmp.pt", run / "figures" / ".loss.png.d4e5.tmp.png"]
+    stale[1].parent.mkdir(exist_ok=True)
+    for p in stale:
+        p.write_bytes(b"half a file")
+    tuner = FineTuner(config, run, device="cpu", resume=True, progress=False)
+    assert f"{run / LORA_WEIGHTS} is not the one saved with train_state.pt (step 3)" in " ".join(
+        tuner.notes
+    )
+    assert tuner.fit().steps_run == 3
+    assert not any(p.exists() for p in stale)
+    a, b = load_file(tmp_path / "straight" / LORA_WEIGHTS), load_file(run / LORA_WEIGHTS)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-7)
+    # a damaged train state is one line naming it, and nothing is written
+    (run / "train_state.pt").write_bytes(b"PK\x03\x04 truncated")
+    listing = sorted(p.name for p in run.rglob("*"))
+    resume = ["--rank", "2", "--lr", "0.01", "--batch-size", "2", "--checkpoint-every", "3"]
+    assert main(_finetune_args(models, run, "--steps", "6", "--resume", *resume)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train_state.pt is damaged or truncated" in err, err
+    assert sorted(p.name for p in run.rglob("*")) == listing
+
+
+def test_sigterm_stops_finetuning_after_a_checkpoint(models, tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    real = FineTuner.train_step
+
+    def signalled(self):
+        if self.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self)
+
+    monkeypatch.setattr(FineTuner, "train_step", signalled)
+    out = tmp_path / "run"
+    assert main(_finetune_args(models, out, "--steps", "6", "--rank", "2")) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        f"difflab sd: stopped by SIGTERM at step 2; checkpoint saved in {out}; "
+        "resume with: the same difflab sd finetune command with --resume"
+    )
+    assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 2
+    assert load_file(out / LORA_WEIGHTS)
+
+
 def test_resume_and_out_are_checked(models, tmp_path, capsys):
     before = sorted(p.name for p in models.run.rglob("*"))
     cases = [

@@ -189,13 +189,6 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
-    def __post_init__(self) -> None:
-        if self.sample.steps > self.diffusion.timesteps:
-            raise UsageError(
-                f"--set sample.steps {self.sample.steps}: must be at most diffusion.timesteps = "
-                f"{self.diffusion.timesteps}"
-            )
-
     # -- (de)serialisation --------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

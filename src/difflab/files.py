@@ -1,12 +1,16 @@
 """Atomic file writes: the one place in difflab that puts files on disk.
 
-Every file is written to a temporary name in the destination folder and renamed over the
-target, so a killed process leaves either the old file or the new one, never half of one.
+Every file is written to a temporary name in the destination folder (``.NAME.XXXXXXXX.tmpSUFFIX``,
+:data:`TEMP_GLOB`), flushed to the disk, renamed over the target, and the folder is flushed
+too, so a killed process or a power cut leaves either the old file or the new one, never half
+of one; a temporary file that a SIGKILL left behind is removed by :func:`remove_stale_temp_files`
+when the folder is next opened. Also folder locks, JSON lines and file hashes.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -19,6 +23,22 @@ from typing import Any
 from difflab.errors import UsageError
 
 LOCK_FILE = ".lock"
+TEMP_GLOB = ".*.tmp*"  # the names atomic_path gives its temporary files
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush ``folder``'s entries (a rename in it) to the disk; a no-op where folders cannot
+    be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse to fsync a folder; the rename still happened
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextmanager
@@ -31,12 +51,14 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     tmp_path = Path(tmp)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
     try:
         yield tmp_path
+        # mkstemp creates 0600 (and some writers create the file anew): the usual permissions
+        os.chmod(tmp_path, 0o666 & ~umask)
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
+        _fsync_folder(path.parent)  # the rename itself reaches the disk
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -109,6 +131,30 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 continue
             raise UsageError(f"{p}: line {i + 1} is not a JSON object") from None
     return rows
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Remove the temporary files that a killed :func:`atomic_path` left in ``folder``.
+
+    Call it only while no other process writes into ``folder`` (under its lock, or when a
+    resumable folder is opened): a live writer's temporary file has the same name pattern.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.glob(TEMP_GLOB) if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, as hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def csv_text(rows: list[dict], columns: list[str] | tuple[str, ...]) -> str:

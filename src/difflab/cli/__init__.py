@@ -412,7 +412,10 @@ def run(args: argparse.Namespace) -> int:
         from difflab.ddpm.training import train
 
         cfg = _train_config(args)
-        result = train(cfg, args.out, device=resolve_device(args.device), resume=args.resume)
+        result = train(
+            cfg, args.out, device=resolve_device(args.device), resume=args.resume,
+            on_note=lambda note: print(f"difflab train: note: {note}", file=sys.stderr),
+        )  # fmt: skip
         distributed.shutdown()
         if distributed.is_main_process():  # under torchrun, one line for all processes
             print(
@@ -527,8 +530,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"difflab {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a known failure mode gets its message, not a traceback
-        from difflab.ddpm.training import TrainingDiverged
+        from difflab.runfolder import TrainingDiverged, TrainingInterrupted
 
+        if isinstance(e, TrainingInterrupted):  # a checkpoint was written: say where
+            print(f"difflab {args.command}: {e}", file=sys.stderr)
+            return e.exit_code
         if isinstance(e, TrainingDiverged) and not args.debug:
             print(f"difflab {args.command}: {e}", file=sys.stderr)
             return 1

@@ -1,10 +1,12 @@
-"""Run folders: safetensors weights, config.json, and the resumable training state.
+"""DDPM run folders: safetensors weights, config.json, and the resumable training state.
 
 A run folder holds ``config.json`` (every option, resolved), ``model.safetensors`` (the EMA
 weights used for sampling) and ``train_state.pt`` (raw and EMA weights, optimizer, step and
-RNG states for an exact resume; read with ``torch.load(weights_only=True)``). Every file is
-written atomically. Weights are never unpickled: a pickle file where weights are expected is
-refused unless the caller passes ``trust_pickle=True``.
+RNG states for an exact resume; read with ``torch.load(weights_only=True)``); the names, the
+checkpoint protocol and the resume checks it shares with SD fine-tuning are
+:mod:`difflab.runfolder`'s. Every file is written atomically. Weights are never unpickled: a
+pickle file where weights are expected is refused unless the caller passes
+``trust_pickle=True``. :func:`init_from_run` starts a new run from another run's weights.
 """
 
 from __future__ import annotations
@@ -17,16 +19,21 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from difflab import runfolder
 from difflab.config import RunConfig
 from difflab.ddpm.diffusion import GaussianDiffusion
 from difflab.ddpm.model import ContextUnet
 from difflab.errors import UsageError
 from difflab.files import atomic_path, write_text
+from difflab.runfolder import CONFIG, METRICS, TRAIN_STATE
 
-CONFIG = "config.json"
+__all__ = [
+    "CONFIG", "METRICS", "TRAIN_STATE", "WEIGHTS", "check_run_dir", "init_from_run", "load_run",
+    "load_train_state",
+    "load_weights", "save_checkpoint", "save_config", "save_weights", "weights_metadata",
+]  # fmt: skip
+
 WEIGHTS = "model.safetensors"
-TRAIN_STATE = "train_state.pt"
-METRICS = "metrics.jsonl"
 
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # raw pickle protocol >= 2, or a torch zip archive
 
@@ -109,13 +116,41 @@ def weights_metadata(path: str | Path) -> dict[str, Any]:
     return {k: json.loads(v) for k, v in meta.items()}
 
 
-def save_train_state(state: dict[str, Any], run_dir: str | Path) -> None:
-    with atomic_path(Path(run_dir) / TRAIN_STATE) as tmp:
-        torch.save(state, tmp)
+def save_checkpoint(
+    run_dir: str | Path, ema: torch.nn.Module, state: dict[str, Any], meta: dict[str, Any]
+) -> None:
+    """The EMA weights, then the train state that records their hash (see runfolder)."""
+    runfolder.save_checkpoint(run_dir, WEIGHTS, lambda path: save_weights(ema, path, meta), state)
 
 
 def load_train_state(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / TRAIN_STATE
-    if not path.is_file():
-        raise UsageError(f"--resume: {path} not found; nothing to resume")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """``train_state.pt``; a missing or damaged file is one line naming it."""
+    return runfolder.load_train_state(run_dir)
+
+
+def init_from_run(model: ContextUnet, run: str | Path) -> None:
+    """Load another run's EMA weights into ``model`` (continued training / fine-tuning).
+
+    The architectures must match except for the number of classes: the known classes keep
+    their embeddings, the "no class" token moves to its new index, and new classes start
+    from the "no class" embedding, i.e. as the unconditional model.
+    """
+    src = check_run_dir(run)
+    src_cfg = RunConfig.load(src / CONFIG).model
+    for name in ("in_channels", "height", "width", "base_channels", "channel_mults", "num_res_blocks",
+                 "attention", "patch_size", "time_embed_dim"):  # fmt: skip
+        a, b = getattr(src_cfg, name), getattr(model.cfg, name)
+        if a != b:
+            raise UsageError(
+                f"--init-from {run}: its model.{name} is {a}, this run needs {b}; they must match"
+            )
+    state = load_weights(src / WEIGHTS)
+    old = state.pop("class_embed.weight")  # (old_classes + 1, D)
+    emb = model.class_embed.weight.detach().clone()
+    n_old, n_new = old.shape[0] - 1, model.cfg.num_classes
+    keep = min(n_old, n_new)
+    emb[:keep] = old[:keep]
+    emb[keep:n_new] = old[n_old]  # new classes start as "no class"
+    emb[n_new] = old[n_old]
+    state["class_embed.weight"] = emb
+    model.load_state_dict(state)

@@ -15,9 +15,7 @@ run folder and shows progress, and a run folder resumes with any number of proce
 from __future__ import annotations
 
 import copy
-import json
 import math
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -26,21 +24,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from difflab import distributed
+from difflab import distributed, runfolder
 from difflab.config import RunConfig
 from difflab.ddpm import runs as ckpt
 from difflab.ddpm.data import ImageData, load_dataset
 from difflab.ddpm.diffusion import GaussianDiffusion
 from difflab.ddpm.model import ContextUnet
+from difflab.ddpm.runs import init_from_run
 from difflab.devices import resolve_device
 from difflab.errors import UsageError
-from difflab.files import append_jsonl, read_jsonl, write_text
+from difflab.files import append_jsonl
+from difflab.runfolder import TrainingDiverged, TrainingInterrupted
 
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or Inf; the run folder keeps its last good checkpoint."""
+__all__ = [
+    "TrainResult", "Trainer", "TrainingDiverged", "TrainingInterrupted", "init_from_run", "resolve_config",
+    "train",
+]  # fmt: skip
 
 
 @dataclass
@@ -73,49 +73,12 @@ def resolve_config(cfg: RunConfig, data: ImageData) -> RunConfig:
     return replace(cfg, model=model)
 
 
-def init_from_run(model: ContextUnet, run: str | Path) -> None:
-    """Load another run's EMA weights into ``model`` (continued training / fine-tuning).
-
-    The architectures must match except for the number of classes: the known classes keep
-    their embeddings, the "no class" token moves to its new index, and new classes start
-    from the "no class" embedding, i.e. as the unconditional model.
-    """
-    src = ckpt.check_run_dir(run)
-    src_cfg = RunConfig.load(src / ckpt.CONFIG).model
-    for name in ("in_channels", "height", "width", "base_channels", "channel_mults", "num_res_blocks",
-                 "attention", "patch_size", "time_embed_dim"):  # fmt: skip
-        a, b = getattr(src_cfg, name), getattr(model.cfg, name)
-        if a != b:
-            raise UsageError(
-                f"--init-from {run}: its model.{name} is {a}, this run needs {b}; they must match"
-            )
-    state = ckpt.load_weights(src / ckpt.WEIGHTS)
-    old = state.pop("class_embed.weight")  # (old_classes + 1, D)
-    emb = model.class_embed.weight.detach().clone()
-    n_old, n_new = old.shape[0] - 1, model.cfg.num_classes
-    keep = min(n_old, n_new)
-    emb[:keep] = old[:keep]
-    emb[keep:n_new] = old[n_old]  # new classes start as "no class"
-    emb[n_new] = old[n_old]
-    state["class_embed.weight"] = emb
-    model.load_state_dict(state)
-
-
 def _lr_factor(progress: float, step: int, warmup: int, schedule: str) -> float:
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
     return 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
-
-
-def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    """The generator of step ``step``'s random draws, on ``device``.
-
-    On a GPU the draws are made there (no per-step host-to-device copy of the noise), so a seed
-    gives the same run on the same kind of device, not the same numbers as on the CPU.
-    """
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) % (2**63))
 
 
 # on a GPU, the dataset moves there if it needs at most this share of the free memory
@@ -133,7 +96,6 @@ class Trainer:
         resume: bool = False,
         progress: bool = True,
     ) -> None:
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         self.run_dir = Path(run_dir)
@@ -158,7 +120,7 @@ class Trainer:
         mp = tc.mixed_precision
         if mp == "auto":
             mp = "bf16" if dev.startswith("cuda") else "no"
-        self.accelerator = Accelerator(mixed_precision=mp, cpu=dev == "cpu")
+        self.accelerator = runfolder.accelerator(mp, cpu=dev == "cpu")
         self.device = self.accelerator.device
         self.world = self.accelerator.num_processes
         distributed.check_batch_size(tc.batch_size, self.world)
@@ -185,10 +147,13 @@ class Trainer:
         self.step = 0
         self.elapsed = 0.0
         self.last_checkpoint = 0
+        self.weights_stale = False  # the weights file is not the one of the train state
+        self.notes: list[str] = []  # for the user, before fit(): what resuming found
         if resume:
             self._load_state()
         elif self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            runfolder.clean_folder(self.run_dir)  # left by a run killed before its checkpoint
             ckpt.save_config(self.cfg, self.run_dir)
             (self.run_dir / ckpt.METRICS).unlink(missing_ok=True)
         self.accelerator.wait_for_everyone()  # all ranks have read the folder before rank 0 writes
@@ -245,29 +210,38 @@ class Trainer:
     def _load_state(self) -> None:
         """Every rank reads the same state: nothing in it depends on the number of processes."""
         state = ckpt.load_train_state(self.run_dir)
-        self.raw_model.load_state_dict(state["model"])
-        self.ema_model.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.raw_model.load_state_dict(state["model"])
+            self.ema_model.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            why = next(iter(str(e).strip().splitlines()), type(e).__name__)[:160]
+            raise UsageError(
+                f"--resume: {self.run_dir / ckpt.TRAIN_STATE} does not fit this run's "
+                f"{ckpt.CONFIG} ({why})"
+            ) from None
         self.step = int(state["step"])
         self.elapsed = float(state["elapsed"])
         self.last_checkpoint = self.step
         torch.set_rng_state(state["torch_rng"])
-        if self.accelerator.is_main_process:  # drop metrics logged after this checkpoint
-            path = self.run_dir / ckpt.METRICS
-            rows = [r for r in read_jsonl(path) if r.get("step", 0) <= self.step]
-            write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+        self.weights_stale = not runfolder.weights_match(state, self.run_dir / ckpt.WEIGHTS)
+        if self.weights_stale and self.accelerator.is_main_process:
+            self.notes.append(runfolder.mismatch_note(self.run_dir, ckpt.WEIGHTS, self.step))
+        if self.accelerator.is_main_process:
+            runfolder.clean_folder(self.run_dir)  # temporary files of a killed checkpoint
+            runfolder.trim_metrics(self.run_dir, self.step)  # logged after this checkpoint
 
     def save_checkpoint(self) -> None:
-        """Write the training state and the EMA weights (rank 0 only; the ranks agree)."""
+        """Write the EMA weights, then the training state (rank 0 only; the ranks agree)."""
         if self.accelerator.is_main_process:
-            ckpt.save_train_state(self._state(), self.run_dir)
             meta = {
                 "step": self.step,
                 "epoch": self.step / self.steps_per_epoch,
                 "dataset": self.data.name,
             }
-            ckpt.save_weights(self.ema_model, self.run_dir / ckpt.WEIGHTS, meta)
+            ckpt.save_checkpoint(self.run_dir, self.ema_model, self._state(), meta)
         self.last_checkpoint = self.step
+        self.weights_stale = False
 
     # -- one step ---------------------------------------------------------------------------
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,7 +249,7 @@ class Trainer:
         tc = self.cfg.train
         epoch, j = divmod(step, self.steps_per_epoch)
         if getattr(self, "_perm_epoch", None) != epoch:  # one shuffle per epoch, not per step
-            gen = torch.Generator().manual_seed(tc.seed * 7919 + epoch)
+            gen = runfolder.epoch_generator(tc.seed, epoch)
             self._perm = torch.randperm(len(self.data), generator=gen).to(self.images.device)
             self._perm_epoch = epoch
         idx = self._perm[j * tc.batch_size : (j + 1) * tc.batch_size][self.rows]
@@ -292,7 +266,7 @@ class Trainer:
         """
         tc = self.cfg.train
         x0, y = self._batch(step)
-        g = _step_generator(tc.seed, step, self.device)
+        g = runfolder.step_generator(tc.seed, step, self.device)
         n, shape, dev = tc.batch_size, (tc.batch_size, *x0.shape[1:]), g.device
         t = torch.randint(0, self.diffusion.num_timesteps, (n,), generator=g, device=dev)[self.rows]
         noise = torch.randn(shape, generator=g, device=dev)[self.rows]
@@ -303,12 +277,6 @@ class Trainer:
         with self.accelerator.autocast():
             out = model(self.diffusion.q_sample(x0, t, noise), t, y)
         return self.diffusion.training_loss(out, x0, t, noise)
-
-    def _ema_decay(self) -> float:
-        tc = self.cfg.train
-        if not tc.ema_warmup:
-            return tc.ema_decay
-        return min(tc.ema_decay, (1 + self.step) / (10 + self.step))
 
     def train_step(self, lr: float) -> torch.Tensor:
         """One optimizer step on the global batch; returns its loss (the mean over ranks).
@@ -327,7 +295,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():  # the same update on every rank keeps the EMAs identical
-            decay = self._ema_decay()
+            decay = runfolder.ema_decay(tc.ema_decay, self.step, tc.ema_warmup)
             ema = list(self.ema_model.parameters())  # looked up each step: under DDP, prepare()
             raw = [p.detach() for p in self.raw_model.parameters()]  # gives them new storage
             torch._foreach_lerp_(ema, raw, 1 - decay)  # one multi-tensor update
@@ -360,8 +328,27 @@ class Trainer:
         """Train until the epochs or minutes are spent (or ``stop_at_step``, or ``should_stop()``).
 
         With several processes, rank 0's clock and ``should_stop()`` decide for every rank,
-        so all ranks stop at the same step with the same learning rate schedule.
+        so all ranks stop at the same step with the same learning rate schedule. SIGINT
+        (Ctrl-C) or SIGTERM stops training the same way, after a checkpoint, and then raises
+        :class:`TrainingInterrupted`.
         """
+        if self.weights_stale:  # a kill came between the weights and the state: rewrite both
+            self.save_checkpoint()
+        with runfolder.stop_on_signals() as signalled:
+            result = self._fit(
+                stop_at_step, lambda: bool(signalled) or bool(should_stop and should_stop())
+            )
+        if signalled:
+            tc = self.cfg.train
+            length = (
+                f"--epochs {tc.epochs:g}" if tc.epochs is not None else f"--minutes {tc.minutes:g}"
+            )
+            raise signalled.interrupted(
+                self.step, self.run_dir, f"difflab train --resume --out {self.run_dir} {length}"
+            )
+        return result
+
+    def _fit(self, stop_at_step: int | None, should_stop: Callable[[], bool]) -> TrainResult:
         tc = self.cfg.train
         total, budget = self.total_steps, None if tc.epochs is not None else tc.minutes * 60
         start_step, t0, since_log = (
@@ -371,14 +358,12 @@ class Trainer:
         )
         losses: list[float] = []
         pending: list[tuple[int, torch.Tensor]] = []  # losses not read back from the device yet
-        bar = tqdm(
-            total=total if total is not None else int(budget),
-            initial=self.step if total is not None else int(self.elapsed),
-            unit="step" if total is not None else "s",
-            desc=f"train {self.data.name}",
-            disable=not self.progress or not self.accelerator.is_main_process,
-            file=sys.stderr,
-            dynamic_ncols=True,
+        bar = runfolder.progress_bar(
+            total if total is not None else int(budget),
+            self.step if total is not None else int(self.elapsed),
+            f"train {self.data.name}",
+            "step" if total is not None else "s",
+            self.progress and self.accelerator.is_main_process,
         )
         loss = float("nan")
         try:
@@ -388,7 +373,7 @@ class Trainer:
                 stop = (
                     done
                     or (stop_at_step is not None and self.step >= stop_at_step)
-                    or (should_stop is not None and should_stop())
+                    or should_stop()
                 )
                 progress = self.step / total if total is not None else self.elapsed / budget
                 stop, progress = distributed.from_main_process(
@@ -455,8 +440,13 @@ def train(
     resume: bool = False,
     progress: bool = True,
     stop_at_step: int | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> TrainResult:
-    """Train ``cfg`` into the run folder ``out`` (or resume the run there)."""
+    """Train ``cfg`` into the run folder ``out`` (or resume the run there).
+
+    What resuming finds (weights rewritten from the train state) goes to ``on_note``, one
+    line each, or is issued as a warning.
+    """
     out = Path(out)
     if not resume and out.exists() and (out / ckpt.TRAIN_STATE).exists():
         raise UsageError(
@@ -464,6 +454,10 @@ def train(
         )
     if not out.parent.exists():
         raise UsageError(f"--out {out}: folder {out.parent} does not exist")
-    return Trainer(cfg, out, device=device, resume=resume, progress=progress).fit(
-        stop_at_step=stop_at_step
-    )
+    trainer = Trainer(cfg, out, device=device, resume=resume, progress=progress)
+    for note in trainer.notes:
+        if on_note is None:
+            warnings.warn(note, stacklevel=2)
+        else:
+            on_note(note)
+    return trainer.fit(stop_at_step=stop_at_step)

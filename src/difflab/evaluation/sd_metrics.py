@@ -48,7 +48,8 @@ class ClipScorer:
 
         try:
             with quiet_loading():
-                self.model = CLIPModel.from_pretrained(self.name).to(device).eval()
+                model = CLIPModel.from_pretrained(self.name, use_safetensors=True)
+                self.model = model.to(device).eval()
                 self.processor = CLIPProcessor.from_pretrained(self.name)
         except (OSError, ValueError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]

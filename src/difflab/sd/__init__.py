@@ -4,7 +4,9 @@
 device, dtype and scheduler; :mod:`~difflab.sd.generate` makes images with A1111-style PNG
 metadata and an honest safety report; :mod:`~difflab.experiments.sd_sweep` runs resumable guidance x
 steps x seed sweeps measured by :mod:`~difflab.evaluation.sd_metrics` (CLIP score, detail) and drawn by
-:mod:`~difflab.figures.sd`. Heavy imports (diffusers, transformers) happen inside functions,
+:mod:`~difflab.figures.sd`; :mod:`~difflab.sd.finetune` trains LoRA layers (its options and run
+folder are :mod:`~difflab.sd.finetune_run`'s, the run-folder plumbing it shares with DDPM
+training :mod:`difflab.runfolder`'s). Heavy imports (diffusers, transformers) happen inside functions,
 so importing this package is cheap.
 """
 

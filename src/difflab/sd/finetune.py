@@ -1,4 +1,4 @@
-"""``difflab sd finetune``: LoRA fine-tuning of a Stable Diffusion 1.x/2.x pipeline.
+"""``difflab sd finetune``: LoRA fine-tuning of a Stable Diffusion 1.x/2.x pipeline (the loop).
 
 As diffusers' ``train_dreambooth_lora`` / ``train_text_to_image_lora`` examples do: the
 pipeline (:func:`~difflab.sd.load.load_pipeline`) is frozen, ``peft`` LoRA layers (rank
@@ -14,55 +14,50 @@ for ``epsilon`` models, the velocity for ``v_prediction``). AdamW (weight decay 
 norm clipped at 1) updates the LoRA parameters only; ``accelerate`` handles the device and
 mixed precision (frozen weights in fp16/bf16, LoRA weights in fp32, as in the examples).
 ``--ema`` keeps an exponential moving average of the LoRA weights (decay ``min(0.999,
-(1 + step) / (10 + step))``) and saves that.
-
-Determinism and exact resume: the images of step ``s`` are positions ``s*B .. s*B+B-1`` of an
-endless run of epochs, each a permutation drawn from ``(seed, epoch)``; the step's latent
-sample, noise and timesteps come from a generator seeded with ``(seed, step)``. A checkpoint
-(every ``--checkpoint-every`` steps and at the end) writes ``pytorch_lora_weights.safetensors``
-(diffusers' LoRA format, read by ``StableDiffusionPipeline.load_lora_weights``) and then
-``train_state.pt`` (LoRA and EMA weights, optimizer, step, RNG states and the image list;
-read back with ``torch.load(weights_only=True)``), both atomically. ``--resume`` continues
-from it, so N steps straight and K steps + resume + N - K steps give the same weights.
-``config.json`` holds every option; a resume with other options (only ``--steps`` and
-``--device`` may change) or with changed images is refused.
-
-The run folder also gets ``metrics.jsonl`` (one line per step), ``figures/loss.png`` and,
-with ``--validation-prompt`` or ``--validate-every``, ``validation/step_NNNNNN.png``: the
-prompt at fixed seeds 0-3 before training, every ``--validate-every`` steps and at the end, made
-as ``difflab sd generate --lora FILE --seed 0 --n 4 --guidance 7.5 --steps 25`` makes them (the
-same images, in fp32).
+(1 + step) / (10 + step))``) and saves that. Each step's latent sample, noise and timesteps
+come from a generator seeded with ``(seed, step)`` and its images from
+:func:`~difflab.sd.finetune_run.batch_indices`, so N steps straight and K steps + resume +
+N - K steps give the same weights. A checkpoint (every ``--checkpoint-every`` steps, at the
+end, and on SIGINT/SIGTERM) writes the LoRA file, then ``train_state.pt``
+(:mod:`difflab.runfolder`); with ``--validation-prompt`` or ``--validate-every`` the prompt is
+drawn at seeds 0-3 before training, every ``--validate-every`` steps and at the end, as
+``difflab sd generate --lora FILE --seed 0 --n 4 --guidance 7.5 --steps 25`` draws it (fp32).
+The options and the run folder are :mod:`~difflab.sd.finetune_run`'s.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from difflab import __version__
+from difflab import runfolder
 from difflab.errors import UsageError
-from difflab.files import (
-    LOCK_FILE,
-    append_jsonl,
-    atomic_path,
-    folder_lock,
-    read_jsonl,
-    write_json,
-    write_text,
-)
-from difflab.sd import DEFAULT_MODEL
+from difflab.files import append_jsonl, folder_lock, read_jsonl, write_json
+from difflab.runfolder import METRICS, TrainingDiverged
 from difflab.sd.dataset import ImageFolder, load_image_folder
-from difflab.sd.generate import check_count, check_seed, encode, run_pipeline
+from difflab.sd.finetune_run import (
+    FORMAT,
+    SUBFOLDERS,
+    TEXT_ENCODER_TARGETS,
+    UNET_TARGETS,
+    VALIDATION_GUIDANCE,
+    VALIDATION_SEEDS,
+    VALIDATION_STEPS,
+    FinetuneConfig,
+    FinetuneResult,
+    batch_indices,
+    check_same_images,
+    config_record,
+    open_run,
+    plot_loss,
+    write_lora,
+    write_validation,
+)
+from difflab.sd.generate import encode, run_pipeline
 from difflab.sd.load import (
     LoadedPipeline,
     load_pipeline,
@@ -73,122 +68,13 @@ from difflab.sd.load import (
 from difflab.sd.lora import LORA_WEIGHTS
 from difflab.sd.safety import to_uint8
 
-FORMAT = 1
-CONFIG = "config.json"
-TRAIN_STATE = "train_state.pt"
-METRICS = "metrics.jsonl"
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-MIXED_PRECISION = ("no", "fp16", "bf16")
-CHANGEABLE_ON_RESUME = ("steps",)  # besides the device, which is not an option of the run
-VALIDATION_SEEDS = (0, 1, 2, 3)
-VALIDATION_STEPS = 25
-VALIDATION_GUIDANCE = 7.5
+__all__ = ["FineTuner", "FinetuneConfig", "FinetuneResult", "batch_indices", "finetune"]
+
 EMA_DECAY = 0.999
 MAX_GRAD_NORM = 1.0
 WEIGHT_DECAY = 1e-2
 ENCODE_BATCH = 8  # images per VAE call when the latents are cached
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """Every option of a fine-tuning run; the defaults of ``difflab sd finetune``."""
-
-    data: str
-    instance_prompt: str | None = None  # for images without a caption
-    rank: int = 4
-    alpha: float | None = None  # None: equal to rank (LoRA scale 1)
-    steps: int = 500
-    lr: float = 1e-4
-    batch_size: int = 1
-    resolution: int = 512
-    train_text_encoder: bool = False
-    ema: bool = False
-    gradient_checkpointing: bool = False
-    mixed_precision: str = "no"
-    adam_8bit: bool = False  # bitsandbytes' 8-bit AdamW (CUDA only): optimizer state in 8 bits
-    validation_prompt: str | None = None
-    validate_every: int | None = None  # None: before training and at the end only
-    checkpoint_every: int = 500
-    seed: int = 0
-    model: str = DEFAULT_MODEL
-
-    def checked(self) -> FinetuneConfig:
-        """This config with every option checked (a UsageError names the first bad one) and
-        ``alpha`` resolved."""
-        check_count(self.rank, "--rank")
-        check_count(self.steps, "--steps")
-        check_count(self.batch_size, "--batch-size")
-        check_count(self.checkpoint_every, "--checkpoint-every")
-        if self.validate_every is not None:
-            check_count(self.validate_every, "--validate-every")
-        check_seed(self.seed)
-        alpha = self.rank if self.alpha is None else self.alpha
-        for option, value in (("--alpha", alpha), ("--lr", self.lr)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise UsageError(f"{option} {value!r}: must be a number > 0")
-            if not math.isfinite(value) or value <= 0:
-                raise UsageError(f"{option} {value:g}: must be a number > 0")
-        r = self.resolution
-        if isinstance(r, bool) or not isinstance(r, int) or r < 8 or r % 8:
-            raise UsageError(f"--resolution {r}: must be a multiple of 8 (512 for SD 1.5)")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise UsageError(
-                f"--mixed-precision {self.mixed_precision!r}: choose one of "
-                + ", ".join(MIXED_PRECISION)
-            )
-        for option, text in (
-            ("--instance-prompt", self.instance_prompt),
-            ("--validation-prompt", self.validation_prompt),
-        ):
-            if text is not None and not str(text).strip():
-                raise UsageError(f"{option} is empty; give a prompt or leave the option out")
-        if self.validate_every is not None and not (self.validation_prompt or self.instance_prompt):
-            raise UsageError("--validate-every needs --validation-prompt (or --instance-prompt)")
-        if not str(self.data).strip():
-            raise UsageError("--data is empty: pass the folder that holds the images")
-        return replace(self, alpha=float(alpha), lr=float(self.lr))
-
-    @property
-    def validation(self) -> str | None:
-        """The validation prompt, or None when no validation images are made."""
-        if self.validation_prompt is None and self.validate_every is None:
-            return None
-        return self.validation_prompt or self.instance_prompt
-
-
-@dataclass
-class FinetuneResult:
-    out: Path
-    lora: Path
-    steps: int  # where the run stands
-    steps_run: int  # trained by this call
-    seconds: float  # training time of this call
-    final_loss: float  # mean of the last (up to) 10 steps
-    validation: list[Path] = field(default_factory=list)
-    figures: list[Path] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def seconds_per_step(self) -> float:
-        return self.seconds / max(self.steps_run, 1)
-
-
-@lru_cache(maxsize=4)
-def _permutation(n: int, seed: int, epoch: int) -> tuple[int, ...]:
-    g = torch.Generator().manual_seed((seed * 7919 + epoch) % (2**63))
-    return tuple(torch.randperm(n, generator=g).tolist())
-
-
-def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
-    """The images of ``step``: positions ``step*B ..`` of epochs permuted by (seed, epoch)."""
-    start = step * batch_size
-    return [_permutation(n, seed, p // n)[p % n] for p in range(start, start + batch_size)]
-
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The CPU generator of one step's random draws."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _bnb_adamw(device: str) -> Any:
@@ -200,38 +86,6 @@ def _bnb_adamw(device: str) -> Any:
     except ImportError:
         raise UsageError("--adam-8bit needs bitsandbytes: pip install bitsandbytes") from None
     return bitsandbytes.optim.AdamW8bit
-
-
-def _accelerator(mixed_precision: str, cpu: bool) -> Any:
-    """An ``accelerate.Accelerator``. accelerate keeps one mixed-precision setting per process;
-    a single-process caller (the tests, the UI) may start runs with different settings, so a
-    conflicting state left by an earlier run is cleared first."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, PartialState
-
-    state = AcceleratorState._shared_state
-    single = PartialState._shared_state.get("num_processes", 1) == 1
-    if (
-        single
-        and state
-        and (state.get("_mixed_precision"), state.get("_cpu")) != (mixed_precision, cpu)
-    ):
-        AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if value is None:
-        return "not set"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return repr(value) if isinstance(value, str) else str(value)
-
-
-def _option(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 class FineTuner:
@@ -259,85 +113,23 @@ class FineTuner:
             _bnb_adamw(device)  # before any work: refuse on the CPU or without bitsandbytes
         self.source = resolve_model(cfg.model)
         self.fingerprint = model_fingerprint(self.source)
-        state = self._check_out()
+        state = open_run(self.out, resume, cfg, self.source, self.fingerprint)
         self.data: ImageFolder = load_image_folder(cfg.data, cfg.resolution, cfg.instance_prompt)
         if state is not None:
-            self._check_same_images(state)
-        self.accelerator = _accelerator(cfg.mixed_precision, cpu=device == "cpu")
+            check_same_images(state, self.data, cfg)
+        self.accelerator = runfolder.accelerator(cfg.mixed_precision, cpu=device == "cpu")
         self.device = self.accelerator.device
         self.loaded: LoadedPipeline = load_pipeline(cfg.model, str(self.device), dtype="fp32")
         self.notes = list(self.loaded.notes) + self.data.notes
-        self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
-            cfg.mixed_precision
-        ]
+        self.weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
         self._build()
         self.step, self.elapsed, self.last_checkpoint = 0, 0.0, 0
+        self.lora_stale = False  # the LoRA file is not the one of the train state
         if state is not None:
             self._load_state(state)
-
-    # -- checks -----------------------------------------------------------------------------
-    def _options(self) -> dict[str, Any]:
-        """The options as ``config.json`` records them (data folder and model resolved)."""
-        data = str(Path(self.cfg.data).expanduser().resolve())
-        return asdict(self.cfg) | {"data": data, "model": self.source.location}
-
-    def _check_out(self) -> dict[str, Any] | None:
-        """Check ``--out`` against ``--resume``; the train state to resume from, or None."""
-        out, where = self.out, f"--out {self.out}"
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"{where}: is a file, not a folder")
-        if not self.resume:
-            if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
-                raise UsageError(
-                    f"{where}: is not empty; pass --resume to continue the run there, "
-                    "or choose another --out"
-                )
-            return None
-        if not (out / TRAIN_STATE).is_file() or not (out / CONFIG).is_file():
-            raise UsageError(
-                f"--resume: {out} holds no checkpoint ({TRAIN_STATE}) to resume; "
-                "start the run in an empty --out"
-            )
-        try:
-            saved = json.loads((out / CONFIG).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            raise UsageError(f"--resume: {out / CONFIG} is unreadable") from None
-        mine = self._options()
-        for f in fields(FinetuneConfig):
-            if f.name not in CHANGEABLE_ON_RESUME and saved.get(f.name) != mine[f.name]:
-                raise UsageError(
-                    f"--resume: {_option(f.name)} is {_show(mine[f.name])} here but "
-                    f"{_show(saved.get(f.name))} in the run in {out}; resume with the run's "
-                    "options (only --steps and --device may change) or choose another --out"
-                )
-        if saved.get("model_fingerprint") != self.fingerprint:
-            raise UsageError(f"--resume: --model {self.cfg.model} changed since the run started")
-        state = torch.load(out / TRAIN_STATE, map_location="cpu", weights_only=True)
-        if state.get("format") != FORMAT:
-            raise UsageError(f"--resume: {out / TRAIN_STATE} is of another format")
-        if self.cfg.steps < state["step"]:
-            raise UsageError(
-                f"--steps {self.cfg.steps}: the run in {out} is already at step {state['step']}"
-            )
-        return state
-
-    def _check_same_images(self, state: dict[str, Any]) -> None:
-        where = f"--resume: --data {self.cfg.data}"
-        was, now = list(state["files"]), self.data.files
-        if was != now:
-            added = sorted(set(now) - set(was))
-            removed = sorted(set(was) - set(now))
-            detail = "; ".join(
-                f"{what} {', '.join(names[:3])}" + (" ..." if len(names) > 3 else "")
-                for what, names in (("added", added), ("removed", removed))
-                if names
-            )
-            raise UsageError(
-                f"{where}: the images changed since the run started ({detail}); "
-                "an exact resume needs the same images"
-            )
-        if list(state["captions"]) != self.data.captions:
-            raise UsageError(f"{where}: the captions changed since the run started")
+            self.lora_stale = not runfolder.weights_match(state, self.out / LORA_WEIGHTS)
+            if self.lora_stale:
+                self.notes.append(runfolder.mismatch_note(self.out, LORA_WEIGHTS, self.step))
 
     # -- set-up -----------------------------------------------------------------------------
     def _build(self) -> None:
@@ -459,44 +251,16 @@ class FineTuner:
 
     def save_lora(self, path: str | Path) -> None:
         """Write the LoRA weights (the EMA ones with ``--ema``) in diffusers' format."""
-        from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
         weights = self.ema if self.ema is not None else self.params
-        layers: dict[str, Any] = {}
-        for prefix, module in (("unet", self.unet), ("text_encoder", self.text_encoder)):
-            mine = {
-                n[len(prefix) + 1 :]: t for n, t in weights.items() if n.startswith(prefix + ".")
-            }
-            if mine:
-                state = get_peft_model_state_dict(module, state_dict=mine)
-                layers[f"{prefix}_lora_layers"] = convert_state_dict_to_diffusers(
-                    {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
-                )
-                layers[f"{prefix}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
-        with atomic_path(path) as tmp:
-            StableDiffusionPipeline.save_lora_weights(tmp.parent, weight_name=tmp.name, **layers)
+        write_lora(path, weights, {"unet": self.unet, "text_encoder": self.text_encoder})
 
     def save_checkpoint(self) -> None:
         """The LoRA file, then the train state (which marks the checkpoint), both atomic."""
         if not self.accelerator.is_main_process:
             return
-        self.save_lora(self.out / LORA_WEIGHTS)
-        with atomic_path(self.out / TRAIN_STATE) as tmp:
-            torch.save(self._state(), tmp)
+        runfolder.save_checkpoint(self.out, LORA_WEIGHTS, self.save_lora, self._state())
         self.last_checkpoint = self.step
-
-    def _config_record(self) -> dict[str, Any]:
-        import diffusers
-        import peft
-
-        return self._options() | {
-            "format": FORMAT, "model_fingerprint": self.fingerprint, "images": len(self.data),
-            "prediction_type": self.prediction,
-            "target_modules": {"unet": list(UNET_TARGETS), "text_encoder": list(TEXT_ENCODER_TARGETS) if self.cfg.train_text_encoder else []},
-            "versions": {"difflab": __version__, "diffusers": diffusers.__version__, "peft": peft.__version__, "torch": torch.__version__},
-        }  # fmt: skip
+        self.lora_stale = False
 
     # -- one step ---------------------------------------------------------------------------
     def _hidden_states(self, idx: list[int]) -> torch.Tensor:
@@ -507,11 +271,9 @@ class FineTuner:
 
     def train_step(self) -> float:
         """One optimizer step on the batch of ``self.step``; returns its loss."""
-        from difflab.ddpm.training import TrainingDiverged
-
         cfg, dev = self.cfg, self.device
         idx = batch_indices(len(self.data), cfg.batch_size, cfg.seed, self.step)
-        g = step_generator(cfg.seed, self.step)
+        g = runfolder.step_generator(cfg.seed, self.step)
         mean, std = self.latent_mean[idx], self.latent_std[idx]
         draw = torch.randn(mean.shape, generator=g).to(dev)
         noise = torch.randn(mean.shape, generator=g).to(dev)
@@ -538,7 +300,7 @@ class FineTuner:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         if self.ema is not None:
-            decay = min(EMA_DECAY, (1 + self.step) / (10 + self.step))
+            decay = runfolder.ema_decay(EMA_DECAY, self.step)
             with torch.no_grad():  # one fused call instead of a Python loop over the layers
                 torch._foreach_lerp_(list(self.ema.values()), list(self.params.values()), 1 - decay)
         return loss.item()
@@ -547,11 +309,7 @@ class FineTuner:
     @torch.no_grad()
     def validate(self) -> Path:
         """Write ``validation/step_NNNNNN.png`` for the current weights (EMA with ``--ema``)."""
-        from difflab.figures.images import save_png
-        from difflab.figures.sd import validation_grid
-
         prompt, r = self.cfg.validation, self.cfg.resolution
-        seeds = list(VALIDATION_SEEDS)
         raw = None
         if self.ema is not None:  # sample with the weights that are saved
             raw = {n: p.detach().clone() for n, p in self.params.items()}
@@ -561,49 +319,54 @@ class FineTuner:
             with self.accelerator.autocast():
                 embeds = encode(self.loaded, prompt, "")
                 images, flags = run_pipeline(
-                    self.loaded, embeds, VALIDATION_GUIDANCE, VALIDATION_STEPS, seeds, r, r
-                )
+                    self.loaded, embeds, VALIDATION_GUIDANCE, VALIDATION_STEPS,
+                    list(VALIDATION_SEEDS), r, r,
+                )  # fmt: skip
         finally:
             if raw is not None:
                 for n, p in self.params.items():
                     p.copy_(raw[n])
         pixels = np.stack([to_uint8(img) for img in images])
-        path = self.out / "validation" / f"step_{self.step:06d}.png"
-        path.parent.mkdir(exist_ok=True)
-        settings = {
-            "step": self.step, "prompt": prompt, "seeds": seeds, "guidance": VALIDATION_GUIDANCE,
-            "steps": VALIDATION_STEPS, "ema": self.ema is not None,
-        }  # fmt: skip
-        save_png(path, validation_grid(pixels, flags, seeds, self.step, prompt), settings)
-        return path
+        return write_validation(self.out, self.step, pixels, flags, prompt, self.ema is not None)
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> FinetuneResult:
-        """Train to ``--steps``, checkpointing and validating on the way (module doc)."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        with folder_lock(self.out):
-            return self._fit()
+        """Train to ``--steps``, checkpointing and validating on the way (module doc).
 
-    def _fit(self) -> FinetuneResult:
+        SIGINT (Ctrl-C) or SIGTERM stops after the current step and a checkpoint, and then
+        raises :class:`~difflab.runfolder.TrainingInterrupted`.
+        """
+        self.out.mkdir(parents=True, exist_ok=True)
+        with folder_lock(self.out), runfolder.stop_on_signals() as signalled:
+            result = self._fit(lambda: bool(signalled))
+        if signalled:
+            raise signalled.interrupted(
+                self.step, self.out, "the same difflab sd finetune command with --resume"
+            )
+        return result
+
+    def _fit(self, should_stop) -> FinetuneResult:
         cfg, out = self.cfg, self.out
         metrics = out / METRICS
+        runfolder.clean_folder(out, SUBFOLDERS)  # temporary files of a killed write
         if self.resume:  # drop lines logged after the checkpoint we resume from
-            rows = [r for r in read_jsonl(metrics) if r.get("step", 0) <= self.step]
-            write_text(metrics, "".join(json.dumps(r) + "\n" for r in rows))
+            runfolder.trim_metrics(out, self.step)
+            if self.lora_stale:
+                self.save_checkpoint()
         else:
-            write_json(out / CONFIG, self._config_record())
+            record = config_record(
+                cfg, self.source, self.fingerprint, len(self.data), self.prediction
+            )
+            write_json(out / runfolder.CONFIG, record)
             metrics.unlink(missing_ok=True)
         validation, every = [], cfg.validate_every
         if cfg.validation is not None and self.step == 0:
             validation.append(self.validate())  # the base model, for comparison
         start, seconds = self.step, 0.0  # seconds: in training steps, this call
         t0 = time.perf_counter() - self.elapsed
-        bar = tqdm(
-            total=cfg.steps, initial=self.step, desc="sd finetune", unit="step",
-            disable=not self.progress, file=sys.stderr, dynamic_ncols=True,
-        )  # fmt: skip
+        bar = runfolder.progress_bar(cfg.steps, self.step, "sd finetune", "step", self.progress)
         try:
-            while self.step < cfg.steps:
+            while self.step < cfg.steps and not should_stop():
                 t1 = time.perf_counter()
                 loss = self.train_step()
                 now = time.perf_counter()
@@ -623,33 +386,14 @@ class FineTuner:
             bar.close()
         if self.step != self.last_checkpoint or not (out / LORA_WEIGHTS).is_file():
             self.save_checkpoint()
-        if cfg.validation is not None and self.step > start:
+        if cfg.validation is not None and self.step > start and not should_stop():
             validation.append(self.validate())
-        figures = self._plot()
-        rows = read_jsonl(metrics)
-        tail = [r["loss"] for r in rows[-10:]]
+        figures = plot_loss(out, cfg, self.prediction, len(self.data))
+        tail = [r["loss"] for r in read_jsonl(metrics)[-10:]]
         return FinetuneResult(
             out, out / LORA_WEIGHTS, self.step, self.step - start, seconds,
             float(np.mean(tail)) if tail else float("nan"), validation, figures, self.notes,
         )  # fmt: skip
-
-    def _plot(self) -> list[Path]:
-        from difflab.figures.images import render_figure, save_png
-        from difflab.figures.runs import loss_figure
-
-        rows = read_jsonl(self.out / METRICS)
-        if not rows:
-            return []
-        cfg = self.cfg
-        target = "ε" if self.prediction == "epsilon" else "v"
-        title = (
-            f"LoRA fine-tuning: {self.out.name} (rank {cfg.rank}, lr {cfg.lr:g}, "
-            f"{len(self.data)} images, batch {cfg.batch_size}), last loss {rows[-1]['loss']:.4f}"
-        )
-        path = self.out / "figures" / "loss.png"
-        path.parent.mkdir(exist_ok=True)
-        save_png(path, render_figure(loss_figure(rows, title, target)), {"run": str(self.out)})
-        return [path]
 
 
 def finetune(

@@ -3,9 +3,11 @@
 :func:`resolve_model` checks ``--model`` without loading anything: a Hub id (default
 ``stable-diffusion-v1-5/stable-diffusion-v1-5``; the removed ``runwayml/stable-diffusion-v1-5``
 is redirected with a note), a local diffusers folder (``model_index.json`` naming a 1.x/2.x
-pipeline) or a single ``.safetensors`` file; a ``.ckpt``/pickle file is refused unless the
-user trusts it. :func:`load_pipeline` then builds the stock ``StableDiffusionPipeline`` (SDPA
-attention is diffusers' default), swaps in the scheduler named as in A1111/diffusers
+pipeline) or a single ``.safetensors`` file; a ``.ckpt``/pickle file, or a folder whose
+weights are pickles (``.bin``), is refused unless the user trusts it (``--trust-pickle``), and
+diffusers and transformers load with ``use_safetensors=True`` otherwise. :func:`load_pipeline`
+then builds the stock ``StableDiffusionPipeline`` (SDPA attention is diffusers' default),
+swaps in the scheduler named as in A1111/diffusers
 (:data:`SCHEDULERS`, through ``from_config`` so the model's betas are kept), optionally another
 VAE, moves it to the device in the dtype (``auto``: fp16 on CUDA/MPS, fp32 on CPU) and keeps
 the safety checker unless it is switched off with a warning. A model that cannot be fetched
@@ -110,6 +112,8 @@ def resolve_model(model: str | Path, trust_pickle: bool = False) -> ModelSource:
         return ModelSource("file", str(path.resolve()), path.stem, tuple(notes))
     if path.is_dir():
         _check_folder(path, where)
+        if not trust_pickle:
+            refuse_pickle_folder(path, where)
         return ModelSource("folder", str(path.resolve()), path.resolve().name, tuple(notes))
     if path.exists():
         raise UsageError(
@@ -147,6 +151,22 @@ def _check_folder(path: Path, where: str) -> None:
         raise UsageError(
             f"{where}: pipeline folder lacks {', '.join(missing)} (needs {', '.join(NEEDED)})"
         )
+
+
+def refuse_pickle_folder(path: Path, where: str) -> None:
+    """One line when a component of the diffusers/transformers folder ``path`` has its weights
+    only as a pickle (``.bin``, ``.pt``, ...) and no ``.safetensors`` beside them."""
+    folders = [path, *sorted(p for p in path.iterdir() if p.is_dir())]
+    for folder in folders:
+        files = [p for p in folder.iterdir() if p.is_file()]
+        pickles = [p for p in files if p.suffix.lower() in PICKLE_SUFFIXES]
+        if pickles and not any(p.suffix == ".safetensors" for p in files):
+            rel = pickles[0].relative_to(path).as_posix()
+            raise UsageError(
+                f"{where}: {rel} is a pickle that can run code when loaded; convert the folder "
+                "to safetensors (save_pretrained(..., safe_serialization=True)), or pass "
+                "--trust-pickle if you trust where it came from"
+            )
 
 
 def model_fingerprint(source: ModelSource) -> dict[str, Any]:
@@ -221,9 +241,13 @@ def load_pipeline(
     notes = list(source.notes)
     if dtype == "fp16" and device.split(":")[0] == "cpu":
         notes.append("--dtype fp16 on the CPU is slow and rarely used; fp32 is the CPU default")
-    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
+    # safetensors only, unless the user trusts pickles (then diffusers prefers safetensors)
+    safe = {"use_safetensors": None if trust_pickle else True}
+    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype, **safe}
     if vae is not None:
-        kwargs["vae"] = _load_part(AutoencoderKL, vae, "--vae", torch_dtype)
+        if not trust_pickle and Path(vae).is_dir():
+            refuse_pickle_folder(Path(vae), f"--vae {vae}")
+        kwargs["vae"] = _load_part(AutoencoderKL, vae, "--vae", torch_dtype, **safe)
     if not safety_checker:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
         notes.append(
@@ -337,6 +361,7 @@ def _load_single_file(
     from transformers import CLIPImageProcessor
 
     kwargs = dict(kwargs)
+    use_safetensors = kwargs.pop("use_safetensors")  # for the parts loaded here, not the file
     if model_config is not None:
         if not (Path(model_config) / "model_index.json").is_file():
             raise UsageError(f"--model-config {model_config}: not a diffusers pipeline folder")
@@ -347,7 +372,7 @@ def _load_single_file(
         sub = {"subfolder": "safety_checker"} if local else {}
         try:
             kwargs["safety_checker"] = StableDiffusionSafetyChecker.from_pretrained(
-                where, torch_dtype=torch_dtype, **sub
+                where, torch_dtype=torch_dtype, use_safetensors=use_safetensors, **sub
             )
             kwargs["feature_extractor"] = CLIPImageProcessor.from_pretrained(
                 where, **({"subfolder": "feature_extractor"} if local else {})
