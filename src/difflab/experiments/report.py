@@ -363,6 +363,22 @@ def render_markdown(blocks: list[Block], files_dir: str) -> str:
     return "\n\n".join(out) + "\n"
 
 
+MARK = "Made by difflab "  # the note every report starts with, in both twins
+
+
+def _replaceable(path: Path) -> bool:
+    """Whether ``path`` is absent or an earlier report's (a file holding the mark near its
+    top, or a folder of PNG files): a report never overwrites anything else."""
+    if path.is_dir():
+        return all(p.is_file() and p.suffix == ".png" for p in path.iterdir())
+    if not path.exists():
+        return True
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return MARK.encode() in f.read(8192)
+
+
 def write_report(
     inputs: Sequence[str | Path], out: str | Path = "report.html", title: str | None = None
 ) -> ReportResult:
@@ -372,13 +388,20 @@ def write_report(
         raise UsageError(f"--out {out}: must end in .html")
     if not out.parent.is_dir():
         raise UsageError(f"--out {out}: folder {out.parent} does not exist")
+    md_path, files_dir = out.with_suffix(".md"), out.parent / f"{out.stem}_files"
+    for path in (out, md_path, files_dir):
+        if not _replaceable(path):
+            raise UsageError(
+                f"--out {out}: {path} exists and was not written by difflab report; "
+                "choose another --out (nothing was changed)"
+            )
     runs, sweeps, sd_sweeps = classify(inputs)
     title = title or "Diffusion lab report: " + ", ".join(
         p.name for p in [*runs, *sweeps, *sd_sweeps]
     )
     blocks = [
         Block("h1", title),
-        Block("note", f"Made by difflab {__version__} on {time.strftime('%Y-%m-%d %H:%M')}."),
+        Block("note", f"{MARK}{__version__} on {time.strftime('%Y-%m-%d %H:%M')}."),
     ]
     conclusions: list[str] = []
     for i, run in enumerate(runs):
@@ -400,8 +423,6 @@ def write_report(
         blocks.append(
             Block("note", "No measurements yet: run difflab eval or difflab sweep first.")
         )
-    md_path = out.with_suffix(".md")
-    files_dir = out.parent / f"{out.stem}_files"
     files_dir.mkdir(exist_ok=True)
     images = []
     for b in blocks:
