@@ -24,6 +24,7 @@ from difflab.ui import app as app_mod  # noqa: E402
 from difflab.ui.jobs import JobQueue  # noqa: E402
 from difflab.ui.lab import Lab  # noqa: E402
 from difflab.ui.paths import import_model, inside, list_models  # noqa: E402
+from difflab.ui.tabs import processes, sweep  # noqa: E402
 
 
 # -- paths ---------------------------------------------------------------------------------------
@@ -176,10 +177,10 @@ def test_processes_forward_and_reverse(server):
     image, note = client.predict("tiny", 50, api_name="/forward")
     assert "T = 100" in note and "t = 50" in note
     assert Image.open(image).width > 0
-    img0, _ = lab.forward_view("tiny", 0)
-    imgT, _ = lab.forward_view("tiny", 100)
+    img0, _ = processes.forward_view(lab, "tiny", 0)
+    imgT, _ = processes.forward_view(lab, "tiny", 100)
     assert img0.std() > 0 and not np.array_equal(img0, imgT)
-    job = lab.start_reverse("tiny", 2, 2.0, 5, "ddim")
+    job = processes.start_reverse(lab, "tiny", 2, 2.0, 5, "ddim")
     assert job.wait(60) and job.state == "done"
     frames = job.result
     assert [f["t"] for f in frames][-1] == 0 and len(frames) == 6
@@ -230,7 +231,7 @@ def test_jobs_cancel_between_cells(tmp_path):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sweep_mod, "sample_cells", cancel_after_first)
-        job = lab.start_sweep("tiny", "c", "0", "2,3", "ddim", "0", 2)
+        job = sweep.start_sweep(lab, "tiny", "c", "0", "2,3", "ddim", "0", 2)
         job_box.append(job)
         assert job.wait(120)
     assert job.state == "cancelled"
