@@ -375,11 +375,33 @@ def _add_ui(sub) -> None:
         default="models",
         help="Stable Diffusion models: diffusers folders and .safetensors files",
     )
-    p.add_argument("--auth", metavar="USER:PASSWORD", help="require a login (needed off loopback)")
+    p.add_argument(
+        "--auth",
+        metavar="USER:PASSWORD",
+        help="require a login (needed off loopback); also --auth-file or DIFFLAB_UI_AUTH",
+    )
+    p.add_argument("--auth-file", metavar="FILE", help="a file holding one line USER:PASSWORD")
     p.add_argument(
         "--no-auth",
         action="store_true",
         help="allow a non-loopback --host without a login (anyone on the network)",
+    )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another Host name to answer (besides localhost and --host); repeatable",
+    )
+    p.add_argument(
+        "--allow-any-model",
+        action="store_true",
+        help="let the page load any server path or Hub id (default: --models-dir and the HF cache)",
+    )
+    p.add_argument(
+        "--allow-unsafe-runs-dir",
+        action="store_true",
+        help="serve a --runs-dir that is /, your home folder or holds .git/.ssh",
     )
     p.add_argument("--device", default="auto")
 
@@ -428,7 +450,9 @@ def run(args: argparse.Namespace) -> int:
 
         launch(
             args.runs_dir, args.models_dir, host=args.host, port=args.port, auth=args.auth,
-            no_auth=args.no_auth, device=args.device,
+            no_auth=args.no_auth, device=args.device, auth_file=args.auth_file,
+            allowed_hosts=args.allowed_host, allow_any_model=args.allow_any_model,
+            allow_unsafe_runs_dir=args.allow_unsafe_runs_dir,
         )  # fmt: skip
     elif args.command == "sample":
         from difflab.ddpm.generate import sample_run

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,9 +167,11 @@ def initial_latents(pipe: Any, seed: int, width: int, height: int) -> tuple[torc
 def run_pipeline(
     loaded: LoadedPipeline, embeds: tuple[torch.Tensor, torch.Tensor], guidance: float,
     steps: int, seeds: list[int], width: int, height: int,
+    on_step: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, list[bool | None]]:  # fmt: skip
     """One stock pipeline call for ``seeds`` -> images (N, H, W, 3) floats in [0, 1] (NaN
-    kept) and the safety checker's flag per image (None when no checker ran)."""
+    kept) and the safety checker's flag per image (None when no checker ran).
+    ``on_step(i)`` is called after denoising step i (it may raise to stop the call)."""
     pipe = loaded.pipe
     pe, npe = embeds
     drawn = [initial_latents(pipe, s, width, height) for s in seeds]
@@ -179,10 +181,18 @@ def run_pipeline(
         prompt_embeds=cond.repeat(k, 1, 1), negative_prompt_embeds=npe.repeat(k, 1, 1),
         guidance_scale=guidance, num_inference_steps=steps, width=width, height=height,
         latents=torch.cat([lat for lat, _ in drawn]), generator=[g for _, g in drawn],
-        output_type="np",
+        output_type="np", **({} if on_step is None else {"callback_on_step_end": _step_end(on_step)}),
     )  # fmt: skip
     flags = out.nsfw_content_detected
     return np.asarray(out.images), [None] * k if flags is None else [bool(f) for f in flags]
+
+
+def _step_end(on_step: Callable[[int], None]) -> Callable:
+    def callback(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
+        on_step(i)
+        return kwargs
+
+    return callback
 
 
 def attention_name(pipe: Any) -> str:
@@ -245,11 +255,14 @@ def generate(
     progress: bool = True,
     loaded: LoadedPipeline | None = None,
     lora: Sequence[str | Path] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> GenerateResult:
     """``difflab sd generate``: ``n`` images into the folder ``out`` (see module doc).
 
     ``loaded`` reuses a pipeline from :func:`~difflab.sd.load.load_pipeline` (the UI does);
-    LoRAs of ``lora`` are removed from it again afterwards.
+    LoRAs of ``lora`` are removed from it again afterwards. ``on_step(done, total)`` is called
+    before every pipeline call and after every denoising step (steps of all calls counted);
+    an exception it raises stops the generation there, before anything is written.
     """
     prompt = check_prompt(prompt, unconditional)
     negative_prompt = negative_prompt or ""
@@ -277,10 +290,16 @@ def generate(
     images, flags, seconds = [], [], 0.0
     with applied(loaded.pipe, loras):
         embeds = encode(loaded, prompt, negative_prompt)  # a LoRA may adapt the text encoder
+        total = -(-n // batch_size) * steps
         for start in range(0, n, batch_size):
+            done = start // batch_size * steps
+            step_done = None if on_step is None else lambda i, d=done: on_step(d + i + 1, total)
+            if on_step is not None:
+                on_step(done, total)
             t0 = time.perf_counter()
+            batch = seeds[start : start + batch_size]
             imgs, fl = run_pipeline(
-                loaded, embeds, guidance, steps, seeds[start : start + batch_size], width, height
+                loaded, embeds, guidance, steps, batch, width, height, step_done
             )
             seconds += time.perf_counter() - t0
             images.extend(imgs)

@@ -1,16 +1,18 @@
 """What every browser session of the web UI shares, as plain Python (no Gradio here).
 
-:class:`Lab` holds the runs and models folders, the device and the job queue, and turns a run
-name from the browser into a run folder (always inside the runs folder,
-:func:`difflab.ui.paths.inside`). The tabs' actions (:mod:`difflab.ui.tabs`) are plain
-functions over a :class:`Lab` that check their input first (one
-:class:`~difflab.errors.UsageError` line, nothing written) and hand heavy work to the queue,
-so the same behaviour is tested without a browser. :func:`preview_grid` makes the images the
-page shows; :func:`write_sweep_report` serves both sweep tabs.
+:class:`Lab` holds the runs and models folders, the device, the job queue and whether any
+model may be loaded; it turns a run name from the browser into a run folder (always inside
+the runs folder, :func:`difflab.ui.paths.inside`) and a typed model into a confined path
+(:func:`difflab.ui.paths.confine_model`). The tabs' actions (:mod:`difflab.ui.tabs`) are
+plain functions over a :class:`Lab` that build the action's options object (its ``check()``
+gives the one-line error, nothing written) and hand heavy work to the queue, so the same
+behaviour is tested without a browser. :func:`preview_grid` makes the images the page shows;
+:func:`write_sweep_report` serves both sweep tabs.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,8 @@ import torch
 from difflab.config import RunConfig
 from difflab.ddpm.runs import CONFIG, METRICS
 from difflab.errors import UsageError
-from difflab.files import read_jsonl
 from difflab.ui.jobs import JobQueue
-from difflab.ui.paths import inside, list_runs
+from difflab.ui.paths import confine_model, inside, list_runs, read_json
 
 SWEEPS = "sweeps"  # runs_dir/sweeps/NAME: DDPM sweeps started from the UI
 SD_OUT = "sd"  # runs_dir/sd/...: Stable Diffusion images and sweeps
@@ -36,6 +37,7 @@ class Lab:
         models_dir: str | Path = "models",
         device: str = "auto",
         jobs: JobQueue | None = None,
+        allow_any_model: bool = False,
     ) -> None:
         from difflab.devices import resolve_device
 
@@ -44,6 +46,7 @@ class Lab:
         self.models = Path(models_dir).expanduser().resolve()
         self.device = resolve_device(device)
         self.jobs = jobs or JobQueue()
+        self.allow_any_model = allow_any_model  # else models from models_dir and the HF cache
 
     def run_names(self) -> list[str]:
         return [str(p.relative_to(self.runs)) for p in list_runs(self.runs)]
@@ -61,30 +64,37 @@ class Lab:
         return path
 
     def run_config(self, run: Path) -> RunConfig:
-        return RunConfig.load(run / CONFIG)
+        return RunConfig.from_dict(read_json(run / CONFIG), where=str(run / CONFIG))
+
+    def model(self, text: str, what: str = "model", marker: str = "model_index.json") -> str:
+        """A model typed in the page, confined unless the server allows any model."""
+        return confine_model(text, self.models, self.allow_any_model, what, marker)
 
 
 def loss_rows(run: Path) -> list[dict]:
-    """The logged training losses of a run folder (``metrics.jsonl``)."""
-    rows = read_jsonl(run / METRICS) if (run / METRICS).is_file() else []
-    return [r for r in rows if isinstance(r.get("loss"), (int, float))]
-
-
-def number(value: Any, kind: type, option: str, minimum: float | None = None) -> Any:
-    """``value`` from a page widget as ``kind`` (int or float), or one line naming ``option``."""
+    """The logged training losses of a run folder (``metrics.jsonl``; unreadable lines skipped)."""
     try:
-        v = kind(value)
-        if kind is int and float(value) != v:
-            raise ValueError
-    except (TypeError, ValueError):
-        what = "a whole number" if kind is int else "a number"
-        raise UsageError(f"{option} {value!r}: expected {what}") from None
-    if minimum is not None and v < minimum:
-        raise UsageError(f"{option} {value}: must be at least {minimum:g}")
-    return v
+        text = (run / METRICS).read_bytes().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("loss"), (int, float)):
+            if isinstance(row.get("step"), (int, float)):
+                rows.append(row)
+    return rows
 
 
-def preview_grid(x: torch.Tensor, nrow: int) -> np.ndarray:
+def blank(value: Any) -> Any:
+    """None for an empty widget (the options' "the run's own value"), else ``value``."""
+    return None if value is None or (isinstance(value, str) and not value.strip()) else value
+
+
+def preview_grid(x: torch.Tensor, nrow: int, enlarged: bool = True) -> np.ndarray:
     """(B, C, H, W) in [-1, 1] -> an uint8 RGB grid, enlarged (nearest) for the browser."""
     from torchvision.utils import make_grid
 
@@ -92,7 +102,12 @@ def preview_grid(x: torch.Tensor, nrow: int) -> np.ndarray:
     if grid.shape[0] == 1:
         grid = grid.repeat(3, 1, 1)
     img = ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    scale = max(1, PREVIEW_SIZE // max(x.shape[-1] * nrow, 1))
+    return enlarge(img) if enlarged else img
+
+
+def enlarge(img: np.ndarray) -> np.ndarray:
+    """An (H, W, 3) grid scaled up by a whole factor (nearest) to about :data:`PREVIEW_SIZE`."""
+    scale = max(1, PREVIEW_SIZE // max(img.shape[1], 1))
     return np.kron(img, np.ones((scale, scale, 1), dtype=np.uint8)) if scale > 1 else img
 
 

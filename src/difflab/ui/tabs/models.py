@@ -1,11 +1,15 @@
 """The Models tab: Stable Diffusion models in the models folder and the Hugging Face cache.
 
-Lists diffusers folders and single ``.safetensors`` files (what ``--model`` takes) and
-imports a local ``.safetensors`` checkpoint into the models folder; nothing is downloaded.
+Lists diffusers folders and single ``.safetensors`` files (what ``--model`` takes) and, when
+the server allows any model (``--allow-any-model``), imports a ``.safetensors`` checkpoint
+from elsewhere on the server into the models folder; nothing is downloaded.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from difflab.errors import UsageError
 from difflab.ui.lab import Lab
 from difflab.ui.paths import import_model, list_models
 
@@ -27,6 +31,16 @@ def model_rows(lab: Lab) -> list[dict]:
     ]
 
 
+def import_file(lab: Lab, path: str) -> Path:
+    """Copy a server-side ``.safetensors`` file into the models folder (if the server allows)."""
+    if not lab.allow_any_model:
+        raise UsageError(
+            f"import {str(path)!r}: the web UI reads no server files outside {lab.models}; copy "
+            "the file there yourself, or start the UI with --allow-any-model"
+        )
+    return import_model(path, lab.models)
+
+
 def build(lab: Lab, page) -> None:
     import gradio as gr
 
@@ -41,8 +55,12 @@ def build(lab: Lab, page) -> None:
         models = gr.Dataframe(label="Models", interactive=False)
         refresh = gr.Button("↻ refresh", size="sm")
         with gr.Row():
-            path = gr.Textbox(label="Import a local .safetensors file (path on the server)")
-            go = gr.Button("Import")
+            path = gr.Textbox(
+                label="Import a local .safetensors file (path on the server)",
+                interactive=lab.allow_any_model,
+                placeholder="" if lab.allow_any_model else "needs difflab ui --allow-any-model",
+            )
+            go = gr.Button("Import", interactive=lab.allow_any_model)
         status = gr.Markdown()
 
     def models_table():
@@ -50,7 +68,7 @@ def build(lab: Lab, page) -> None:
 
     @friendly
     def on_import(path):
-        dest = import_model(path, lab.models)
+        dest = import_file(lab, path)
         return f"Imported as `{dest}`.", models_table()
 
     refresh.click(models_table, None, models, api_name="models")

@@ -1,17 +1,19 @@
 """The Runs tab: every run folder in a table, and one run's config, eval, loss and figures.
 
 The table lists run folders two levels deep, newest first (:func:`difflab.ui.paths.list_runs`);
-choosing a run shows its ``config.json``, ``eval.json``, training loss and ``figures/``.
+a folder whose files cannot be read is a row that says ``broken: ...`` in one line, never an
+error that hides the others or the page. Choosing a run shows its ``config.json``,
+``eval.json``, training loss and ``figures/``.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from difflab.ddpm.runs import CONFIG
+from difflab.errors import UsageError
 from difflab.ui.lab import Lab, loss_rows
-from difflab.ui.paths import list_runs, run_summary
+from difflab.ui.paths import list_runs, read_json, run_summary
 
 COLUMNS = ["run", "dataset", "preset", "steps", "accuracy", "MB", "modified"]
 
@@ -25,8 +27,8 @@ def run_details(lab: Lab, name: str) -> dict[str, Any]:
     run = lab.run_path(name)
     ev = run / "eval.json"
     return {
-        "config": json.loads((run / CONFIG).read_text(encoding="utf-8")),
-        "eval": json.loads(ev.read_text(encoding="utf-8")) if ev.is_file() else None,
+        "config": read_json(run / CONFIG),
+        "eval": read_json(ev) if ev.is_file() else None,
         "loss": loss_rows(run),
         "figures": sorted(str(p) for p in (run / "figures").glob("*.png")),
     }
@@ -57,8 +59,13 @@ def build(lab: Lab, page) -> None:
         return table(runs_table(lab), COLUMNS), run_choices(lab, current)
 
     def on_load():
-        name = lab.newest_run()
-        details = run_view(name) if name else (None, None, loss_plot([]), [])
+        name, details = lab.newest_run(), (None, None, loss_plot([]), [])
+        try:
+            d = run_details(lab, name) if name else None
+        except UsageError:  # a broken newest run: the table says so, the page loads
+            d = None
+        if d is not None:
+            details = (d["config"], d["eval"], loss_plot(d["loss"]), d["figures"])
         return (table(runs_table(lab), COLUMNS), run_choices(lab), *details)
 
     refresh.click(refresh_runs, run, [runs, run], api_name="runs")

@@ -1,8 +1,10 @@
 """The Sample tab: a labelled grid from a run, with a live preview of x̂₀ while it samples.
 
-The job calls :func:`difflab.ddpm.generate.sample_run`, the function behind ``difflab
-sample``, writes the PNG grid and the NPZ arrays into the run's ``samples/`` folder, and
-shows the command line that gives the same images.
+The widgets' defaults are :class:`difflab.options.SampleOptions`'s (empty: the run's own
+value, as ``difflab sample`` without the option); the job calls
+:func:`difflab.ddpm.generate.sample_run`, the function behind ``difflab sample``, writes the
+PNG grid and the NPZ arrays into the run's ``samples/`` folder, and shows the command line
+that gives the same images.
 """
 
 from __future__ import annotations
@@ -11,52 +13,68 @@ import shlex
 import time
 from pathlib import Path
 
-from difflab.ddpm.sampling import SAMPLERS
+from difflab.checks import SAMPLERS
 from difflab.errors import UsageError
+from difflab.options import SampleOptions
+from difflab.ui import limits
 from difflab.ui.jobs import Job
-from difflab.ui.lab import Lab, number, preview_grid
+from difflab.ui.lab import Lab, blank, preview_grid
 
-MAX_SAMPLES = 2000  # images in all per sampling job
+DEFAULTS = SampleOptions()  # what `difflab sample RUN --out FILE` does
+RUNS_OWN = "the run's"  # the sampler dropdown's entry for None
+RUNS_VALUE = "empty: the run's own value"  # what an empty box means
+
+
+def text(values: tuple | None) -> str:
+    """A default as a text box shows it ("" for None: the run's value)."""
+    return "" if values is None else ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)  # fmt: skip
+
+
+def sample_options(classes, n_per_class, guidance, steps, sampler, seed) -> SampleOptions:
+    """The page's values as the options of ``difflab sample`` (empty: the run's value)."""
+    sampler = None if sampler in (RUNS_OWN, "") else sampler
+    return SampleOptions(
+        classes=blank(classes), n_per_class=n_per_class, guidance=blank(guidance),
+        steps=blank(steps), sampler=sampler, seed=seed,
+    )  # fmt: skip
 
 
 def start_sampling(
     lab: Lab,
     run: str,
     classes: str = "",
-    n_per_class: int = 4,
-    guidance: float = 2.0,
-    steps: int = 10,
-    sampler: str = "dpm++",
-    seed: int = 0,
+    n_per_class: int | None = DEFAULTS.n_per_class,
+    guidance: float | None = None,
+    steps: int | None = None,
+    sampler: str | None = None,
+    seed: int = DEFAULTS.seed,
 ) -> Job:
     """Queue sampling from a run: a live preview of x̂₀, then a PNG grid and an NPZ."""
-    from difflab.ddpm.generate import parse_classes
-    from difflab.ddpm.sampling import check_sampling_args
-
     path = lab.run_path(run)
-    cfg = lab.run_config(path)
-    cls = parse_classes(classes or None, cfg.model.num_classes)
-    n = number(n_per_class, int, "samples per class", 1)
-    if n * len(cls) > MAX_SAMPLES:
-        raise UsageError(f"samples per class {n}: at most 2,000 samples in all from the UI")
-    guidance = number(guidance, float, "guidance", 0)
-    steps = number(steps, int, "steps", 1)
-    seed = number(seed, int, "seed", 0)
-    if sampler not in SAMPLERS:
-        raise UsageError(f"sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
-    check_sampling_args(sampler, steps, guidance, cfg.sample.eta, cfg.diffusion.timesteps)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    png = path / "samples" / f"ui-{stamp}-seed{seed}.png"
-    cls_text = ",".join(map(str, cls))
+    opts = sample_options(classes, n_per_class, guidance, steps, sampler, seed)
+    opts = opts.for_run(lab.run_config(path))
+    if len(opts.guidance) > 1 or len(opts.steps) > 1:
+        raise UsageError(
+            "guidance, steps: the Sample tab takes one value of each; a grid over several is "
+            "a sweep (Sweep tab) or `difflab sample --guidance 0,1,3`"
+        )
+    n, g, s = opts.n_per_class, opts.guidance[0], opts.steps[0]
+    total = n * len(opts.classes)
+    limits.at_most(total, limits.SAMPLES, "samples in all (classes x samples per class)")
+    png = path / "samples" / f"ui-{time.strftime('%Y%m%d-%H%M%S')}-seed{opts.seed}.png"
+    cls_text = ",".join(map(str, opts.classes))
     command = shlex.join([
         "difflab", "sample", str(path), "--classes", cls_text, "--n-per-class", str(n),
-        "--guidance", f"{guidance:g}", "--steps", str(steps), "--sampler", sampler,
-        "--seed", str(seed), "--out", str(png),
+        "--guidance", f"{g:g}", "--steps", str(s), "--sampler", opts.sampler,
+        "--seed", str(opts.seed), "--out", str(png),
     ])  # fmt: skip
-    args = dict(classes=cls_text, n_per_class=n, guidance=guidance, steps=steps, sampler=sampler, seed=seed)  # fmt: skip
+    args = dict(
+        classes=cls_text, n_per_class=n, guidance=g, steps=s, sampler=opts.sampler,
+        eta=opts.eta, seed=opts.seed, precision=opts.precision,
+    )  # fmt: skip
     return lab.jobs.submit(
-        "sample", f"{run} s={guidance:g} {steps} steps",
-        lambda job: _sample(lab, job, path, png, command, len(cls) * n, n, args),
+        "sample", f"{run} s={g:g} {s} steps",
+        lambda job: _sample(lab, job, path, png, command, total, n, args),
     )  # fmt: skip
 
 
@@ -96,11 +114,11 @@ def build(lab: Lab, page) -> None:
                 run = gr.Dropdown(label="Run", choices=lab.run_names(), value=lab.newest_run(), elem_id="sample-run")  # fmt: skip
                 refresh = gr.Button("↻ runs", size="sm")
                 classes = gr.Textbox(label="Classes (e.g. 0,3,7; empty = all)", value="")
-                n = gr.Number(value=4, label="Samples per class", precision=0, minimum=1)
-                guidance = gr.Number(value=2.0, label="Guidance s (0 uncond., 1 cond.)", minimum=0)
-                steps = gr.Number(value=10, label="Steps", precision=0, minimum=1)
-                sampler = gr.Dropdown(list(SAMPLERS), value="dpm++", label="Sampler")
-                seed = gr.Number(value=0, label="Seed", precision=0, minimum=0)
+                n = gr.Number(value=DEFAULTS.n_per_class, label="Samples per class", precision=0, minimum=1)  # fmt: skip
+                guidance = gr.Textbox(value=text(DEFAULTS.guidance), label="Guidance s (0 uncond., 1 cond.)", placeholder=RUNS_VALUE)  # fmt: skip
+                steps = gr.Textbox(value=text(DEFAULTS.steps), label="Steps", placeholder=RUNS_VALUE)  # fmt: skip
+                sampler = gr.Dropdown([RUNS_OWN, *SAMPLERS], value=DEFAULTS.sampler or RUNS_OWN, label="Sampler")  # fmt: skip
+                seed = gr.Number(value=DEFAULTS.seed, label="Seed", precision=0, minimum=0)
                 with gr.Row():
                     go = gr.Button("Sample", variant="primary", elem_id="sample-go")
                     cancel = gr.Button("Cancel", variant="stop")

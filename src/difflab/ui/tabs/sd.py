@@ -1,9 +1,13 @@
 """The Stable Diffusion tab: Generate (a few images of one prompt) and Sweep (resumable).
 
-Generate calls :func:`difflab.sd.generate.generate` (``difflab sd generate``) into
-``runs/sd/STAMP`` and captions every image with what the safety checker did, telling a
-filtered image from a NaN black one; Sweep calls
-:func:`difflab.experiments.sd_sweep.sd_sweep` (``difflab sd sweep``) into
+The widgets' defaults are :class:`difflab.options.SDGeneration`'s and
+:class:`~difflab.options.SDSweepAxes`'s (``difflab sd generate`` / ``sd sweep``'s), within
+the page's caps (:mod:`difflab.ui.limits`). A model (and the CLIP model of a sweep) typed in
+the page is confined to the models folder and the Hugging Face cache unless the server allows
+any (:meth:`difflab.ui.lab.Lab.model`). Generate calls :func:`difflab.sd.generate.generate`
+into ``runs/sd/STAMP``, checking for Cancel before every image and after every denoising
+step, and captions every image with what the safety checker did, telling a filtered image
+from a NaN black one; Sweep calls :func:`difflab.experiments.sd_sweep.sd_sweep` into
 ``runs/sd/sweeps/NAME`` and shows its table, grids and CLIP-score curves.
 """
 
@@ -15,45 +19,59 @@ from pathlib import Path
 from typing import Any
 
 from difflab.errors import UsageError
+from difflab.options import SD_SCHEDULERS, SDGeneration, SDPipelineSpec, SDSweepAxes
+from difflab.ui import limits
 from difflab.ui.jobs import Job
-from difflab.ui.lab import SD_OUT, Lab, number
+from difflab.ui.lab import SD_OUT, Lab, blank
 from difflab.ui.paths import inside, list_models, safe_name
 
+GENERATION = SDGeneration(prompt="a prompt")  # `difflab sd generate`'s defaults
+PIPELINE = SDPipelineSpec(device="cpu")
+AXES = SDSweepAxes(prompts=("a prompt",))  # `difflab sd sweep`'s defaults
+CLIP_MARKER = "config.json"  # a cached transformers model holds this
 
-def sd_model(model: str) -> str:
-    from difflab.sd.load import DEFAULT_MODEL
 
-    return (model or "").strip() or DEFAULT_MODEL
+def size_text(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+def values_text(values: tuple) -> str:
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+def check_size(size: tuple[int, int]) -> None:
+    if max(size) > limits.SD_SIDE:
+        raise UsageError(
+            f"size {size_text(size)}: the web UI takes at most {limits.SD_SIDE:,} pixels a "
+            "side; use the command line for more"
+        )
+
+
+def generation(prompt, negative_prompt, guidance, steps, seed, n, size) -> SDGeneration:
+    """The page's values as the options of ``difflab sd generate``, within the page's caps."""
+    gen = SDGeneration(
+        prompt=prompt, negative_prompt=negative_prompt, guidance=guidance, steps=steps,
+        seed=seed, n=n, size=size,
+    )  # fmt: skip
+    limits.at_most(gen.n, limits.SD_IMAGES, "images")
+    limits.at_most(gen.steps, limits.SD_STEPS, "steps")
+    check_size(gen.size)
+    return gen
 
 
 def start_sd(
-    lab: Lab, prompt: str, negative_prompt: str = "", guidance: float = 7.5, steps: int = 25,
-    seed: int = 0, n: int = 1, size: str = "512x512", scheduler: str | None = None,
-    model: str = "", safety_checker: bool = True,
+    lab: Lab, prompt: str, negative_prompt: str = "", guidance: float = GENERATION.guidance,
+    steps: int = GENERATION.steps, seed: int = GENERATION.seed, n: int = GENERATION.n,
+    size: str = size_text(GENERATION.size), scheduler: str | None = None, model: str = "",
+    safety_checker: bool = PIPELINE.safety_checker,
 ) -> Job:  # fmt: skip
-    from difflab.sd.generate import (
-        check_count,
-        check_guidance,
-        check_prompt,
-        check_seed,
-        check_steps,
-        parse_size,
+    gen = generation(prompt, negative_prompt, guidance, steps, seed, n, size)
+    spec = SDPipelineSpec(
+        model=lab.model(blank(model) or PIPELINE.model), device=lab.device,
+        scheduler=blank(scheduler), safety_checker=safety_checker,
     )  # fmt: skip
-    from difflab.sd.load import check_scheduler
-
-    check_prompt(prompt, unconditional=False)
-    guidance = check_guidance(number(guidance, float, "guidance"))
-    steps = check_steps(number(steps, int, "steps"))
-    seed = check_seed(number(seed, int, "seed"))
-    n = check_count(number(n, int, "images"), "images")
-    parse_size(size)
-    scheduler = check_scheduler(scheduler or None)
     out = lab.runs / SD_OUT / time.strftime("%Y%m%d-%H%M%S")
-    kw = dict(
-        negative_prompt=negative_prompt or "", guidance=guidance, steps=steps, seed=seed, n=n,
-        size=size, scheduler=scheduler, model=sd_model(model), safety_checker=safety_checker,
-    )  # fmt: skip
-    return lab.jobs.submit("sd", prompt[:40], lambda job: _sd(lab, job, prompt, out, kw))
+    return lab.jobs.submit("sd", gen.prompt[:40], lambda job: _sd(lab, job, gen, spec, out))
 
 
 def caption(rec) -> str:
@@ -67,12 +85,22 @@ def caption(rec) -> str:
     return f"seed {rec.seed}: {d.note}" if d.note else f"seed {rec.seed}"
 
 
-def _sd(lab: Lab, job: Job, prompt: str, out: Path, kw: dict) -> dict:
+def _sd(lab: Lab, job: Job, gen: SDGeneration, spec: SDPipelineSpec, out: Path) -> dict:
     from difflab.sd.generate import generate
+
+    def on_step(done: int, total: int) -> None:
+        job.check()  # Cancel stops before the next image or denoising step
+        job.update(done / total, f"step {done}/{total}")
 
     job.update(None, "loading the pipeline")
     out.mkdir(parents=True, exist_ok=True)
-    r = generate(prompt, out, device=lab.device, progress=False, **kw)
+    r = generate(
+        gen.prompt, out, negative_prompt=gen.negative_prompt, guidance=gen.guidance,
+        steps=gen.steps, seed=gen.seed, n=gen.n, size=gen.size, scheduler=spec.scheduler,
+        model=spec.model, device=spec.device, dtype=spec.dtype,
+        safety_checker=spec.safety_checker, batch_size=spec.batch_size, progress=False,
+        on_step=on_step,
+    )  # fmt: skip
     images = [
         {"png": str(rec.png), "caption": caption(rec), "flagged": bool(rec.diagnosis.nsfw),
          "black": rec.diagnosis.black}
@@ -82,26 +110,52 @@ def _sd(lab: Lab, job: Job, prompt: str, out: Path, kw: dict) -> dict:
     return {"images": images, "settings": r.settings, "notes": r.notes, "folder": str(out)}
 
 
+def sweep_axes(prompts: str, guidance, steps, seeds, size, clip_model) -> SDSweepAxes:
+    """The page's values as the axes of ``difflab sd sweep``, within the page's caps."""
+    lines = [p.strip() for p in str(prompts).splitlines() if p.strip()]
+    if len(lines) == 1 and Path(lines[0]).suffix.lower() in (".txt", ".prompts"):
+        raise UsageError(
+            f"prompts {lines[0]!r}: the web UI takes the prompts themselves, one per line, not a file"
+        )
+    axes = SDSweepAxes(
+        prompts=tuple(lines), guidance=guidance, steps=steps, seeds=seeds, size=size,
+        clip_model=clip_model,
+    )  # fmt: skip
+    cells = len(axes.prompts) * len(axes.guidance) * len(axes.steps) * len(axes.seeds)
+    limits.at_most(cells, limits.SD_SWEEP_CELLS, "cells (prompts x guidance x steps x seeds)")
+    limits.at_most(max(axes.steps), limits.SD_STEPS, "steps")
+    check_size(axes.size)
+    return axes
+
+
 def start_sd_sweep(
-    lab: Lab, prompts: str, name: str, guidance: str = "1,3,7.5", steps: str = "10,25",
-    seeds: str = "0", size: str = "512x512", scheduler: str | None = None, model: str = "",
-    clip_model: str = "none",
+    lab: Lab, prompts: str, name: str, guidance: str = values_text(AXES.guidance),
+    steps: str = values_text(AXES.steps), seeds: str = values_text(AXES.seeds),
+    size: str = size_text(AXES.size), scheduler: str | None = None, model: str = "",
+    clip_model: str | None = AXES.clip_model,
 ) -> Job:  # fmt: skip
-    from difflab.experiments.sd_sweep import check_folder, parse_prompts, sweep_identity
+    from difflab.experiments.sd_sweep import check_folder, sweep_identity
 
     out = inside(lab.runs, f"{SD_OUT}/sweeps/{safe_name(name, 'sweep name')}", "sweep name")
-    lines = [p.strip() for p in str(prompts).splitlines() if p.strip()]
-    parse_prompts(lines)
+    axes = sweep_axes(prompts, guidance, steps, seeds, size, clip_model)
+    clip = axes.clip_model and lab.model(axes.clip_model, "CLIP model", CLIP_MARKER)
+    spec = SDPipelineSpec(
+        model=lab.model(blank(model) or PIPELINE.model), device=lab.device,
+        scheduler=blank(scheduler),
+    )  # fmt: skip
     kw = dict(
-        guidance=guidance, steps=steps, seeds=seeds, size=size, scheduler=scheduler or None,
-        model=sd_model(model), clip_model=clip_model or None,
+        guidance=list(axes.guidance), steps=list(axes.steps), seeds=list(axes.seeds),
+        negative_prompt=axes.negative_prompt, size=axes.size, scheduler=spec.scheduler,
+        model=spec.model, dtype=spec.dtype, clip_model=clip, safety_checker=spec.safety_checker,
     )  # fmt: skip
     identity = sweep_identity(
-        lines, guidance, steps, seeds, "", size, scheduler or None, kw["model"], lab.device,
-        "auto", True, kw["clip_model"], False, None,
+        list(axes.prompts), kw["guidance"], kw["steps"], kw["seeds"], axes.negative_prompt,
+        axes.size, spec.scheduler, spec.model, spec.device, spec.dtype, spec.safety_checker,
+        clip, False, None,
     )  # fmt: skip
     check_folder(out, identity)
-    return lab.jobs.submit("sd-sweep", out.name, lambda job: _sd_sweep(lab, job, lines, out, kw))
+    work = lambda job: _sd_sweep(lab, job, list(axes.prompts), out, kw)  # noqa: E731
+    return lab.jobs.submit("sd-sweep", out.name, work, key=f"SD sweep {out.name!r}")
 
 
 def _sd_sweep(lab: Lab, job: Job, prompts: list[str], out: Path, kw: dict) -> str:
@@ -147,25 +201,24 @@ def generate_notes(out: dict) -> tuple[str, str]:
 def build(lab: Lab, page) -> None:
     import gradio as gr
 
-    from difflab.sd.load import SCHEDULERS
     from difflab.ui.widgets import finished, follow, friendly, report_widgets, status_box, table
 
     models = [m.path for m in list_models(lab.models)]
-    first = models[0] if models else None
+    first = PIPELINE.model if PIPELINE.model in models or not models else models[0]
     with gr.Tab("Stable Diffusion", id="sd"):
         with gr.Tab("Generate"):
             with gr.Row():
                 with gr.Column(scale=1):
                     prompt = gr.Textbox(label="Prompt", lines=2)
                     neg = gr.Textbox(label="Negative prompt")
-                    guidance = gr.Number(value=7.5, label="Guidance (CFG scale)", minimum=0)
-                    steps = gr.Number(value=25, label="Steps", precision=0, minimum=1)
-                    seed = gr.Number(value=0, label="Seed", precision=0, minimum=0)
-                    n = gr.Number(value=1, label="Images", precision=0, minimum=1)
-                    size = gr.Textbox(value="512x512", label="Size (WxH, multiples of 8)")
-                    sched = gr.Dropdown([""] + list(SCHEDULERS), value="", label="Scheduler (empty: the model's)")  # fmt: skip
+                    guidance = gr.Number(value=GENERATION.guidance, label="Guidance (CFG scale)", minimum=0)  # fmt: skip
+                    steps = gr.Number(value=GENERATION.steps, label="Steps", precision=0, minimum=1, maximum=limits.SD_STEPS)  # fmt: skip
+                    seed = gr.Number(value=GENERATION.seed, label="Seed", precision=0, minimum=0)
+                    n = gr.Number(value=GENERATION.n, label="Images", precision=0, minimum=1, maximum=limits.SD_IMAGES)  # fmt: skip
+                    size = gr.Textbox(value=size_text(GENERATION.size), label="Size (WxH, multiples of 8)")  # fmt: skip
+                    sched = gr.Dropdown(["", *SD_SCHEDULERS], value=PIPELINE.scheduler or "", label="Scheduler (empty: the model's)")  # fmt: skip
                     model = gr.Dropdown(models, value=first, allow_custom_value=True, label="Model (Models tab, or a Hub id / path)")  # fmt: skip
-                    safety = gr.Checkbox(value=True, label="Safety checker")
+                    safety = gr.Checkbox(value=PIPELINE.safety_checker, label="Safety checker")
                     go = gr.Button("Generate", variant="primary")
                 with gr.Column(scale=2):
                     status = status_box()
@@ -177,12 +230,12 @@ def build(lab: Lab, page) -> None:
                 with gr.Column(scale=1):
                     e_prompts = gr.Textbox(label="Prompts (one per line)", lines=3)
                     e_name = gr.Textbox(label="Sweep name", value="sd-sweep")
-                    e_guid = gr.Textbox(label="Guidance values", value="1,3,7.5,12")
-                    e_steps = gr.Textbox(label="Step counts", value="10,25")
-                    e_seeds = gr.Textbox(label="Seeds", value="0")
-                    e_size = gr.Textbox(value="512x512", label="Size")
+                    e_guid = gr.Textbox(label="Guidance values", value=values_text(AXES.guidance))
+                    e_steps = gr.Textbox(label="Step counts", value=values_text(AXES.steps))
+                    e_seeds = gr.Textbox(label="Seeds", value=values_text(AXES.seeds))
+                    e_size = gr.Textbox(value=size_text(AXES.size), label="Size")
                     e_model = gr.Dropdown(models, value=first, allow_custom_value=True, label="Model")  # fmt: skip
-                    e_clip = gr.Textbox(value="none", label="CLIP model for the score (Hub id or folder; none to skip)")  # fmt: skip
+                    e_clip = gr.Textbox(value=AXES.clip_model or "none", label="CLIP model for the score (Hub id or folder; none to skip)")  # fmt: skip
                     e_go = gr.Button("Run sweep", variant="primary")
                     report_widgets(lab, e_name, sd=True, api_name="sd_sweep_report")
                 with gr.Column(scale=2):

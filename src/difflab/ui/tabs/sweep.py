@@ -1,7 +1,9 @@
 """The Sweep tab: a resumable DDPM sweep of a run over guidance x steps x samplers x seeds.
 
-The job calls :func:`difflab.experiments.ddpm_sweep.sweep_run` (``difflab sweep``) into
-``runs/sweeps/NAME``; cancelling stops between cells, so the finished cells stay and the same
+The axes and their defaults are :class:`difflab.options.DDPMSweepAxes` (``difflab sweep``'s);
+one sweep has at most :data:`~difflab.ui.limits.SWEEP_CELLS` cells from the page. The job
+calls :func:`difflab.experiments.ddpm_sweep.sweep_run` into ``runs/sweeps/NAME`` (one job per
+folder at a time); cancelling stops between cells, so the finished cells stay and the same
 settings resume the folder. The tab shows the summary table, the grids and the plots, and
 writes the HTML report.
 """
@@ -13,39 +15,61 @@ from pathlib import Path
 from typing import Any
 
 from difflab.errors import UsageError
+from difflab.options import DDPMSweepAxes
+from difflab.ui import limits
 from difflab.ui.jobs import Job
-from difflab.ui.lab import SWEEPS, Lab, number
+from difflab.ui.lab import SWEEPS, Lab
 from difflab.ui.paths import inside, safe_name
+
+AXES = DDPMSweepAxes()  # what `difflab sweep RUN --out DIR` sweeps
+
+
+def text(values: tuple) -> str:
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+def sweep_axes(guidance, steps, samplers, seeds, n_per_class) -> DDPMSweepAxes:
+    """The page's values as the axes of ``difflab sweep``, within the page's caps."""
+    axes = DDPMSweepAxes(
+        guidance=guidance, steps=steps, samplers=samplers, seeds=seeds, n_per_class=n_per_class
+    )
+    cells = len(axes.guidance) * len(axes.steps) * len(axes.samplers) * len(axes.seeds)
+    limits.at_most(cells, limits.SWEEP_CELLS, "cells (guidance x steps x samplers x seeds)")
+    limits.at_most(axes.n_per_class, limits.SWEEP_N, "samples per class per cell")
+    return axes
 
 
 def start_sweep(
-    lab: Lab, run: str, name: str, guidance: str = "0,1,2,4", steps: str = "5,10,25",
-    sampler: str = "ddim", seeds: str = "0", n_per_class: int = 5,
+    lab: Lab, run: str, name: str, guidance: str = text(AXES.guidance),
+    steps: str = text(AXES.steps), sampler: str = text(AXES.samplers),
+    seeds: str = text(AXES.seeds), n_per_class: int = AXES.n_per_class,
 ) -> Job:  # fmt: skip
     from difflab.experiments.ddpm_sweep import prepare_folder, sweep_identity
 
     path = lab.run_path(run)
     out = inside(lab.runs, f"{SWEEPS}/{safe_name(name, 'sweep name')}", "sweep name")
-    n = number(n_per_class, int, "samples per class", 2)
-    identity = sweep_identity(path, guidance, steps, sampler, seeds, n, device=lab.device)
+    axes = sweep_axes(guidance, steps, sampler, seeds, n_per_class).for_run(lab.run_config(path))
+    identity = sweep_identity(
+        path, list(axes.guidance), list(axes.steps), list(axes.samplers), list(axes.seeds),
+        axes.n_per_class, axes.grid_class, axes.precision, device=lab.device,
+    )  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     prepare_folder(out, identity)  # refuses another sweep's folder before queueing
-    return lab.jobs.submit(
-        "sweep", out.name,
-        lambda job: _sweep(lab, job, path, out, guidance, steps, sampler, seeds, n),
-    )  # fmt: skip
+    work = lambda job: _sweep(lab, job, path, out, axes)  # noqa: E731
+    return lab.jobs.submit("sweep", out.name, work, key=f"sweep {out.name!r}")
 
 
-def _sweep(lab: Lab, job: Job, path, out, guidance, steps, sampler, seeds, n) -> str:
+def _sweep(lab: Lab, job: Job, path, out, axes: DDPMSweepAxes) -> str:
     from difflab.experiments.ddpm_sweep import sweep_run
 
     def on_cell(done: int, total: int) -> None:
         job.update(done / total, f"{done}/{total} cells")
 
     r = sweep_run(
-        path, out, guidance=guidance, steps=steps, sampler=sampler, seeds=seeds,
-        n_per_class=n, device=lab.device, progress=False, should_stop=job.cancelled,
-        on_cell=on_cell,
+        path, out, guidance=list(axes.guidance), steps=list(axes.steps),
+        sampler=list(axes.samplers), seeds=list(axes.seeds), n_per_class=axes.n_per_class,
+        grid_class=axes.grid_class, device=lab.device, progress=False,
+        should_stop=job.cancelled, on_cell=on_cell, precision=axes.precision,
     )  # fmt: skip
     job.update(None, f"{len(r.rows)}/{r.cells_total} cells done ({r.cells_run} computed now)")
     return str(out)
@@ -94,11 +118,11 @@ def build(lab: Lab, page) -> None:
             with gr.Column(scale=1):
                 run = gr.Dropdown(label="Run", choices=lab.run_names(), value=lab.newest_run())
                 name = gr.Textbox(label="Sweep name", value="ui-sweep")
-                guidance = gr.Textbox(label="Guidance values", value="0,1,2,4")
-                steps = gr.Textbox(label="Step counts", value="5,10,25")
-                sampler = gr.Textbox(label="Samplers", value="ddim")
-                seeds = gr.Textbox(label="Seeds", value="0")
-                n = gr.Number(value=5, label="Samples per class per cell", precision=0, minimum=2)
+                guidance = gr.Textbox(label="Guidance values", value=text(AXES.guidance))
+                steps = gr.Textbox(label="Step counts", value=text(AXES.steps))
+                sampler = gr.Textbox(label="Samplers", value=text(AXES.samplers))
+                seeds = gr.Textbox(label="Seeds", value=text(AXES.seeds))
+                n = gr.Number(value=AXES.n_per_class, label="Samples per class per cell", precision=0, minimum=2, maximum=limits.SWEEP_N)  # fmt: skip
                 with gr.Row():
                     go = gr.Button("Run sweep", variant="primary")
                     cancel = gr.Button("Cancel", variant="stop")

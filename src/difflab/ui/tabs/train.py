@@ -1,8 +1,11 @@
 """The Train tab: start, follow, stop and resume a training into ``runs/NAME``.
 
-A training is a job like any other (one at a time on the device); Stop cancels it between
-two steps, after which the trainer saves a checkpoint, so the run resumes exactly. The tab
-polls the latest training job every two seconds for its status line and loss curve.
+A training is a job like any other (one at a time on the device); a run has at most one
+training queued or running (checked and queued at once, so two quick clicks queue one), and
+the job holds the run folder's lock (:func:`difflab.files.folder_lock`) as ``difflab train``
+does, so the UI and the command line never train one run together. Stop cancels between two
+steps, after which the trainer saves a checkpoint, so the run resumes exactly. The tab polls
+the latest training job every two seconds for its status line and loss curve.
 """
 
 from __future__ import annotations
@@ -12,13 +15,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from difflab.checks import check_choice, check_float, check_seed
 from difflab.config import PRESETS, RunConfig, get_preset
 from difflab.ddpm.data import DATASET_NAMES
 from difflab.ddpm.runs import CONFIG, TRAIN_STATE
 from difflab.errors import UsageError
+from difflab.files import folder_lock
+from difflab.ui import limits
 from difflab.ui.jobs import Job
-from difflab.ui.lab import Lab, loss_rows, number
+from difflab.ui.lab import Lab, loss_rows
 from difflab.ui.paths import inside, safe_name
+
+DEFAULT_MINUTES = get_preset("quick").train.minutes  # as `difflab train` with no --minutes
 
 
 def start_training(
@@ -26,44 +34,46 @@ def start_training(
     name: str,
     dataset: str = "mnist5k",
     preset: str = "quick",
-    minutes: float | None = 2.0,
+    minutes: float | None = DEFAULT_MINUTES,
     seed: int = 0,
     resume: bool = False,
 ) -> Job:
     """Queue a training (or its resumption) into ``runs/NAME``; returns the job."""
     name = safe_name(name, "run name")
     out = inside(lab.runs, name, "run name")
-    if preset not in PRESETS:
-        raise UsageError(f"preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    if dataset not in DATASET_NAMES:
-        raise UsageError(f"dataset {dataset!r}: choose one of {', '.join(DATASET_NAMES)}")
-    seed = number(seed, int, "seed", 0)
+    check_choice(preset, tuple(PRESETS), "preset")
+    check_choice(dataset, tuple(DATASET_NAMES), "dataset")
+    seed = check_seed(seed, "seed")
     if resume:
         if not (out / TRAIN_STATE).is_file():
             raise UsageError(f"run {name!r}: nothing to resume (no {TRAIN_STATE})")
-        cfg = RunConfig.load(out / CONFIG)
+        cfg = lab.run_config(out)
     else:
         if (out / TRAIN_STATE).exists() or (out / CONFIG).exists():
             raise UsageError(
                 f"run {name!r}: already exists; tick 'resume' to continue it, or choose a new name"
             )
-        minutes = number(minutes, float, "minutes", 0.05)
+        minutes = check_float(minutes, "minutes", 0.05)
+        limits.at_most(minutes, limits.TRAIN_MINUTES, "minutes")
         cfg = get_preset(preset)
         cfg = replace(
             cfg, train=replace(cfg.train, dataset=dataset, seed=seed, minutes=minutes, epochs=None)
         )
-    for job in lab.jobs.active("train"):
-        if job.title == name:
-            raise UsageError(f"run {name!r}: a training of this run is already {job.state}")
-    return lab.jobs.submit("train", name, lambda job: _train(lab, job, cfg, out, resume))
+    work = lambda job: _train(lab, job, cfg, out, resume)  # noqa: E731
+    return lab.jobs.submit("train", name, work, key=f"run {name!r}")
 
 
 def _train(lab: Lab, job: Job, cfg: RunConfig, out: Path, resume: bool) -> Any:
+    job.update(0.0, "loading data and building the model")
+    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, "run name"):  # the lock `difflab train` takes
+        return _fit(lab, job, cfg, out, resume)
+
+
+def _fit(lab: Lab, job: Job, cfg: RunConfig, out: Path, resume: bool) -> str:
     from difflab.ddpm.training import Trainer
     from difflab.figures.runs import plot_run
 
-    job.update(0.0, "loading data and building the model")
-    out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, out, device=lab.device, resume=resume, progress=False)
     total, budget = trainer.total_steps, (cfg.train.minutes or 0) * 60
     t_start, first_step = time.perf_counter(), trainer.step
@@ -122,7 +132,7 @@ def build(lab: Lab, page) -> None:
                 name = gr.Textbox(label="Run name", value="ui-run")
                 dataset = gr.Dropdown(list(DATASET_NAMES), value="mnist5k", label="Dataset")
                 preset = gr.Dropdown(list(PRESETS), value="quick", label="Preset")
-                minutes = gr.Number(value=2.0, label="Minutes of training", minimum=0.05)
+                minutes = gr.Number(value=DEFAULT_MINUTES, label="Minutes of training", minimum=0.05, maximum=limits.TRAIN_MINUTES)  # fmt: skip
                 seed = gr.Number(value=0, label="Seed", precision=0, minimum=0)
                 resume = gr.Checkbox(label="Resume this run (keeps its settings)")
                 with gr.Row():
