@@ -100,13 +100,13 @@ def check_int(
     value: Any, option: str, minimum: int | None = None, maximum: int | None = None,
     too_small: str | None = None,
 ) -> int:  # fmt: skip
-    """A whole number in ``minimum..maximum`` (``too_small`` replaces "must be at least")."""
+    """A whole number in ``minimum..maximum`` (``too_small`` says why when it is below)."""
     try:
         v = _number(value, int)
     except (TypeError, ValueError, OverflowError):
         raise UsageError(f"{option} {_shown(value)}: expected a whole number") from None
     if minimum is not None and v < minimum:
-        raise UsageError(f"{option} {v}: {too_small or f'must be at least {minimum}'}")
+        raise UsageError(f"{option} {v}: {too_small or f'must be a whole number >= {minimum}'}")
     if maximum is not None and v > maximum:
         raise UsageError(f"{option} {v}: must be at most {maximum:,}")
     return v
@@ -128,7 +128,7 @@ def check_float(
     if not math.isfinite(v):
         raise UsageError(f"{option} {_fmt(v)}: must be a finite number")
     if minimum is not None and v < minimum or maximum is not None and v > maximum:
-        rule = f"at least {_fmt(minimum)}" if maximum is None else f"between {_fmt(minimum)} and {_fmt(maximum)}"  # fmt: skip
+        rule = f"a number >= {_fmt(minimum)}" if maximum is None else f"between {_fmt(minimum)} and {_fmt(maximum)}"  # fmt: skip
         raise UsageError(f"{option} {_fmt(v)}: must be {rule}")
     return v
 
