@@ -100,13 +100,13 @@ def check_int(
     value: Any, option: str, minimum: int | None = None, maximum: int | None = None,
     too_small: str | None = None,
 ) -> int:  # fmt: skip
-    """A whole number in ``minimum..maximum`` (``too_small`` replaces "must be at least")."""
+    """A whole number in ``minimum..maximum`` (``too_small`` says why when it is below)."""
     try:
         v = _number(value, int)
     except (TypeError, ValueError, OverflowError):
         raise UsageError(f"{option} {_shown(value)}: expected a whole number") from None
     if minimum is not None and v < minimum:
-        raise UsageError(f"{option} {v}: {too_small or f'must be at least {minimum}'}")
+        raise UsageError(f"{option} {v}: {too_small or f'must be a whole number >= {minimum}'}")
     if maximum is not None and v > maximum:
         raise UsageError(f"{option} {v}: must be at most {maximum:,}")
     return v
@@ -128,7 +128,7 @@ def check_float(
     if not math.isfinite(v):
         raise UsageError(f"{option} {_fmt(v)}: must be a finite number")
     if minimum is not None and v < minimum or maximum is not None and v > maximum:
-        rule = f"at least {_fmt(minimum)}" if maximum is None else f"between {_fmt(minimum)} and {_fmt(maximum)}"  # fmt: skip
+        rule = f"a number >= {_fmt(minimum)}" if maximum is None else f"between {_fmt(minimum)} and {_fmt(maximum)}"  # fmt: skip
         raise UsageError(f"{option} {_fmt(v)}: must be {rule}")
     return v
 
@@ -178,41 +178,40 @@ def check_classes(classes: tuple[int, ...], num_classes: int) -> None:
         )
 
 
-def parse_t(value: Any, option: str = "--t", T: int | None = None) -> tuple[str, ...]:
-    """``"T,T/2,3T/4,1,0"`` -> its items (spaces removed), each an integer or an expression of T."""
-    hint = f"use integers 0..{'T' if T is None else T} or expressions like T, T/2, 3T/4"
+def parse_t(value: Any) -> tuple[str, ...]:
+    """``"T, T/2,1"`` -> its items with spaces removed (``("T", "T/2", "1")``); what they
+    mean, and whether they are allowed, depends on T: :func:`t_values`."""
     tokens = value.split(",") if isinstance(value, str) else [str(v) for v in value]
-    if not tokens or all(not tok.strip() for tok in tokens):
-        raise UsageError(f"{option} {value!r}: no value given; {hint}")
-    out = []
-    for raw in tokens:
-        tok = raw.replace(" ", "")
-        m = _T_EXPR.fullmatch(tok)
-        if m and m[2] is not None and int(m[2]) == 0:
-            raise UsageError(f"{option} {raw.strip()!r}: division by zero; {hint}")
-        if not (m or re.fullmatch(r"[0-9]+", tok)):
-            raise UsageError(f"{option} {raw.strip()!r}: not a step; {hint}")
-        out.append(tok)
-    return tuple(out)
+    return tuple(tok.replace(" ", "") for tok in tokens)
 
 
 def t_values(tokens: tuple[str, ...], T: int, option: str = "--t") -> list[int]:
-    """The paper t (0..T) of each item of :func:`parse_t`, in the order given."""
+    """The paper t (0..T) of each item, in the order given (duplicates kept: a figure shows
+    each t once): integers, or expressions like ``T``, ``T/2``, ``3T/4`` (rounded half up)."""
+    hint = f"use integers 0..{T} or expressions like T, T/2, 3T/4"
+    if not tokens or all(not tok for tok in tokens):
+        raise UsageError(f"{option} {','.join(tokens)!r}: no value given; {hint}")
     values = []
     for tok in tokens:
         m = _T_EXPR.fullmatch(tok)
-        v = int(tok) if m is None else (int(m[1] or 1) * T + int(m[2] or 1) // 2) // int(m[2] or 1)
-        if v > T:  # a*T/b rounded half up, above
-            raise UsageError(
-                f"{option} {tok!r}: {v} is beyond T = {T}; use integers 0..{T} or expressions like T, T/2, 3T/4"
-            )
+        if re.fullmatch(r"[0-9]+", tok):
+            v = int(tok)
+        elif m:
+            a, b = int(m[1] or 1), int(m[2] or 1)
+            if b == 0:
+                raise UsageError(f"{option} {tok!r}: division by zero; {hint}")
+            v = (a * T + b // 2) // b  # a*T/b rounded half up
+        else:
+            raise UsageError(f"{option} {tok!r}: not a step; {hint}")
+        if v > T:
+            raise UsageError(f"{option} {tok!r}: {v} is beyond T = {T}; {hint}")
         values.append(v)
     return values
 
 
 def parse_t_list(value: Any, T: int, option: str = "--t") -> list[int]:
-    """``"T,T/2,T/4,1,0"`` -> paper t values in 0..T (duplicates kept: a figure shows each once)."""
-    return t_values(parse_t(value, option, T), T, option)
+    """``"T,T/2,T/4,1,0"`` -> paper t values in 0..T (:func:`t_values`)."""
+    return t_values(parse_t(value), T, option)
 
 
 def grid_axes(rows: str, cols: str | None, sizes: dict[str, int]) -> tuple[list[str], str]:

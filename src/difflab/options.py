@@ -156,7 +156,7 @@ class ForwardOptions:
     per_class: int = 1  # images per class (rows)
     seed: int = 0
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # t is checked against T: t_values(opts.t, T)
         _set(self, t=parse_t(self.t), per_class=check_int(self.per_class, "--per-class", 1, 20))
         _set(self, seed=check_seed(self.seed))
         _set(self, run=_maybe(self.run, str), data_dir=_maybe(self.data_dir, str))

@@ -12,7 +12,6 @@ checks all of its input before any work, and writes files atomically with their 
 from __future__ import annotations
 
 import math
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,12 +21,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from difflab.checks import t_values
 from difflab.config import DiffusionConfig, RunConfig
 from difflab.ddpm.data import load_dataset
 from difflab.ddpm.diffusion import SIGNAL_WARN_LEVEL, GaussianDiffusion
-from difflab.ddpm.generate import check_out_path, parse_classes
+from difflab.ddpm.generate import check_out_path
 from difflab.ddpm.runs import CONFIG, check_run_dir, load_run
-from difflab.ddpm.sampling import check_sampling_args, sample_steps
+from difflab.ddpm.sampling import sample_steps
 from difflab.errors import UsageError
 from difflab.figures.images import (
     Panel,
@@ -39,11 +39,10 @@ from difflab.figures.images import (
     save_png,
     to_uint8,
 )
+from difflab.options import ForwardOptions, ReverseOptions
 
-DEFAULT_T = "T,T/2,T/4,1,0"
 MAX_FRAMES = 120  # animations of longer trajectories keep this many evenly spaced frames
 ANIMATION_S = 6.0  # target length of one pass through an animation
-_T_EXPR = re.compile(r"([0-9]+)?\*?T(?:/([0-9]+))?")
 
 
 @dataclass
@@ -54,31 +53,6 @@ class FigureResult:
     table: Table
     extra: list[Path] = field(default_factory=list)  # GIF / MP4 written beside the PNG
     frames: int = 0
-
-
-def parse_t_list(text: str | Sequence[int | str], T: int, option: str = "--t") -> list[int]:
-    """``"T,T/2,3T/4,1,0"`` -> paper t values in 0..T; anything else is a :class:`UsageError`."""
-    hint = f"use integers 0..{T} or expressions like T, T/2, 3T/4"
-    tokens = str(text).split(",") if isinstance(text, str) else [str(v) for v in text]
-    if not tokens or all(not tok.strip() for tok in tokens):
-        raise UsageError(f"{option} {text!r}: no value given; {hint}")
-    values = []
-    for raw in tokens:
-        tok = raw.replace(" ", "")
-        m = _T_EXPR.fullmatch(tok)
-        if re.fullmatch(r"[0-9]+", tok):
-            v = int(tok)
-        elif m:
-            a, b = int(m[1] or 1), int(m[2] or 1)
-            if b == 0:
-                raise UsageError(f"{option} {raw.strip()!r}: division by zero; {hint}")
-            v = (a * T + b // 2) // b  # a*T/b rounded half up
-        else:
-            raise UsageError(f"{option} {raw.strip()!r}: not a step; {hint}")
-        if v > T:
-            raise UsageError(f"{option} {raw.strip()!r}: {v} is beyond T = {T}; {hint}")
-        values.append(v)
-    return values
 
 
 def signal_level(diffusion: GaussianDiffusion, t: int) -> float:
@@ -116,15 +90,7 @@ def forward_process(
     return torch.stack(cols, 1)
 
 
-def forward_figure(
-    out: str | Path,
-    dataset: str | None = None,
-    run: str | Path | None = None,
-    t: str | Sequence[int] = DEFAULT_T,
-    per_class: int = 1,
-    seed: int = 0,
-    data_dir: str | None = None,
-) -> FigureResult:
+def forward_figure(opts: ForwardOptions, out: str | Path) -> FigureResult:
     """``difflab forward``: real images noised with the run's (or the default) schedule.
 
     Rows are ``per_class`` images of every class (picked with ``seed``); columns are the
@@ -132,8 +98,9 @@ def forward_figure(
     noise draw per image is shared by all columns, so a row shows one image dissolving.
     """
     out = check_out_path(out, (".png",))
-    if not 1 <= per_class <= 20:
-        raise UsageError(f"--per-class {per_class}: must be between 1 and 20")
+    run, dataset, data_dir, per_class, seed = (
+        opts.run, opts.dataset, opts.data_dir, opts.per_class, opts.seed
+    )  # fmt: skip
     if run is not None:
         cfg = RunConfig.load(check_run_dir(run, need_weights=False) / CONFIG)
         dcfg = cfg.diffusion
@@ -142,7 +109,7 @@ def forward_figure(
     else:
         dcfg, dataset = DiffusionConfig(), dataset or "mnist5k"
     diffusion = GaussianDiffusion(dcfg, warn=False)
-    ts = sorted(set(parse_t_list(t, diffusion.num_timesteps)))
+    ts = sorted(set(t_values(opts.t, diffusion.num_timesteps)))
     data = load_dataset(dataset, "train", data_dir)
 
     gen = torch.Generator().manual_seed(seed)
@@ -191,14 +158,8 @@ def frame_indices(num_frames: int, limit: int = MAX_FRAMES) -> list[int]:
 
 def reverse_figure(
     run: str | Path,
+    opts: ReverseOptions,
     out: str | Path,
-    t: str | Sequence[int] = DEFAULT_T,
-    classes: str | None = None,
-    seed: int = 0,
-    guidance: float | None = None,
-    sampler: str | None = None,
-    steps: int | None = None,
-    eta: float | None = None,
     gif: str | Path | None = None,
     mp4: str | Path | None = None,
     device: str = "cpu",
@@ -207,11 +168,11 @@ def reverse_figure(
 ) -> FigureResult:
     """``difflab reverse``: one trajectory per class, as x_t and predicted x_0 at chosen t.
 
-    The default is DDPM with all T steps, so every requested t is exact; a sampler that skips
-    steps shows the step whose x_t is nearest and titles the column with that step's t.
-    The animation has one frame per step (its x_t and predicted x_0) plus a last frame with
-    the final sample: ``steps + 1`` frames, evenly thinned to at most :data:`MAX_FRAMES`
-    (always keeping the first and the last).
+    The default (:class:`~difflab.options.ReverseOptions`) is DDPM with all T steps, so every
+    requested t is exact; a sampler that skips steps shows the step whose x_t is nearest and
+    titles the column with that step's t. The animation has one frame per step (its x_t and
+    predicted x_0) plus a last frame with the final sample: ``steps + 1`` frames, evenly
+    thinned to at most :data:`MAX_FRAMES` (always keeping the first and the last).
     """
     out = check_out_path(out, (".png",))
     gif = None if gif is None else check_out_path(gif, (".gif",), option="--gif")
@@ -224,15 +185,16 @@ def reverse_figure(
                 f"--mp4 {mp4}: needs the imageio-ffmpeg package (or use --gif)"
             ) from None
     model, diffusion, cfg = load_run(run, device=device, trust_pickle=trust_pickle)
-    T = diffusion.num_timesteps
-    sampler = sampler or "ddpm"
-    if steps is None:
-        steps = T if sampler == "ddpm" else cfg.sample.steps
-    guidance = cfg.sample.guidance if guidance is None else guidance
-    eta = cfg.sample.eta if eta is None else eta
-    check_sampling_args(sampler, steps, guidance, eta, T)
-    ts = sorted(set(parse_t_list(t, T)), reverse=True)
-    cls = parse_classes(classes, cfg.model.num_classes)
+    opts = opts.for_run(cfg)
+    sampler, steps, guidance, eta, seed = (
+        opts.sampler,
+        opts.steps,
+        opts.guidance,
+        opts.eta,
+        opts.seed,
+    )
+    ts = sorted(set(t_values(opts.t, diffusion.num_timesteps)), reverse=True)
+    cls = list(opts.classes)
     known = cfg.model.class_names
     names = [known[c] if c < len(known) else str(c) for c in cls]
 

@@ -50,6 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 from difflab import __version__
+from difflab.checks import check_count, check_seed
 from difflab.errors import UsageError
 from difflab.files import (
     LOCK_FILE,
@@ -60,9 +61,10 @@ from difflab.files import (
     write_json,
     write_text,
 )
+from difflab.options import SDPipelineSpec
 from difflab.sd import DEFAULT_MODEL
 from difflab.sd.dataset import ImageFolder, load_image_folder
-from difflab.sd.generate import check_count, check_seed, encode, run_pipeline
+from difflab.sd.generate import encode, run_pipeline
 from difflab.sd.load import (
     LoadedPipeline,
     load_pipeline,
@@ -265,7 +267,9 @@ class FineTuner:
             self._check_same_images(state)
         self.accelerator = _accelerator(cfg.mixed_precision, cpu=device == "cpu")
         self.device = self.accelerator.device
-        self.loaded: LoadedPipeline = load_pipeline(cfg.model, str(self.device), dtype="fp32")
+        self.loaded: LoadedPipeline = load_pipeline(
+            SDPipelineSpec(model=cfg.model, device=str(self.device), dtype="fp32")
+        )
         self.notes = list(self.loaded.notes) + self.data.notes
         self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
             cfg.mixed_precision

@@ -68,23 +68,19 @@ def start_sampling(
         "--guidance", f"{g:g}", "--steps", str(s), "--sampler", opts.sampler,
         "--seed", str(opts.seed), "--out", str(png),
     ])  # fmt: skip
-    args = dict(
-        classes=cls_text, n_per_class=n, guidance=g, steps=s, sampler=opts.sampler,
-        eta=opts.eta, seed=opts.seed, precision=opts.precision,
-    )  # fmt: skip
     return lab.jobs.submit(
         "sample", f"{run} s={g:g} {s} steps",
-        lambda job: _sample(lab, job, path, png, command, total, n, args),
+        lambda job: _sample(lab, job, path, opts, png, command, total),
     )  # fmt: skip
 
 
 def _sample(
-    lab: Lab, job: Job, run: Path, png: Path, command: str, total: int, nrow: int, args: dict
+    lab: Lab, job: Job, run: Path, opts: SampleOptions, png: Path, command: str, total: int
 ) -> dict:
     from difflab.ddpm.generate import sample_run, save_npz
 
     png.parent.mkdir(parents=True, exist_ok=True)
-    batches = -(-total // 500)
+    nrow, batches = opts.n_per_class, -(-total // 500)
     seen = [0]
 
     def on_step(step) -> None:
@@ -96,7 +92,7 @@ def _sample(
             preview_grid(step.x0_pred[:64], nrow=min(nrow, 8) if nrow > 1 else 10),
         )
 
-    result = sample_run(run, png, device=lab.device, progress=False, on_step=on_step, **args)
+    result = sample_run(run, opts, png, device=lab.device, progress=False, on_step=on_step)
     npz = png.with_suffix(".npz")
     save_npz(npz, result.images, result.labels)
     job.update(1.0, f"{total} samples in {result.seconds:.1f} s")

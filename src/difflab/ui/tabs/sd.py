@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -94,13 +95,7 @@ def _sd(lab: Lab, job: Job, gen: SDGeneration, spec: SDPipelineSpec, out: Path) 
 
     job.update(None, "loading the pipeline")
     out.mkdir(parents=True, exist_ok=True)
-    r = generate(
-        gen.prompt, out, negative_prompt=gen.negative_prompt, guidance=gen.guidance,
-        steps=gen.steps, seed=gen.seed, n=gen.n, size=gen.size, scheduler=spec.scheduler,
-        model=spec.model, device=spec.device, dtype=spec.dtype,
-        safety_checker=spec.safety_checker, batch_size=spec.batch_size, progress=False,
-        on_step=on_step,
-    )  # fmt: skip
+    r = generate(gen, out, spec, progress=False, on_step=on_step)
     images = [
         {"png": str(rec.png), "caption": caption(rec), "flagged": bool(rec.diagnosis.nsfw),
          "black": rec.diagnosis.black}
@@ -138,27 +133,18 @@ def start_sd_sweep(
 
     out = inside(lab.runs, f"{SD_OUT}/sweeps/{safe_name(name, 'sweep name')}", "sweep name")
     axes = sweep_axes(prompts, guidance, steps, seeds, size, clip_model)
-    clip = axes.clip_model and lab.model(axes.clip_model, "CLIP model", CLIP_MARKER)
+    if axes.clip_model is not None:  # the CLIP score's model: confined like the pipeline's
+        axes = replace(axes, clip_model=lab.model(axes.clip_model, "CLIP model", CLIP_MARKER))
     spec = SDPipelineSpec(
         model=lab.model(blank(model) or PIPELINE.model), device=lab.device,
         scheduler=blank(scheduler),
     )  # fmt: skip
-    kw = dict(
-        guidance=list(axes.guidance), steps=list(axes.steps), seeds=list(axes.seeds),
-        negative_prompt=axes.negative_prompt, size=axes.size, scheduler=spec.scheduler,
-        model=spec.model, dtype=spec.dtype, clip_model=clip, safety_checker=spec.safety_checker,
-    )  # fmt: skip
-    identity = sweep_identity(
-        list(axes.prompts), kw["guidance"], kw["steps"], kw["seeds"], axes.negative_prompt,
-        axes.size, spec.scheduler, spec.model, spec.device, spec.dtype, spec.safety_checker,
-        clip, False, None,
-    )  # fmt: skip
-    check_folder(out, identity)
-    work = lambda job: _sd_sweep(lab, job, list(axes.prompts), out, kw)  # noqa: E731
+    check_folder(out, sweep_identity(axes, spec))
+    work = lambda job: _sd_sweep(lab, job, axes, spec, out)  # noqa: E731
     return lab.jobs.submit("sd-sweep", out.name, work, key=f"SD sweep {out.name!r}")
 
 
-def _sd_sweep(lab: Lab, job: Job, prompts: list[str], out: Path, kw: dict) -> str:
+def _sd_sweep(lab: Lab, job: Job, axes: SDSweepAxes, spec: SDPipelineSpec, out: Path) -> str:
     from difflab.experiments.sd_sweep import sd_sweep
 
     def on_cell(done: int, total: int) -> None:
@@ -166,8 +152,7 @@ def _sd_sweep(lab: Lab, job: Job, prompts: list[str], out: Path, kw: dict) -> st
 
     out.parent.mkdir(parents=True, exist_ok=True)
     r = sd_sweep(
-        prompts, out, device=lab.device, progress=False, should_stop=job.cancelled,
-        on_cell=on_cell, **kw,
+        axes, out, spec, progress=False, should_stop=job.cancelled, on_cell=on_cell
     )  # fmt: skip
     job.update(None, f"{len(r.rows)}/{r.cells_total} cells; {r.flagged} filtered by the safety checker")  # fmt: skip
     return str(out)

@@ -49,10 +49,7 @@ def start_sweep(
     path = lab.run_path(run)
     out = inside(lab.runs, f"{SWEEPS}/{safe_name(name, 'sweep name')}", "sweep name")
     axes = sweep_axes(guidance, steps, sampler, seeds, n_per_class).for_run(lab.run_config(path))
-    identity = sweep_identity(
-        path, list(axes.guidance), list(axes.steps), list(axes.samplers), list(axes.seeds),
-        axes.n_per_class, axes.grid_class, axes.precision, device=lab.device,
-    )  # fmt: skip
+    identity = sweep_identity(path, axes, device=lab.device)
     out.parent.mkdir(parents=True, exist_ok=True)
     prepare_folder(out, identity)  # refuses another sweep's folder before queueing
     work = lambda job: _sweep(lab, job, path, out, axes)  # noqa: E731
@@ -66,10 +63,8 @@ def _sweep(lab: Lab, job: Job, path, out, axes: DDPMSweepAxes) -> str:
         job.update(done / total, f"{done}/{total} cells")
 
     r = sweep_run(
-        path, out, guidance=list(axes.guidance), steps=list(axes.steps),
-        sampler=list(axes.samplers), seeds=list(axes.seeds), n_per_class=axes.n_per_class,
-        grid_class=axes.grid_class, device=lab.device, progress=False,
-        should_stop=job.cancelled, on_cell=on_cell, precision=axes.precision,
+        path, axes, out, device=lab.device, progress=False, should_stop=job.cancelled,
+        on_cell=on_cell,
     )  # fmt: skip
     job.update(None, f"{len(r.rows)}/{r.cells_total} cells done ({r.cells_run} computed now)")
     return str(out)
