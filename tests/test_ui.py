@@ -605,8 +605,12 @@ def test_models_typed_in_the_page_stay_in_the_models_folder_and_the_hub_cache(la
 
 # -- defaults: the UI's are the command line's ---------------------------------------------------
 def test_the_ui_defaults_are_the_command_lines(tmp_path):
+    """For every action the page and the command line share, the options object the page
+    builds from its untouched widgets is the one the command line builds with no options."""
     from dataclasses import replace
 
+    from difflab.cli import build_parser
+    from difflab.cli.args import build
     from difflab.options import (
         DDPMSweepAxes,
         ForwardOptions,
@@ -618,20 +622,30 @@ def test_the_ui_defaults_are_the_command_lines(tmp_path):
     )  # fmt: skip
     from difflab.ui.tabs import sample, sd
 
+    def cli(cls, *argv, **dests):
+        return build(cls, build_parser().parse_args(list(argv)), **dests)
+
     page = app_mod.build_app(Lab(tmp_path / "runs", tmp_path / "models", device="cpu"))
     values = {
         fn.api_name: [c.value for c in fn.inputs]
         for fn in page.fns.values()
         if fn.api_name in ("sample", "reverse", "forward_t", "sweep", "sd_generate", "sd_sweep")
     }
-    assert sample.sample_options(*values["sample"][1:]) == SampleOptions()
-    assert processes.reverse_options(*values["reverse"][1:]) == ReverseOptions()
-    assert processes.forward_options(*values["forward_t"]) == replace(ForwardOptions(), dataset="mnist5k")  # fmt: skip
-    assert sweep.sweep_axes(*values["sweep"][2:]) == DDPMSweepAxes()
+    out = ["--out", str(tmp_path / "x.png")]
+    assert sample.sample_options(*values["sample"][1:]) == cli(SampleOptions, "sample", "R", *out)
+    assert processes.reverse_options(*values["reverse"][1:]) == cli(ReverseOptions, "reverse", "R", *out)  # fmt: skip
+    forward = cli(ForwardOptions, "forward", *out)  # no run: the figure noises mnist5k
+    assert processes.forward_options(*values["forward_t"]) == replace(forward, dataset="mnist5k")
+    axes = cli(DDPMSweepAxes, "sweep", "R", *out, samplers="sampler", n_per_class="n")
+    assert sweep.sweep_axes(*values["sweep"][2:]) == axes
     prompt, neg, *gen, scheduler, model, safety = values["sd_generate"]
-    assert sd.generation("a cat", neg, *gen) == SDGeneration(prompt="a cat")
-    spec = SDPipelineSpec(device="cpu")
+    args = ("sd", "generate", "--prompt", "a cat", *out)
+    assert sd.generation("a cat", neg, *gen) == cli(SDGeneration, *args)
+    spec = cli(SDPipelineSpec, *args)
     assert (scheduler or None, model, safety) == (spec.scheduler, spec.model, spec.safety_checker)
     _, _, *axes, model, clip = values["sd_sweep"]
-    assert sd.sweep_axes("a cat", *axes, clip) == SDSweepAxes(prompts=("a cat",))
-    assert model == spec.model
+    args = ("sd", "sweep", "--prompts", "a cat", *out)
+    assert sd.sweep_axes("a cat", *axes, clip) == cli(SDSweepAxes, *args)
+    assert model == cli(SDPipelineSpec, *args).model
+    assert sample.sample_options(*values["sample"][1:]) == SampleOptions()  # and the classes'
+    assert sd.generation("a cat", neg, *gen) == SDGeneration(prompt="a cat")
