@@ -89,6 +89,16 @@ def loss_rows(run: Path) -> list[dict]:
     return rows
 
 
+def as_text(value: Any) -> str:
+    """An option's value as a text box shows it: ``(0.0, 2.5)`` -> ``"0,2.5"``, None -> ``""``
+    (an empty box: the run's own value)."""
+    if value is None:
+        return ""
+    if isinstance(value, (tuple, list)):
+        return ",".join(as_text(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def blank(value: Any) -> Any:
     """None for an empty widget (the options' "the run's own value"), else ``value``."""
     return None if value is None or (isinstance(value, str) and not value.strip()) else value

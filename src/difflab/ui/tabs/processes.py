@@ -20,7 +20,7 @@ from difflab.ddpm.data import DATASET_NAMES
 from difflab.options import ForwardOptions, ReverseOptions
 from difflab.ui import limits
 from difflab.ui.jobs import Job
-from difflab.ui.lab import Lab, blank, enlarge, preview_grid
+from difflab.ui.lab import Lab, as_text, blank, enlarge, preview_grid
 
 FORWARD_SOURCES = list(DATASET_NAMES[:2])  # datasets offered beside the runs
 FORWARD = ForwardOptions()  # what `difflab forward --out FILE` shows
@@ -28,14 +28,9 @@ REVERSE = ReverseOptions()  # what `difflab reverse RUN --out FILE` runs
 DEFAULT_SOURCE = FORWARD.dataset or "mnist5k"  # the figure's dataset without a run
 
 
-def text(value) -> str:
-    """A default as a text box shows it ("" for None: the run's value)."""
-    return "" if value is None else f"{value:g}"
-
-
 def forward_options(source: str, t, seed: int = FORWARD.seed) -> ForwardOptions:
     """A dataset name or a run (its dataset and schedule) and the steps t to show."""
-    t = ",".join(str(v) for v in t) if isinstance(t, (list, tuple)) else str(t)
+    t = as_text(t)
     if source in DATASET_NAMES:
         return ForwardOptions(dataset=source, t=t, seed=seed)
     return ForwardOptions(run=source, t=t, seed=seed)
@@ -128,7 +123,7 @@ def build(lab: Lab, page) -> None:
                 FORWARD_SOURCES + lab.run_names(), value=DEFAULT_SOURCE,
                 label="Dataset, or a run (its dataset and schedule)",
             )  # fmt: skip
-            t_text = gr.Textbox(value=",".join(FORWARD.t), label="t (integers or T, T/2, 3T/4)")  # fmt: skip
+            t_text = gr.Textbox(value=as_text(FORWARD.t), label="t (integers or T, T/2, 3T/4)")  # fmt: skip
             t = gr.Slider(0, 1000, value=250, step=1, label="or one t")
         f_image = gr.Image(label="x_t", height=240)
         f_note = gr.Markdown()
@@ -137,8 +132,8 @@ def build(lab: Lab, page) -> None:
         with gr.Row():
             run = gr.Dropdown(label="Run", choices=lab.run_names(), value=lab.newest_run())
             classes = gr.Textbox(value="", label="Classes (empty: all)")
-            guidance = gr.Textbox(value=text(REVERSE.guidance), label="Guidance", placeholder="empty: the run's")  # fmt: skip
-            steps = gr.Textbox(value=text(REVERSE.steps), label="Steps", placeholder="empty: all T for ddpm, else the run's")  # fmt: skip
+            guidance = gr.Textbox(value=as_text(REVERSE.guidance), label="Guidance", placeholder="empty: the run's")  # fmt: skip
+            steps = gr.Textbox(value=as_text(REVERSE.steps), label="Steps", placeholder="empty: all T for ddpm, else the run's")  # fmt: skip
             sampler = gr.Dropdown(list(SAMPLERS), value=REVERSE.sampler, label="Sampler")
             go = gr.Button("Run the reverse process", variant="primary")
         slider = gr.Slider(0, 50, value=0, step=1, label="Step (0 = pure noise)")

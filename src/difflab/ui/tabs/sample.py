@@ -18,16 +18,11 @@ from difflab.errors import UsageError
 from difflab.options import SampleOptions
 from difflab.ui import limits
 from difflab.ui.jobs import Job
-from difflab.ui.lab import Lab, blank, preview_grid
+from difflab.ui.lab import Lab, as_text, blank, preview_grid
 
 DEFAULTS = SampleOptions()  # what `difflab sample RUN --out FILE` does
 RUNS_OWN = "the run's"  # the sampler dropdown's entry for None
 RUNS_VALUE = "empty: the run's own value"  # what an empty box means
-
-
-def text(values: tuple | None) -> str:
-    """A default as a text box shows it ("" for None: the run's value)."""
-    return "" if values is None else ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)  # fmt: skip
 
 
 def sample_options(classes, n_per_class, guidance, steps, sampler, seed) -> SampleOptions:
@@ -111,8 +106,8 @@ def build(lab: Lab, page) -> None:
                 refresh = gr.Button("↻ runs", size="sm")
                 classes = gr.Textbox(label="Classes (e.g. 0,3,7; empty = all)", value="")
                 n = gr.Number(value=DEFAULTS.n_per_class, label="Samples per class", precision=0, minimum=1)  # fmt: skip
-                guidance = gr.Textbox(value=text(DEFAULTS.guidance), label="Guidance s (0 uncond., 1 cond.)", placeholder=RUNS_VALUE)  # fmt: skip
-                steps = gr.Textbox(value=text(DEFAULTS.steps), label="Steps", placeholder=RUNS_VALUE)  # fmt: skip
+                guidance = gr.Textbox(value=as_text(DEFAULTS.guidance), label="Guidance s (0 uncond., 1 cond.)", placeholder=RUNS_VALUE)  # fmt: skip
+                steps = gr.Textbox(value=as_text(DEFAULTS.steps), label="Steps", placeholder=RUNS_VALUE)  # fmt: skip
                 sampler = gr.Dropdown([RUNS_OWN, *SAMPLERS], value=DEFAULTS.sampler or RUNS_OWN, label="Sampler")  # fmt: skip
                 seed = gr.Number(value=DEFAULTS.seed, label="Seed", precision=0, minimum=0)
                 with gr.Row():

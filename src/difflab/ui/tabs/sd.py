@@ -13,7 +13,6 @@ from a NaN black one; Sweep calls :func:`difflab.experiments.sd_sweep.sd_sweep` 
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,8 +22,8 @@ from difflab.errors import UsageError
 from difflab.options import SD_SCHEDULERS, SDGeneration, SDPipelineSpec, SDSweepAxes
 from difflab.ui import limits
 from difflab.ui.jobs import Job
-from difflab.ui.lab import SD_OUT, Lab, blank
-from difflab.ui.paths import inside, list_models, safe_name
+from difflab.ui.lab import SD_OUT, Lab, as_text, blank
+from difflab.ui.paths import inside, list_models, read_json, safe_name
 
 GENERATION = SDGeneration(prompt="a prompt")  # `difflab sd generate`'s defaults
 PIPELINE = SDPipelineSpec(device="cpu")
@@ -34,10 +33,6 @@ CLIP_MARKER = "config.json"  # a cached transformers model holds this
 
 def size_text(size: tuple[int, int]) -> str:
     return f"{size[0]}x{size[1]}"
-
-
-def values_text(values: tuple) -> str:
-    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
 def check_size(size: tuple[int, int]) -> None:
@@ -124,8 +119,8 @@ def sweep_axes(prompts: str, guidance, steps, seeds, size, clip_model) -> SDSwee
 
 
 def start_sd_sweep(
-    lab: Lab, prompts: str, name: str, guidance: str = values_text(AXES.guidance),
-    steps: str = values_text(AXES.steps), seeds: str = values_text(AXES.seeds),
+    lab: Lab, prompts: str, name: str, guidance: str = as_text(AXES.guidance),
+    steps: str = as_text(AXES.steps), seeds: str = as_text(AXES.seeds),
     size: str = size_text(AXES.size), scheduler: str | None = None, model: str = "",
     clip_model: str | None = AXES.clip_model,
 ) -> Job:  # fmt: skip
@@ -162,7 +157,7 @@ def sd_sweep_results(lab: Lab, name: str) -> dict[str, Any]:
     out = inside(lab.runs, f"{SD_OUT}/sweeps/{name}", "sweep")
     if not (out / "metrics.json").is_file():
         raise UsageError(f"sweep {name!r}: no finished cell yet")
-    doc = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    doc = read_json(out / "metrics.json")
     return {
         "summary": doc["summary"],
         "grids": [str(p) for p in sorted(out.glob("grid_p*.png"))],
@@ -215,9 +210,9 @@ def build(lab: Lab, page) -> None:
                 with gr.Column(scale=1):
                     e_prompts = gr.Textbox(label="Prompts (one per line)", lines=3)
                     e_name = gr.Textbox(label="Sweep name", value="sd-sweep")
-                    e_guid = gr.Textbox(label="Guidance values", value=values_text(AXES.guidance))
-                    e_steps = gr.Textbox(label="Step counts", value=values_text(AXES.steps))
-                    e_seeds = gr.Textbox(label="Seeds", value=values_text(AXES.seeds))
+                    e_guid = gr.Textbox(label="Guidance values", value=as_text(AXES.guidance))
+                    e_steps = gr.Textbox(label="Step counts", value=as_text(AXES.steps))
+                    e_seeds = gr.Textbox(label="Seeds", value=as_text(AXES.seeds))
                     e_size = gr.Textbox(value=size_text(AXES.size), label="Size")
                     e_model = gr.Dropdown(models, value=first, allow_custom_value=True, label="Model")  # fmt: skip
                     e_clip = gr.Textbox(value=AXES.clip_model or "none", label="CLIP model for the score (Hub id or folder; none to skip)")  # fmt: skip

@@ -10,7 +10,6 @@ writes the HTML report.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +17,10 @@ from difflab.errors import UsageError
 from difflab.options import DDPMSweepAxes
 from difflab.ui import limits
 from difflab.ui.jobs import Job
-from difflab.ui.lab import SWEEPS, Lab
-from difflab.ui.paths import inside, safe_name
+from difflab.ui.lab import SWEEPS, Lab, as_text
+from difflab.ui.paths import inside, read_json, safe_name
 
 AXES = DDPMSweepAxes()  # what `difflab sweep RUN --out DIR` sweeps
-
-
-def text(values: tuple) -> str:
-    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
 def sweep_axes(guidance, steps, samplers, seeds, n_per_class) -> DDPMSweepAxes:
@@ -40,9 +35,9 @@ def sweep_axes(guidance, steps, samplers, seeds, n_per_class) -> DDPMSweepAxes:
 
 
 def start_sweep(
-    lab: Lab, run: str, name: str, guidance: str = text(AXES.guidance),
-    steps: str = text(AXES.steps), sampler: str = text(AXES.samplers),
-    seeds: str = text(AXES.seeds), n_per_class: int = AXES.n_per_class,
+    lab: Lab, run: str, name: str, guidance: str = as_text(AXES.guidance),
+    steps: str = as_text(AXES.steps), sampler: str = as_text(AXES.samplers),
+    seeds: str = as_text(AXES.seeds), n_per_class: int = AXES.n_per_class,
 ) -> Job:  # fmt: skip
     from difflab.experiments.ddpm_sweep import prepare_folder, sweep_identity
 
@@ -77,7 +72,7 @@ def sweep_results(lab: Lab, name: str) -> dict[str, Any]:
     out = inside(lab.runs, f"{SWEEPS}/{name}", "sweep")
     if not (out / "metrics.json").is_file():
         raise UsageError(f"sweep {name!r}: no finished cell yet")
-    doc = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    doc = read_json(out / "metrics.json")
     figs = sorted((out / "figures").glob("*.png")) if (out / "figures").is_dir() else []
     fmt = {"accuracy": ".1%", "fd": ".2f", "kid": ".4f", "diversity": ".2f", "seconds": ".1f"}
     rows = [
@@ -113,10 +108,10 @@ def build(lab: Lab, page) -> None:
             with gr.Column(scale=1):
                 run = gr.Dropdown(label="Run", choices=lab.run_names(), value=lab.newest_run())
                 name = gr.Textbox(label="Sweep name", value="ui-sweep")
-                guidance = gr.Textbox(label="Guidance values", value=text(AXES.guidance))
-                steps = gr.Textbox(label="Step counts", value=text(AXES.steps))
-                sampler = gr.Textbox(label="Samplers", value=text(AXES.samplers))
-                seeds = gr.Textbox(label="Seeds", value=text(AXES.seeds))
+                guidance = gr.Textbox(label="Guidance values", value=as_text(AXES.guidance))
+                steps = gr.Textbox(label="Step counts", value=as_text(AXES.steps))
+                sampler = gr.Textbox(label="Samplers", value=as_text(AXES.samplers))
+                seeds = gr.Textbox(label="Seeds", value=as_text(AXES.seeds))
                 n = gr.Number(value=AXES.n_per_class, label="Samples per class per cell", precision=0, minimum=2, maximum=limits.SWEEP_N)  # fmt: skip
                 with gr.Row():
                     go = gr.Button("Run sweep", variant="primary")
