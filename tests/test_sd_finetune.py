@@ -349,11 +349,8 @@ def test_bad_data_and_options_are_one_line_exit_2_nothing_written(models, tmp_pa
 
 
 def test_cli_defaults_are_the_library_defaults():
-    from dataclasses import fields
-
     from difflab.cli import build_parser
+    from difflab.cli.args import build
 
     args = build_parser().parse_args(["sd", "finetune", "--data", "d", "--out", "o"])
-    assert FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)}) == (
-        FinetuneConfig("d")
-    )
+    assert build(FinetuneConfig, args) == FinetuneConfig("d")

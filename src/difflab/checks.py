@@ -68,7 +68,10 @@ def parse_list(
     """
     what = {int: "whole numbers", float: "numbers", str: "names"}[kind]
     shown = _shown(value)
-    items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]  # fmt: skip
+    if isinstance(value, str):
+        items = value.split(",")
+    else:
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
     bad = UsageError(f"{option} {shown}: expected comma-separated {what} like {example}")
     out: list = []
     for item in items:

@@ -67,9 +67,20 @@ def _maybe(value: Any, check, *args) -> Any:
     return None if value is None else check(value, *args)
 
 
+class _Checked:
+    """Options are built checked: the constructor (and ``dataclasses.replace``) runs
+    ``check()``, which parses every field into the value it holds or raises one line."""
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        raise NotImplementedError
+
+
 # -- DDPM -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class SampleOptions:
+class SampleOptions(_Checked):
     """``difflab sample``; None is the run's own value (its ``sample`` config)."""
 
     classes: tuple[int, ...] | None = None  # None: every class of the run
@@ -83,9 +94,6 @@ class SampleOptions:
     rows: str = "class"  # grid rows: class, sample, guidance or steps
     cols: str | None = None  # grid columns; None: the swept option, else sample
 
-    def __post_init__(self) -> None:
-        self.check()
-
     def check(self) -> None:
         g = _maybe(self.guidance, parse_list, float, "--guidance", "0,1,3", 0)
         s = _maybe(self.steps, parse_list, int, "--steps", "10,50", 1)
@@ -93,7 +101,7 @@ class SampleOptions:
         _set(self, sampler=_maybe(self.sampler, check_choice, SAMPLERS, "--sampler", "sampler"))
         _set(self, eta=_maybe(self.eta, check_float, "--eta", 0, 1), seed=check_seed(self.seed))
         _set(self, precision=check_precision(self.precision))
-        sizes = {"guidance": len(g or "_"), "steps": len(s or "_"), "class": 2, "sample": 2}
+        sizes = {"guidance": len(g or (0,)), "steps": len(s or (0,)), "class": 2, "sample": 2}
         rows, cols = grid_axes(self.rows, self.cols, sizes)
         n = self.n_per_class
         n = (8 if "sample" in (rows[0], cols) else 1) if n is None else n
@@ -114,7 +122,7 @@ class SampleOptions:
 
 
 @dataclass(frozen=True)
-class EvalOptions:
+class EvalOptions(_Checked):
     """``difflab eval``: every class, ``n_per_class`` samples each; None is the run's value."""
 
     n_per_class: int = 100
@@ -124,9 +132,6 @@ class EvalOptions:
     seed: int = 0
     precision: str = "auto"
     inception: bool = False  # also Inception FID/KID (slow on a CPU)
-
-    def __post_init__(self) -> None:
-        self.check()
 
     def check(self) -> None:
         n = check_int(self.n_per_class, "--n", 2, MAX_SAMPLES, _ENOUGH_FOR_DIVERSITY)
@@ -146,7 +151,7 @@ class EvalOptions:
 
 
 @dataclass(frozen=True)
-class ForwardOptions:
+class ForwardOptions(_Checked):
     """``difflab forward``: real images noised at the chosen t."""
 
     dataset: str | None = None  # None: the run's dataset, else mnist5k
@@ -156,14 +161,14 @@ class ForwardOptions:
     per_class: int = 1  # images per class (rows)
     seed: int = 0
 
-    def __post_init__(self) -> None:  # t is checked against T: t_values(opts.t, T)
+    def check(self) -> None:  # t is checked against T: t_values(opts.t, T)
         _set(self, t=parse_t(self.t), per_class=check_int(self.per_class, "--per-class", 1, 20))
         _set(self, seed=check_seed(self.seed))
         _set(self, run=_maybe(self.run, str), data_dir=_maybe(self.data_dir, str))
 
 
 @dataclass(frozen=True)
-class ReverseOptions:
+class ReverseOptions(_Checked):
     """``difflab reverse``: one trajectory per class, shown at the chosen t.
 
     The default is DDPM ancestral sampling with all T steps, as diffusers' ``DDPMPipeline``
@@ -178,7 +183,7 @@ class ReverseOptions:
     eta: float | None = None
     seed: int = 0
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         _set(self, t=parse_t(self.t), classes=parse_classes(self.classes))
         _set(self, guidance=_maybe(self.guidance, check_float, "--guidance", 0))
         _set(self, sampler=check_choice(self.sampler, SAMPLERS, "--sampler", "sampler"))
@@ -200,7 +205,7 @@ class ReverseOptions:
 
 
 @dataclass(frozen=True)
-class DDPMSweepAxes:
+class DDPMSweepAxes(_Checked):
     """``difflab sweep``: the axes of a guidance x steps x sampler x seed sweep (sorted)."""
 
     guidance: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0)
@@ -211,7 +216,7 @@ class DDPMSweepAxes:
     grid_class: int = 0  # the class shown in the image grid
     precision: str = "auto"
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         g = parse_list(self.guidance, float, "--guidance", "0,1,2,4", minimum=0)
         s = parse_list(self.steps, int, "--steps", "10,25,50", minimum=1)
         samplers = parse_list(self.samplers, str, "--sampler", "ddim,ddpm")
@@ -239,7 +244,7 @@ class DDPMSweepAxes:
 
 # -- Stable Diffusion -----------------------------------------------------------------------
 @dataclass(frozen=True)
-class SDPipelineSpec:
+class SDPipelineSpec(_Checked):
     """Which Stable Diffusion pipeline, on which device, in which dtype, with which LoRAs."""
 
     model: str = DEFAULT_SD_MODEL  # Hub id, diffusers folder or FILE.safetensors
@@ -254,7 +259,7 @@ class SDPipelineSpec:
     lora: tuple[str, ...] = ()  # FILE[:SCALE] each
     batch_size: int = 4  # images per pipeline call
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         model = str(self.model).strip()
         if not model:
             raise UsageError(
@@ -289,7 +294,7 @@ class SDPipelineSpec:
 
 
 @dataclass(frozen=True)
-class SDGeneration:
+class SDGeneration(_Checked):
     """``difflab sd generate``: image i uses seed ``seed + i``."""
 
     prompt: str = ""  # empty only with unconditional
@@ -301,7 +306,7 @@ class SDGeneration:
     n: int = 1
     size: tuple[int, int] = (512, 512)  # (width, height)
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         prompt = "" if self.prompt is None else str(self.prompt)
         if self.unconditional and prompt.strip():
             raise UsageError(
@@ -321,7 +326,7 @@ class SDGeneration:
 
 
 @dataclass(frozen=True)
-class SDSweepAxes:
+class SDSweepAxes(_Checked):
     """``difflab sd sweep``: prompts x guidance x steps x seeds (x LoRA scale), axes sorted."""
 
     prompts: tuple[str, ...] = ()
@@ -333,7 +338,7 @@ class SDSweepAxes:
     clip_model: str | None = DEFAULT_CLIP_MODEL  # for the CLIP score; None (or "none"): none
     lora_scales: tuple[float, ...] | None = None  # the LoRA's scale as an axis (needs a LoRA)
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         g = parse_list(self.guidance, float, "--guidance", "1,3,7.5", minimum=0)
         s = parse_list(self.steps, int, "--steps", "10,25,50", minimum=1)
         seeds = parse_list(self.seeds, int, "--seeds", "0,1,2", minimum=0)

@@ -85,20 +85,27 @@ def _add_sample(sub) -> None:
     p.add_argument("--classes", help="comma-separated class indices (default: all)")
     p.add_argument("--n-per-class",
                    help="samples per class (default 8, or 1 when --cols is not sample)")  # fmt: skip
-    p.add_argument("--guidance", help="classifier-free guidance scale s (diffusers convention), "
-                   "or a list: 0,1,3 (default: the run's)")  # fmt: skip
-    p.add_argument("--steps", help="sampling steps, or a list: 10,50 (default: the run's)")
-    p.add_argument("--sampler", help="ddpm, ddim, dpm++, unipc or euler (default: the run's)")
+    _add_sampling(p, ", or a list: 0,1,3", ", or a list: 10,50")
     p.add_argument("--eta", help="DDIM eta (0 deterministic; default: the run's)")
-    p.add_argument("--seed", type=int, help=f"default {default(SampleOptions, 'seed')}")
-    add_device(p)
-    add_precision(p)
     p.add_argument("--out", required=True, help="FILE.png or FILE.npz")
     add_trust_pickle(p)
     p.add_argument("--rows", help="grid rows: class (default), sample, guidance or steps")
     p.add_argument(
         "--cols", help="grid columns: class, sample, guidance or steps (default: the swept option)"
     )
+
+
+def _add_sampling(
+    p: argparse.ArgumentParser, guidance_list: str = "", steps_list: str = ""
+) -> None:
+    """What sample and eval share: the sampler's settings (default: the run's), seed, device."""
+    p.add_argument("--guidance", help=f"classifier-free guidance scale s (diffusers "
+                   f"convention){guidance_list} (default: the run's)")  # fmt: skip
+    p.add_argument("--steps", help=f"sampling steps{steps_list} (default: the run's)")
+    p.add_argument("--sampler", help="ddpm, ddim, dpm++, unipc or euler (default: the run's)")
+    p.add_argument("--seed", type=int, help=f"default {default(SampleOptions, 'seed')}")
+    add_device(p)
+    add_precision(p)
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -118,12 +125,7 @@ def _add_eval(sub) -> None:
                    help="also Inception FID/KID (slow on a CPU)")  # fmt: skip
     p.add_argument("run")
     p.add_argument("--n", help=f"samples per class (default {default(EvalOptions, 'n_per_class')})")  # fmt: skip
-    p.add_argument("--guidance", help="guidance scale s (default: the run's)")
-    p.add_argument("--steps", help="sampling steps (default: the run's)")
-    p.add_argument("--sampler", help="default: the run's")
-    p.add_argument("--seed", type=int, help=f"default {default(EvalOptions, 'seed')}")
-    add_device(p)
-    add_precision(p)
+    _add_sampling(p)
 
 
 def _eval(args: argparse.Namespace) -> None:
