@@ -29,8 +29,10 @@ from pathlib import Path
 
 import torch
 
+from difflab.checks import parse_size
 from difflab.devices import resolve_device
-from difflab.sd.generate import encode, generate, parse_size, run_pipeline
+from difflab.options import SDGeneration, SDPipelineSpec
+from difflab.sd.generate import encode, generate, run_pipeline
 from difflab.sd.load import load_pipeline
 from difflab.sd.tiny import build_sd15_shaped, build_tiny_sd
 
@@ -77,7 +79,14 @@ def main(argv: list[str] | None = None) -> int:
             model = args.model or build_tiny_sd(Path(tmp) / "tiny-sd")
         size = args.size or ("64x64" if args.model is None else "512x512")
         w, h = parse_size(size)
-        loaded = load_pipeline(model, device, args.dtype, args.scheduler)
+        spec = SDPipelineSpec(
+            model=str(model),
+            device=device,
+            dtype=args.dtype,
+            scheduler=args.scheduler,
+            batch_size=args.n,
+        )
+        loaded = load_pipeline(spec)
         pipe, prompt, seeds = (
             loaded.pipe,
             "a photograph of an astronaut riding a horse",
@@ -102,10 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             run_pipeline(loaded, encode(loaded, prompt, ""), args.guidance, args.steps, seeds, w, h)
 
         def end_to_end():
-            generate(
-                prompt, Path(tmp) / "out", guidance=args.guidance, steps=args.steps, n=args.n,
-                size=size, batch_size=args.n, loaded=loaded, progress=False,
-            )  # fmt: skip
+            opts = SDGeneration(
+                prompt, guidance=args.guidance, steps=args.steps, n=args.n, size=size
+            )
+            generate(opts, Path(tmp) / "out", spec, loaded=loaded, progress=False)
 
         rows = []
         cases = [("plain StableDiffusionPipeline call, one image per call", one_by_one),

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from difflab.experiments.ddpm_sweep import sweep_run
+from difflab.options import DDPMSweepAxes
 
 
 def main() -> None:
@@ -35,9 +36,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, group in (("one cell per call", 1), ("guidance batched", 8)):
             t0 = time.perf_counter()
+            axes = DDPMSweepAxes(
+                guidance=args.guidance, steps=args.steps, samplers=args.sampler, n_per_class=args.n
+            )
             r = sweep_run(
-                args.run, Path(tmp) / name.replace(" ", "-"), guidance=args.guidance,
-                steps=args.steps, sampler=args.sampler, n_per_class=args.n, device=args.device,
+                args.run, axes, Path(tmp) / name.replace(" ", "-"), device=args.device,
                 progress=False, plots=False, max_group=group,
             )  # fmt: skip
             wall = time.perf_counter() - t0

@@ -43,7 +43,7 @@ def server(tmp_path_factory):
     lab = Lab(runs, root / "models", device="cpu")
     port = free_port()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GRADIO_TEMP_DIR", str(runs / ".ui-cache"))  # as `difflab ui` sets it
+        mp.setenv("GRADIO_TEMP_DIR", str(root / "gradio-cache"))  # outside the runs folder
         app = app_mod.serve(lab, "127.0.0.1", port, block=False)
         client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
         yield lab, f"http://127.0.0.1:{port}/", client, secret

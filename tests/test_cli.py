@@ -44,8 +44,8 @@ def test_sample_png_and_npz_are_deterministic(run, tmp_path, capsys):
     [
         (["--classes", "0,12"], "--classes: 12 is out of range"),
         (["--classes", "a,b"], "--classes 'a,b'"),
-        (["--steps", "0"], "--steps 0"),
-        (["--guidance", "-1"], "--guidance -1"),
+        (["--steps", "0"], "--steps '0'"),
+        (["--guidance", "-1"], "--guidance '-1'"),
         (["--sampler", "plms"], "--sampler 'plms'"),
         (["--n-per-class", "0"], "--n-per-class 0"),
     ],

@@ -35,7 +35,7 @@ from difflab.ddpm.model import ContextUnet
 from difflab.errors import UsageError
 from helpers import train_args
 
-RUN_FILES = {"config.json", "metrics.jsonl", "model.safetensors", "train_state.pt"}
+RUN_FILES = {"config.json", "metrics.jsonl", "model.safetensors", "train_state.pt", ".lock"}
 
 
 def _train_args(out: Path, epochs: float, *extra: str) -> list[str]:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from difflab.checks import parse_t_list
 from difflab.cli import main
 from difflab.config import DiffusionConfig, ModelConfig, RunConfig
 from difflab.ddpm.data import load_dataset
@@ -22,7 +23,8 @@ from difflab.ddpm.processes import (
 from difflab.ddpm.runs import save_config, save_weights
 from difflab.errors import UsageError
 from difflab.figures.images import Panel, draw_table, png_settings, to_uint8
-from difflab.figures.process import frame_indices, parse_t_list
+from difflab.figures.process import frame_indices
+from difflab.options import ForwardOptions, ReverseOptions, SampleOptions
 from helpers import tiny_config, tiny_run
 
 
@@ -104,7 +106,8 @@ def test_forward_process_keeps_x0_at_0_and_is_pure_noise_at_T():
 
 
 def test_forward_figure_layout_and_the_t0_column_is_the_input(tmp_path):
-    r = forward_figure(tmp_path / "f.png", dataset="digits", t="T,T/2,0", per_class=2, seed=3)
+    opts = ForwardOptions(dataset="digits", t="T,T/2,0", per_class=2, seed=3)
+    r = forward_figure(opts, tmp_path / "f.png")
     s = png_settings(r.path)
     assert r.t == s["t"] == [0, 500, 1000] and s["T"] == 1000 and s["schedule"] == "linear"
     size = Image.open(r.path).size
@@ -175,7 +178,9 @@ def test_forward_colour_images(tmp_path):
         for i in range(3):
             pixels = rng.integers(0, 255, (10, 14, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / "data" / name / f"{i}.png")
-    r = forward_figure(tmp_path / "f.png", dataset=f"folder:{tmp_path / 'data'}", t="0,T")
+    r = forward_figure(
+        ForwardOptions(dataset=f"folder:{tmp_path / 'data'}", t="0,T"), tmp_path / "f.png"
+    )
     assert_clean_layout(r.table, Image.open(r.path).size)
     box = r.table.tiles[0, 1, 0]
     scale = (box[2] - box[0]) // 14
@@ -217,7 +222,11 @@ def test_reverse_figure_ddim_picks_the_nearest_steps_and_gif_has_a_frame_per_ste
 
 def test_reverse_default_is_ddpm_with_every_step(run, tmp_path):
     r = reverse_figure(
-        run, tmp_path / "r.png", classes="1,2", gif=tmp_path / "r.gif", progress=False
+        run,
+        ReverseOptions(classes="1,2"),
+        tmp_path / "r.png",
+        gif=tmp_path / "r.gif",
+        progress=False,
     )
     assert r.t == [100, 50, 25, 1, 0]  # exact
     assert r.settings["sampler"] == "ddpm" and r.settings["steps"] == 100
@@ -231,15 +240,8 @@ def test_reverse_default_is_ddpm_with_every_step(run, tmp_path):
 def test_reverse_columns_come_from_the_sampling_trajectory(run, tmp_path):
     from difflab.ddpm.runs import load_run
 
-    r = reverse_figure(
-        run,
-        tmp_path / "r.png",
-        classes="0,3",
-        sampler="ddim",
-        steps=5,
-        guidance=2.0,
-        progress=False,
-    )
+    opts = ReverseOptions(classes="0,3", sampler="ddim", steps=5, guidance=2.0)
+    r = reverse_figure(run, opts, tmp_path / "r.png", progress=False)
     model, diffusion, _ = load_run(run)
     x0 = sample_labels(model, diffusion, torch.tensor([0, 3]), guidance=2.0, steps=5, sampler="ddim",
                        seed=0, progress=False)  # fmt: skip
@@ -255,7 +257,7 @@ def test_reverse_columns_come_from_the_sampling_trajectory(run, tmp_path):
 def test_reverse_colour_non_square_with_mp4(rgb_run, tmp_path):
     import imageio.v2 as imageio
 
-    r = reverse_figure(rgb_run, tmp_path / "r.png", t="T,0", sampler="ddim", steps=4,
+    r = reverse_figure(rgb_run, ReverseOptions(t="T,0", sampler="ddim", steps=4), tmp_path / "r.png",
                        gif=tmp_path / "r.gif", mp4=tmp_path / "r.mp4", progress=False)  # fmt: skip
     assert r.t == [40, 0] and r.frames == 5
     assert_clean_layout(r.table, Image.open(r.path).size)
@@ -332,13 +334,13 @@ def test_plot_without_metrics_draws_the_schedule_only(tmp_path, capsys):
 
 # -- sample grids ------------------------------------------------------------------------------
 def test_sample_grid_guidance_columns_share_the_noise(run, tmp_path):
-    r = sample_run(run, tmp_path / "g.png", classes="0,1,2", guidance="0,1,3", cols="guidance", steps=3,
-                   progress=False)  # fmt: skip
+    grid = SampleOptions(classes="0,1,2", guidance="0,1,3", cols="guidance", steps=3)
+    r = sample_run(run, grid, tmp_path / "g.png", progress=False)
     s = png_settings(tmp_path / "g.png")
     assert s["guidance"] == [0, 1, 3] and s["rows"] == "class" and s["cols"] == "guidance"
     assert s["n_per_class"] == 1 and r.images.shape[0] == 9
-    one = sample_run(run, tmp_path / "one.npz", classes="0,1,2", guidance=1, n_per_class=1, steps=3,
-                     progress=False)  # fmt: skip
+    single = SampleOptions(classes="0,1,2", guidance=1, n_per_class=1, steps=3)
+    one = sample_run(run, single, tmp_path / "one.npz", progress=False)
     assert torch.equal(r.images[3:6], one.images)  # the s = 1 cells are the plain s = 1 samples
     assert not torch.equal(r.images[0:3], r.images[6:9])
     width, height = Image.open(tmp_path / "g.png").size

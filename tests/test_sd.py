@@ -32,15 +32,16 @@ from diffusers.pipelines.stable_diffusion.safety_checker import (  # noqa: E402
 )
 from transformers import CLIPModel  # noqa: E402
 
+from difflab.devices import resolve_dtype  # noqa: E402
 from difflab.evaluation.sd_metrics import ClipScorer, laplacian_variance  # noqa: E402
 from difflab.experiments.sd_sweep import sd_sweep, sweep_identity  # noqa: E402
+from difflab.options import SDGeneration, SDPipelineSpec, SDSweepAxes  # noqa: E402
 from difflab.sd import SCHEDULER_NAMES  # noqa: E402
 from difflab.sd.generate import generate, run_pipeline, truncation_note  # noqa: E402
 from difflab.sd.load import (  # noqa: E402
     SCHEDULERS,
     load_pipeline,
     make_scheduler,
-    resolve_dtype,
     resolve_model,
     scheduler_name,
 )
@@ -63,7 +64,7 @@ def models(tmp_path_factory) -> SimpleNamespace:
 
 @pytest.fixture(scope="module")
 def loaded(models):
-    return load_pipeline(models.sd, device="cpu", dtype="fp32")
+    return load_pipeline(SDPipelineSpec(model=str(models.sd), device="cpu", dtype="fp32"))
 
 
 def _gen_args(models, out: Path, *extra: str) -> list[str]:
@@ -107,16 +108,17 @@ def test_generate_reproduces_a_plain_pipeline_call_per_seed(models, loaded, tmp_
             generator=torch.Generator().manual_seed(seed), output_type="np",
         ).images[0]  # fmt: skip
         np.testing.assert_allclose(ours[i], ref, atol=1e-5)
-    a = generate("a cat", tmp_path / "a", steps=2, seed=3, size=SIZE, loaded=loaded)
-    b = generate("a cat", tmp_path / "b", steps=2, seed=3, size=SIZE, loaded=loaded)
-    c = generate("a cat", tmp_path / "c", steps=2, seed=4, size=SIZE, loaded=loaded)
+    a = generate(SDGeneration("a cat", steps=2, seed=3, size=SIZE), tmp_path / "a", loaded=loaded)
+    b = generate(SDGeneration("a cat", steps=2, seed=3, size=SIZE), tmp_path / "b", loaded=loaded)
+    c = generate(SDGeneration("a cat", steps=2, seed=4, size=SIZE), tmp_path / "c", loaded=loaded)
     pix = [np.asarray(Image.open(r.images[0].png)) for r in (a, b, c)]
     assert np.array_equal(pix[0], pix[1]) and not np.array_equal(pix[0], pix[2])
 
 
 def test_guidance_0_is_unconditional_and_1_is_conditional(loaded, tmp_path):
     def pixels(prompt, guidance, folder, **kw):
-        r = generate(prompt, tmp_path / folder, guidance=guidance, steps=2, size=SIZE, loaded=loaded, **kw)  # fmt: skip
+        opts = SDGeneration(prompt, guidance=guidance, steps=2, size=SIZE, **kw)
+        r = generate(opts, tmp_path / folder, loaded=loaded)
         return np.asarray(Image.open(r.images[0].png))
 
     uncond = pixels(None, 1, "u", unconditional=True)
@@ -130,7 +132,7 @@ def test_long_prompt_warns_what_was_cut(models, loaded, tmp_path):
     cut = note.split("no effect: ")[1]
     assert "CLIP reads 75" in note and "w39" in cut and "w20" not in cut
     assert truncation_note(loaded.pipe.tokenizer, "a cat", "--prompt") is None
-    r = generate(words, tmp_path, steps=1, size=SIZE, loaded=loaded)
+    r = generate(SDGeneration(words, steps=1, size=SIZE), tmp_path, loaded=loaded)
     assert any("w39" in n for n in r.notes)
 
 
@@ -174,11 +176,10 @@ def test_black_image_not_flagged_is_diagnosed(models, tmp_path, capsys, monkeypa
 
 # -- sweep -----------------------------------------------------------------------------------
 def _sweep(models, out: Path, **kw):
-    args = dict(
-        guidance="1,3", steps="1,2", seeds="0,1", size=SIZE, model=models.sd,
-        clip_model=str(models.clip), progress=False, batch_size=2,
-    )  # fmt: skip
-    return sd_sweep(["a red cube", "a blue ball"], out, **(args | kw))
+    args = dict(guidance="1,3", steps="1,2", seeds="0,1", size=SIZE, clip_model=str(models.clip))
+    axes = SDSweepAxes(["a red cube", "a blue ball"], **(args | kw))
+    spec = SDPipelineSpec(model=str(models.sd), device="cpu", batch_size=2)
+    return sd_sweep(axes, out, spec, progress=False)
 
 
 def test_sweep_resumes_after_kill_without_recomputing(models, tmp_path, monkeypatch):
@@ -217,8 +218,9 @@ def test_sweep_resumes_after_kill_without_recomputing(models, tmp_path, monkeypa
     # every cell of a seed starts from the latents `sd generate --seed` draws
     monkeypatch.setattr(StableDiffusionPipeline, "__call__", real)
     g = generate(
-        "a blue ball", tmp_path / "g", guidance=3, steps=2, seed=1, size=SIZE, model=models.sd
-    )
+        SDGeneration("a blue ball", guidance=3, steps=2, seed=1, size=SIZE), tmp_path / "g",
+        SDPipelineSpec(model=str(models.sd), device="cpu"),
+    )  # fmt: skip
     cell = np.asarray(Image.open(out / "cells" / "p01_g3_steps2_seed1.png"), dtype=int)
     assert np.abs(cell - np.asarray(Image.open(g.images[0].png), dtype=int)).max() <= 1
 
@@ -226,8 +228,8 @@ def test_sweep_resumes_after_kill_without_recomputing(models, tmp_path, monkeypa
 def test_sweep_refuses_other_settings_or_model_in_the_same_folder(models, tmp_path, capsys):
     out = tmp_path / "sweep"
     out.mkdir()
-    identity = sweep_identity(["a cat"], "1,3", "2", "0", "", SIZE, None, models.sd, "cpu",
-                              "auto", True, str(models.clip), False, None)  # fmt: skip
+    axes = SDSweepAxes(["a cat"], "1,3", "2", "0", size=SIZE, clip_model=str(models.clip))
+    identity = sweep_identity(axes, SDPipelineSpec(model=str(models.sd), device="cpu"))
     (out / "sd_sweep.json").write_text(json.dumps(identity))
     base = ["sd", "sweep", "--prompts", "a cat", "--steps", "2", "--seeds", "0", "--size", SIZE,
             "--clip-model", str(models.clip), "--device", "cpu", "--out", str(out)]  # fmt: skip
@@ -262,8 +264,8 @@ def test_sweep_into_a_held_folder_changes_nothing(models, tmp_path):
 
 def test_sweep_marks_flagged_cells_in_grid_and_tables(models, tmp_path):
     r = sd_sweep(
-        "a cat", tmp_path, guidance="1", steps="1", seeds="0,1", size=SIZE, model=models.flags,
-        clip_model="none", progress=False,
+        SDSweepAxes("a cat", guidance="1", steps="1", seeds="0,1", size=SIZE, clip_model="none"),
+        tmp_path, SDPipelineSpec(model=str(models.flags), device="cpu"), progress=False,
     )  # fmt: skip
     assert r.flagged == 2 and r.black_unflagged == 0
     assert all(x["nsfw"] and x["clip_score"] is None and x["detail"] is None for x in r.rows)
@@ -286,8 +288,8 @@ def test_report_of_an_sd_sweep(models, tmp_path):
     r = _sweep(models, sweep, steps="1", seeds="0")
     flagged = tmp_path / "flagged"
     sd_sweep(
-        "a cat", flagged, guidance="1", steps="1", seeds="0", size=SIZE, model=models.flags,
-        clip_model="none", progress=False,
+        SDSweepAxes("a cat", guidance="1", steps="1", seeds="0", size=SIZE, clip_model="none"),
+        flagged, SDPipelineSpec(model=str(models.flags), device="cpu"), progress=False,
     )  # fmt: skip
     rep = write_report([sweep, flagged], tmp_path / "report.html")
     page = rep.html.read_text()
@@ -394,10 +396,12 @@ def test_single_file_keeps_the_safety_checker(models, tmp_path, monkeypatch):
     monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", staticmethod(fake))
     file = tmp_path / "model.safetensors"
     save_file({"x": torch.zeros(1)}, file)
-    got = load_pipeline(file, model_config=models.sd)
+    got = load_pipeline(SDPipelineSpec(model=str(file), model_config=str(models.sd)))
     assert isinstance(seen["safety_checker"], StableDiffusionSafetyChecker)
     assert seen["config"] == str(models.sd) and got.safety_checker and got.source.label == "model"
-    got = load_pipeline(file, model_config=models.sd, safety_checker=False)
+    got = load_pipeline(
+        SDPipelineSpec(model=str(file), model_config=str(models.sd), safety_checker=False)
+    )
     assert seen["safety_checker"] is None and not got.safety_checker
     assert any("NOT screened" in n for n in got.notes)
 
@@ -506,8 +510,8 @@ def test_bad_input_is_one_line_exit_2_nothing_written(models, tmp_path, capsys):
 def test_real_sd15_generates_one_image(tmp_path):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     r = generate(
-        "a photograph of an astronaut riding a horse", tmp_path, steps=20, seed=0,
-        size="512x512", device=device, progress=False,
+        SDGeneration("a photograph of an astronaut riding a horse", steps=20, seed=0),
+        tmp_path, SDPipelineSpec(device=device), progress=False,
     )  # fmt: skip
     img = np.asarray(Image.open(r.images[0].png))
     assert img.shape == (512, 512, 3)

@@ -27,6 +27,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel  # noqa: E40
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from difflab.experiments.sd_sweep import sd_sweep, sweep_identity  # noqa: E402
+from difflab.options import SDGeneration, SDPipelineSpec, SDSweepAxes  # noqa: E402
 from difflab.sd.dataset import load_image_folder  # noqa: E402
 from difflab.sd.finetune import (  # noqa: E402
     FinetuneConfig,
@@ -246,12 +247,14 @@ def test_lora_loads_in_diffusers_and_through_generate(models, tmp_path, capsys):
     assert side["prompt"] == PROMPT and side["loras"][0]["scale"] == 1.0
     assert side["loras"][0]["file"] == str(models.lora)
     assert main([*args, "--out", str(tmp_path / "z"), "--lora", f"{models.lora}:0"]) == 0
-    plain_png = generate(PROMPT, tmp_path / "b", steps=4, seed=5, size="32x32", model=models.sd)
+    spec = SDPipelineSpec(model=str(models.sd), device="cpu")
+    plain_png = generate(SDGeneration(PROMPT, steps=4, seed=5, size="32x32"), tmp_path / "b", spec)
     zero = next((tmp_path / "z").glob("*.png"))
     assert np.array_equal(_pixels(zero), _pixels(plain_png.images[0].png))  # scale 0 = base
 
-    loaded = load_pipeline(models.sd)
-    generate(PROMPT, tmp_path / "r", steps=1, size="32x32", loaded=loaded, lora=[models.lora])
+    loaded = load_pipeline(SDPipelineSpec(model=str(models.sd)))
+    with_lora = SDPipelineSpec(model=str(models.sd), lora=[str(models.lora)])
+    generate(SDGeneration(PROMPT, steps=1, size="32x32"), tmp_path / "r", with_lora, loaded=loaded)
     assert loaded.pipe.get_list_adapters() == {}  # a reused pipeline is left as it was
 
 
@@ -259,8 +262,9 @@ def test_validation_grid_shows_what_generate_makes(models, tmp_path):
     from difflab.figures.sd import validation_grid
 
     r = generate(
-        "a sks square", tmp_path, steps=25, n=4, size="32x32", model=models.sd, lora=[models.lora]
-    )
+        SDGeneration("a sks square", steps=25, n=4, size="32x32"), tmp_path,
+        SDPipelineSpec(model=str(models.sd), lora=[str(models.lora)]),
+    )  # fmt: skip
     images = np.stack([np.asarray(Image.open(x.png)) for x in r.images])
     grid = validation_grid(images, [False] * 4, [0, 1, 2, 3], 40, "a sks square")
     assert np.array_equal(np.asarray(grid), _pixels(models.run / "validation" / "step_000040.png"))
@@ -315,9 +319,14 @@ def test_bad_lora_files_are_refused_with_one_line(models, tmp_path, capsys):
 
 # -- the sweep axis --------------------------------------------------------------------------
 def test_sweep_takes_the_lora_scale_as_an_axis(models, tmp_path):
-    kw = dict(guidance="3", steps="2", seeds="0", size="32x32", model=models.sd,
-              clip_model="none", progress=False)  # fmt: skip
-    r = sd_sweep(["a sks square"], tmp_path / "s", lora=[str(models.lora)], lora_scales="0,1", **kw)
+    kw = dict(guidance="3", steps="2", seeds="0", size="32x32", clip_model="none")
+    lora = SDPipelineSpec(model=str(models.sd), lora=[str(models.lora)])
+    plain_spec = SDPipelineSpec(model=str(models.sd))
+
+    def axes(**more):
+        return SDSweepAxes(["a sks square"], **kw, **more)
+
+    r = sd_sweep(axes(lora_scales="0,1"), tmp_path / "s", lora, progress=False)
     assert r.cells_total == 2 and {x["lora_scale"] for x in r.rows} == {0.0, 1.0}
     cells = tmp_path / "s" / "cells"
     assert sorted(p.name for p in cells.glob("*.png")) == [
@@ -327,19 +336,19 @@ def test_sweep_takes_the_lora_scale_as_an_axis(models, tmp_path):
     header = next(csv.reader(open(tmp_path / "s" / "metrics.csv")))
     assert header[:5] == ["prompt_index", "guidance", "steps", "seed", "lora_scale"]
     assert {p.name for p in r.figures} >= {"grid_p00_lora0.png", "grid_p00_lora1.png"}
-    plain = sd_sweep(["a sks square"], tmp_path / "plain", **kw)
+    plain = sd_sweep(axes(), tmp_path / "plain", plain_spec, progress=False)
     base = _pixels(tmp_path / "plain" / "cells" / "p00_g3_steps2_seed0.png")
     assert np.array_equal(_pixels(cells / "p00_g3_steps2_seed0_lora0.png"), base)
     assert not np.array_equal(_pixels(cells / "p00_g3_steps2_seed0_lora1.png"), base)
     assert "lora_scale" not in plain.rows[0] and "lora" not in plain.rows[0]
     with pytest.raises(UsageError, match="--lora-scales 0,1, not 0,0.5,1"):
-        sd_sweep(["a sks square"], tmp_path / "s", lora=[models.lora], lora_scales="0,.5,1", **kw)
+        sd_sweep(axes(lora_scales="0,.5,1"), tmp_path / "s", lora, progress=False)
     with pytest.raises(UsageError, match="without a LoRA"):
-        sd_sweep(["a sks square"], tmp_path / "plain", lora=[str(models.lora)], **kw)
+        sd_sweep(axes(), tmp_path / "plain", lora, progress=False)
     with pytest.raises(UsageError, match="--lora-scales needs --lora"):
-        sd_sweep(["a sks square"], tmp_path / "x", lora_scales="0,1", **kw)
-    identity = sweep_identity(["a"], "3", "2", "0", "", "32x32", None, models.sd, "cpu", "auto",
-                              True, None, False, None)  # fmt: skip
+        sd_sweep(axes(lora_scales="0,1"), tmp_path / "x", plain_spec, progress=False)
+    a = SDSweepAxes(["a"], "3", "2", "0", size="32x32", clip_model=None)
+    identity = sweep_identity(a, plain_spec)
     assert not any(k.startswith("lora") for k in identity)  # old sweeps keep their identity
 
 
@@ -407,11 +416,8 @@ def test_bad_data_and_options_are_one_line_exit_2_nothing_written(models, tmp_pa
 
 
 def test_cli_defaults_are_the_library_defaults():
-    from dataclasses import fields
-
     from difflab.cli import build_parser
+    from difflab.cli.args import build
 
     args = build_parser().parse_args(["sd", "finetune", "--data", "d", "--out", "o"])
-    assert FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)}) == (
-        FinetuneConfig("d")
-    )
+    assert build(FinetuneConfig, args) == FinetuneConfig("d")

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,17 +10,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from difflab.checks import parse_list
 from difflab.cli import main
 from difflab.evaluation import judge as judge_mod
 from difflab.experiments import ddpm_sweep as sweep_mod
 from difflab.experiments.core import file_sha256
-from difflab.experiments.ddpm_sweep import parse_list, sweep_run
+from difflab.experiments.ddpm_sweep import sweep_run
 from difflab.figures.images import png_settings
+from difflab.options import DDPMSweepAxes
 from helpers import tiny_run
 
-AXES = dict(
-    guidance="0,2", steps="2,3", seeds="0", n_per_class=2, progress=False, plots=False, max_group=8
-)
+AXES = DDPMSweepAxes(guidance="0,2", steps="2,3", seeds="0", n_per_class=2)
+QUIET = dict(progress=False, plots=False, max_group=8)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,7 @@ def test_resume_after_kill_recomputes_nothing(run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(sweep_mod, "sample_cells", killed_after_one_group)
     with pytest.raises(RuntimeError, match="killed"):
-        sweep_run(run, out, **AXES)
+        sweep_run(run, AXES, out, **QUIET)
     table = (out / "metrics.csv").read_text().splitlines()
     assert len(table) == 1 + 2  # the table holds exactly the two finished cells
     assert sorted(p.stem for p in (out / "cells").glob("*.json")) == sorted(calls)
@@ -68,7 +70,7 @@ def test_resume_after_kill_recomputes_nothing(run, tmp_path, monkeypatch):
         "sample_cells",
         lambda *a, **k: calls2.extend(c.key for c in a[4]) or real(*a, **k),
     )
-    result = sweep_run(run, out, **AXES)
+    result = sweep_run(run, AXES, out, **QUIET)
     assert result.cells_total == 4 and result.cells_run == 2
     assert len(calls2) == 2 and not set(calls2) & set(first)  # finished cells not recomputed
     after = snapshot(out / "cells")
@@ -83,7 +85,7 @@ def test_resume_after_kill_recomputes_nothing(run, tmp_path, monkeypatch):
     assert len((out / "metrics.csv").read_text().splitlines()) == 5
     assert not list((out / "cells").glob(".*"))  # no temporary files left
 
-    sweep_run(run, out, **AXES)  # a finished sweep: nothing to compute
+    sweep_run(run, AXES, out, **QUIET)  # a finished sweep: nothing to compute
     assert len(calls2) == 2
 
 
@@ -107,9 +109,8 @@ def test_ctrl_c_exits_130_and_resumes(run, tmp_path, monkeypatch, capsys):
 
 
 def test_cells_share_x_T_and_match_difflab_sample(run, tmp_path, monkeypatch):
-    axes = dict(
-        guidance="0,2", steps="2,3", seeds="0,1", n_per_class=2, progress=False, plots=False
-    )
+    axes = DDPMSweepAxes(guidance="0,2", steps="2,3", seeds="0,1", n_per_class=2)
+    quiet = dict(progress=False, plots=False)
     seen = []
     real = sweep_mod.sample_steps
     monkeypatch.setattr(
@@ -117,7 +118,7 @@ def test_cells_share_x_T_and_match_difflab_sample(run, tmp_path, monkeypatch):
         "sample_steps",
         lambda *a, **k: seen.append((k["seed"], k["x_T"])) or real(*a, **k),
     )
-    sweep_run(run, tmp_path / "a", **axes, max_group=8)
+    sweep_run(run, axes, tmp_path / "a", **quiet, max_group=8)
     assert len(seen) == 4  # one call per seed and step count: both guidance values batched
     by_seed = {0: [x for s, x in seen if s == 0], 1: [x for s, x in seen if s == 1]}
     assert all(torch.equal(x, by_seed[0][0]) for x in by_seed[0])  # one x_T for all cells of a seed
@@ -125,7 +126,7 @@ def test_cells_share_x_T_and_match_difflab_sample(run, tmp_path, monkeypatch):
     assert not torch.equal(by_seed[0][0], by_seed[1][0])
 
     monkeypatch.setattr(sweep_mod, "sample_steps", real)
-    sweep_run(run, tmp_path / "b", **axes)
+    sweep_run(run, axes, tmp_path / "b", **quiet)
     # the same sweep unbatched (the CPU default), into another folder: the same images
     for p in (tmp_path / "a" / "cells").glob("*.npz"):
         a, b = np.load(p), np.load(tmp_path / "b" / "cells" / p.name)
@@ -154,9 +155,8 @@ def test_cells_share_x_T_and_match_difflab_sample(run, tmp_path, monkeypatch):
 
 def test_tables_summary_and_figures(run, tmp_path):
     out = tmp_path / "sw"
-    r = sweep_run(
-        run, out, guidance="0,1,3", steps="2,4", seeds="0,1", n_per_class=2, progress=False
-    )
+    axes = DDPMSweepAxes(guidance="0,1,3", steps="2,4", seeds="0,1", n_per_class=2)
+    r = sweep_run(run, axes, out, progress=False)
     assert len(r.rows) == 12 and len(r.summary) == 6
     head = (out / "metrics.csv").read_text().splitlines()[0].split(",")
     assert head[:4] == ["sampler", "steps", "guidance", "seed"] and "kid" in head
@@ -269,16 +269,19 @@ def test_bad_run_folders(run, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_parse_list_sorts_and_accepts_lists():
-    assert parse_list("4, 0,1", float, "--guidance", "0,1") == [0.0, 1.0, 4.0]
-    assert parse_list([25, 10], int, "--steps", "10") == [10, 25]
-    assert parse_list("ddpm,ddim", str, "--sampler", "ddim") == ["ddim", "ddpm"]
+def test_sweep_axes_are_sorted_and_accept_lists():
+    """A sweep's axes are sets: --guidance 2,0 and 0,2 are the same sweep (the list parser
+    itself keeps the user's order)."""
+    axes = DDPMSweepAxes(guidance="4, 0,1", steps=[25, 10], samplers="ddpm,ddim")
+    assert axes.guidance == (0.0, 1.0, 4.0) and axes.steps == (10, 25)
+    assert axes.samplers == ("ddim", "ddpm")
+    assert parse_list("4, 0,1", float, "--guidance", "0,1") == (4.0, 0.0, 1.0)
 
 
 def test_demo_sweep_and_report_redoes_a_stale_sweep(run, tmp_path, monkeypatch):
     from difflab.experiments import demo
 
-    monkeypatch.setattr(demo, "SWEEP", dict(guidance="0,2", steps="2", n_per_class=2))
+    monkeypatch.setattr(demo, "SWEEP", DDPMSweepAxes(guidance="0,2", steps="2", n_per_class=2))
     mine = tmp_path / "demo"
     shutil.copytree(run, mine)
     page = demo.sweep_and_report(mine)
@@ -329,7 +332,7 @@ def test_second_sweep_into_a_busy_folder_is_refused(run, tmp_path, capsys):
     import sys
 
     out = tmp_path / "sw"
-    sweep_run(run, out, **{**AXES, "guidance": "0", "steps": "2"})
+    sweep_run(run, replace(AXES, guidance="0", steps="2"), out, **QUIET)
     before = snapshot(out)
     capsys.readouterr()
     holder = subprocess.Popen(  # another process holds the folder's lock

@@ -12,6 +12,7 @@ import pytest
 
 from difflab.evaluation import judge as judge_mod
 from difflab.experiments.ddpm_sweep import sweep_run
+from difflab.options import DDPMSweepAxes, SDPipelineSpec, SDSweepAxes
 from helpers import tiny_run
 
 
@@ -30,8 +31,9 @@ def test_two_processes_split_the_cells_and_rank_0_merges(tmp_path, monkeypatch):
     real = judge_mod.train_judge
     monkeypatch.setattr(judge_mod, "train_judge", lambda *a, **k: real(*a, **{**k, "epochs": 1}))
     run = tiny_run(tmp_path)
+    axes = DDPMSweepAxes(guidance="0,2", steps="2,3", n_per_class=2)
     one = sweep_run(
-        run, tmp_path / "one", guidance="0,2", steps="2,3", n_per_class=2, progress=False
+        run, axes, tmp_path / "one", progress=False
     )  # also caches the judge for the two processes
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
@@ -66,10 +68,9 @@ def test_sd_sweep_split_between_two_processes(tmp_path):
     from difflab.sd.tiny import build_tiny_sd
 
     model = build_tiny_sd(tmp_path / "sd")
-    axes = dict(guidance="1,3", steps="1,2", seeds="0", size="64x64", clip_model="none")
-    one = sd_sweep(
-        "a red cube", tmp_path / "one", model=model, batch_size=1, progress=False, **axes
-    )
+    axes = SDSweepAxes("a red cube", "1,3", "1,2", "0", size="64x64", clip_model="none")
+    spec = SDPipelineSpec(model=str(model), device="cpu", batch_size=1)
+    one = sd_sweep(axes, tmp_path / "one", spec, progress=False)
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",

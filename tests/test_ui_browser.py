@@ -59,7 +59,7 @@ def test_sample_from_a_tiny_run_and_see_the_image(server, browser, tmp_path):
     img.screenshot(path=str(shot))
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
     assert pixels.std() > 10  # an image of digits, not a blank box
-    assert "40 samples in" in status.input_value()  # default: 4 per class, 10 classes
+    assert "80 samples in" in status.input_value()  # default: 8 per class, 10 classes
     assert page.locator("text=difflab sample").count() > 0  # the equivalent command is shown
     page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
     assert not errors, errors

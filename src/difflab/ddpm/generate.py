@@ -1,6 +1,8 @@
 """Sampling from a run folder into files: labelled PNG grids or ``.npz`` arrays.
 
-Loads a run once, draws ``n_per_class`` samples for each requested class through the one
+:func:`sample_run` takes a :class:`~difflab.options.SampleOptions` (checked when it was
+built; here only against the run). It loads a run once, draws ``n_per_class`` samples for
+each requested class through the one
 sampling generator (in batches, with progress), and writes a grid PNG carrying its settings
 or an ``.npz`` with ``images`` (uint8, N x H x W x C) and ``labels`` (int64, N).
 """
@@ -18,12 +20,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from difflab.checks import grid_axes
 from difflab.ddpm.runs import load_run
-from difflab.ddpm.sampling import Step, check_sampling_args, sample_steps
+from difflab.ddpm.sampling import Step, sample_steps
 from difflab.devices import resolve_precision
 from difflab.errors import UsageError
 from difflab.figures.images import Panel, draw_table, save_png, to_uint8
 from difflab.files import atomic_path
+from difflab.options import SampleOptions
 from difflab.seeds import indices_within_class
 
 
@@ -33,25 +37,6 @@ class SampleResult:
     labels: torch.Tensor  # (N,)
     seconds: float
     settings: dict
-
-
-def parse_classes(text: str | None, num_classes: int) -> list[int]:
-    if text is None or text.strip() in ("", "all"):
-        return list(range(num_classes))
-    try:
-        classes = [int(c) for c in text.split(",") if c.strip() != ""]
-    except ValueError:
-        raise UsageError(
-            f"--classes {text!r}: expected comma-separated class indices like 0,3,7"
-        ) from None
-    if not classes:
-        raise UsageError(f"--classes {text!r}: no class given")
-    bad = [c for c in classes if not 0 <= c < num_classes]
-    if bad:
-        raise UsageError(
-            f"--classes: {bad[0]} is out of range; this run has classes 0..{num_classes - 1}"
-        )
-    return classes
 
 
 def check_out_path(out: str | Path, suffixes: tuple[str, ...], option: str = "--out") -> Path:
@@ -86,7 +71,6 @@ def sample_labels(
     batch size, on how many images are asked for or on the other classes.
     ``on_step(step)`` sees every step of every batch (live previews, cancelling by raising).
     """
-    check_sampling_args(sampler, steps, guidance, eta, diffusion.num_timesteps)
     out = []
     indices = indices_within_class(labels)
     chunks = list(zip(labels.split(batch_size), indices.split(batch_size), strict=True))
@@ -108,119 +92,55 @@ def sample_labels(
     return torch.cat(out)
 
 
-GRID_AXES = ("class", "sample", "guidance", "steps")
-
-
-def parse_values(value, kind: type, option: str, example: str) -> list | None:
-    """``"0,1,3"`` / ``2.0`` / ``[10, 50]`` -> a list of ``kind``; None stays None."""
-    if value is None:
-        return None
-    items = (
-        value.split(",")
-        if isinstance(value, str)
-        else value
-        if isinstance(value, (list, tuple))
-        else [value]
-    )
-    try:
-        out = [kind(v.strip()) if isinstance(v, str) else kind(v) for v in items]
-    except (TypeError, ValueError):
-        raise UsageError(
-            f"{option} {value!r}: expected a value or a comma-separated list like {example}"
-        ) from None
-    if not out:
-        raise UsageError(f"{option} {value!r}: no value given")
-    if kind is int and any(isinstance(v, float) and not v.is_integer() for v in items):
-        raise UsageError(f"{option} {value!r}: expected whole numbers like {example}")
-    return out
-
-
-def grid_axes(rows: str, cols: str | None, sizes: dict[str, int]) -> tuple[list[str], str]:
-    """Row axes (the chosen one, then class/sample when they vary) and the column axis."""
-    if rows not in GRID_AXES:
-        raise UsageError(f"--rows {rows!r}: choose one of {', '.join(GRID_AXES)}")
-    if cols is None:  # the swept option goes on the columns, else the samples of a class
-        swept = [a for a in ("guidance", "steps") if sizes[a] > 1 and a != rows]
-        if len(swept) > 1:
-            raise UsageError(
-                "--guidance and --steps both have several values: put one on --rows, the other on --cols"
-            )
-        cols = swept[0] if swept else "sample" if rows != "sample" else "class"
-    if cols not in GRID_AXES:
-        raise UsageError(f"--cols {cols!r}: choose one of {', '.join(GRID_AXES)}")
-    if cols == rows:
-        raise UsageError(f"--cols {cols}: must differ from --rows {rows}")
-    for axis in ("guidance", "steps"):
-        if sizes[axis] > 1 and axis not in (rows, cols):
-            raise UsageError(f"--{axis}: several values need --rows {axis} or --cols {axis}")
-    folded = [a for a in ("class", "sample") if a not in (rows, cols) and sizes[a] > 1]
-    return [rows, *folded], cols
-
-
 def sample_run(
     run: str | Path,
+    opts: SampleOptions,
     out: str | Path,
-    classes: str | None = None,
-    n_per_class: int | None = None,
-    guidance: float | str | list[float] | None = None,
-    steps: int | str | list[int] | None = None,
-    sampler: str | None = None,
-    eta: float | None = None,
-    seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
     trust_pickle: bool = False,
-    rows: str = "class",
-    cols: str | None = None,
     on_step: Callable[[Step], None] | None = None,
-    precision: str = "auto",
 ) -> SampleResult:
-    """``difflab sample``: check everything, sample, and write ``out`` (.png grid or .npz).
+    """``difflab sample``: sample ``opts`` from ``run`` and write ``out`` (.png grid or .npz).
 
-    ``guidance`` and ``steps`` may be lists (``"0,1,3"``) for a PNG grid whose ``rows`` and
-    ``cols`` are any two of class, sample, guidance and steps (class and sample, when not
-    shown and several, repeat the rows). Every cell of a row starts from the same noise (the
-    seeding rule gives an image the same x_T whatever the guidance or steps), so cells differ
-    only by the swept option. ``n_per_class`` defaults to 8 when the samples of
-    a class are an axis of the grid, else 1.
+    Several guidance or steps values make a PNG grid whose rows and columns are any two of
+    class, sample, guidance and steps (class and sample, when not shown and several, repeat
+    the rows). Every cell of a row starts from the same noise (the seeding rule gives an
+    image the same x_T whatever the guidance or steps), so cells differ only by the swept
+    option.
     """
     out = check_out_path(out, (".png", ".npz"))
-    autocast = resolve_precision(precision, device)
-    g_list = parse_values(guidance, float, "--guidance", "0,1,3")
-    s_list = parse_values(steps, int, "--steps", "10,50")
-    if out.suffix.lower() == ".npz" and (len(g_list or ()) > 1 or len(s_list or ()) > 1):
+    if out.suffix.lower() == ".npz" and (len(opts.guidance or ()) > 1 or len(opts.steps or ()) > 1):
         raise UsageError(
             f"--out {out}: several --guidance/--steps values make a grid; write a .png"
         )
-    sizes = {"guidance": len(g_list or [0]), "steps": len(s_list or [0])}
-    shown = grid_axes(rows, cols, {**sizes, "class": 2, "sample": 2})
-    if n_per_class is None:
-        n_per_class = 8 if "sample" in (shown[0][0], shown[1]) else 1
-    if n_per_class < 1:
-        raise UsageError(f"--n-per-class {n_per_class}: must be at least 1")
+    autocast = resolve_precision(opts.precision, device)
     model, diffusion, cfg = load_run(run, device=device, trust_pickle=trust_pickle)
-    sc = cfg.sample
-    g_list = g_list or [sc.guidance]
-    s_list = s_list or [sc.steps]
-    sampler = sc.sampler if sampler is None else sampler
-    eta = sc.eta if eta is None else eta
-    for g, st in itertools.product(g_list, s_list):
-        check_sampling_args(sampler, st, g, eta, diffusion.num_timesteps)
-    cls = parse_classes(classes, cfg.model.num_classes)
-    row_axes, col_axis = grid_axes(rows, cols, {**sizes, "class": len(cls), "sample": n_per_class})
+    opts = opts.for_run(cfg)
+    sc, cls, n_per_class = cfg.sample, list(opts.classes), opts.n_per_class
+    g_list, s_list = list(opts.guidance), list(opts.steps)
+    sizes = {
+        "guidance": len(g_list),
+        "steps": len(s_list),
+        "class": len(cls),
+        "sample": n_per_class,
+    }
+    row_axes, col_axis = grid_axes(opts.rows, opts.cols, sizes)
     labels = torch.tensor(cls).repeat_interleave(n_per_class)
     t0 = time.perf_counter()
     cells = {}  # (guidance index, steps index) -> (N, C, H, W); the same labels, so the same x_T
     for (gi, g), (si, st) in itertools.product(enumerate(g_list), enumerate(s_list)):
         cells[gi, si] = sample_labels(
-            model, diffusion, labels, guidance=g, steps=st, sampler=sampler, eta=eta,
-            spacing=sc.spacing, seed=seed, progress=progress, on_step=on_step, autocast=autocast,
+            model, diffusion, labels, guidance=g, steps=st, sampler=opts.sampler, eta=opts.eta,
+            spacing=sc.spacing, seed=opts.seed, progress=progress, on_step=on_step,
+            autocast=autocast,
         )  # fmt: skip
     seconds = time.perf_counter() - t0
     one = lambda v: v[0] if len(v) == 1 else v  # noqa: E731
     settings = {
         "run": str(run), "classes": cls, "n_per_class": n_per_class, "guidance": one(g_list),
-        "steps": one(s_list), "sampler": sampler, "eta": eta, "seed": seed, "spacing": sc.spacing,
+        "steps": one(s_list), "sampler": opts.sampler, "eta": opts.eta, "seed": opts.seed,
+        "spacing": sc.spacing,
     }  # fmt: skip
     if autocast:
         settings["precision"] = autocast
@@ -238,7 +158,7 @@ def sample_run(
             "guidance": g_list,
             "steps": s_list,
         }
-        grid = sample_grid(cells, values, row_axes, col_axis, sampler, seed)
+        grid = sample_grid(cells, values, row_axes, col_axis, opts.sampler, opts.seed)
         save_png(out, grid, settings)
     return SampleResult(images, all_labels, seconds, settings)
 

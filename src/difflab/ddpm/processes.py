@@ -22,17 +22,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from difflab.checks import t_values
 from difflab.config import DiffusionConfig, RunConfig
 from difflab.ddpm.data import load_dataset
 from difflab.ddpm.diffusion import SIGNAL_WARN_LEVEL, GaussianDiffusion
-from difflab.ddpm.generate import check_out_path, parse_classes, sample_labels
+from difflab.ddpm.generate import check_out_path, sample_labels
 from difflab.ddpm.runs import CONFIG, METRICS, check_run_dir, load_run
-from difflab.ddpm.sampling import check_sampling_args, sample_steps
+from difflab.ddpm.sampling import sample_steps
 from difflab.errors import UsageError
 from difflab.figures import process as draw
 from difflab.figures.images import Table, render_figure, save_png, to_uint8
 from difflab.figures.runs import loss_figure, schedule_figure
 from difflab.files import read_jsonl
+from difflab.options import ForwardOptions, ReverseOptions
 
 BEFORE_AFTER = "before_after.png"  # in RUN/figures
 _TARGET = {"eps": "ε", "x0": "x₀", "v": "v"}
@@ -80,15 +82,7 @@ def forward_process(
     return torch.stack(cols, 1)
 
 
-def forward_figure(
-    out: str | Path,
-    dataset: str | None = None,
-    run: str | Path | None = None,
-    t: str | Sequence[int] = draw.DEFAULT_T,
-    per_class: int = 1,
-    seed: int = 0,
-    data_dir: str | None = None,
-) -> FigureResult:
+def forward_figure(opts: ForwardOptions, out: str | Path) -> FigureResult:
     """``difflab forward``: real images noised with the run's (or the default) schedule.
 
     Rows are ``per_class`` images of every class (picked with ``seed``); columns are the
@@ -96,8 +90,9 @@ def forward_figure(
     noise draw per image is shared by all columns, so a row shows one image dissolving.
     """
     out = check_out_path(out, (".png",))
-    if not 1 <= per_class <= 20:
-        raise UsageError(f"--per-class {per_class}: must be between 1 and 20")
+    run, dataset, data_dir, per_class, seed = (
+        opts.run, opts.dataset, opts.data_dir, opts.per_class, opts.seed
+    )  # fmt: skip
     if run is not None:
         cfg = RunConfig.load(check_run_dir(run, need_weights=False) / CONFIG)
         dcfg = cfg.diffusion
@@ -106,7 +101,7 @@ def forward_figure(
     else:
         dcfg, dataset = DiffusionConfig(), dataset or "mnist5k"
     diffusion = GaussianDiffusion(dcfg, warn=False)
-    ts = sorted(set(draw.parse_t_list(t, diffusion.num_timesteps)))
+    ts = sorted(set(t_values(opts.t, diffusion.num_timesteps)))
     data = load_dataset(dataset, "train", data_dir)
 
     gen = torch.Generator().manual_seed(seed)
@@ -135,14 +130,8 @@ def forward_figure(
 # -- reverse process ------------------------------------------------------------------------
 def reverse_figure(
     run: str | Path,
+    opts: ReverseOptions,
     out: str | Path,
-    t: str | Sequence[int] = draw.DEFAULT_T,
-    classes: str | None = None,
-    seed: int = 0,
-    guidance: float | None = None,
-    sampler: str | None = None,
-    steps: int | None = None,
-    eta: float | None = None,
     gif: str | Path | None = None,
     mp4: str | Path | None = None,
     device: str = "cpu",
@@ -168,15 +157,16 @@ def reverse_figure(
                 f"--mp4 {mp4}: needs the imageio-ffmpeg package (or use --gif)"
             ) from None
     model, diffusion, cfg = load_run(run, device=device, trust_pickle=trust_pickle)
-    T = diffusion.num_timesteps
-    sampler = sampler or "ddpm"
-    if steps is None:
-        steps = T if sampler == "ddpm" else cfg.sample.steps
-    guidance = cfg.sample.guidance if guidance is None else guidance
-    eta = cfg.sample.eta if eta is None else eta
-    check_sampling_args(sampler, steps, guidance, eta, T)
-    ts = sorted(set(draw.parse_t_list(t, T)), reverse=True)
-    cls = parse_classes(classes, cfg.model.num_classes)
+    opts = opts.for_run(cfg)  # the run's sampling defaults, checked against its T and classes
+    sampler, steps, guidance, eta, seed = (
+        opts.sampler,
+        opts.steps,
+        opts.guidance,
+        opts.eta,
+        opts.seed,
+    )
+    ts = sorted(set(t_values(opts.t, diffusion.num_timesteps)), reverse=True)
+    cls = list(opts.classes)
     known = cfg.model.class_names
     names = [known[c] if c < len(known) else str(c) for c in cls]
 

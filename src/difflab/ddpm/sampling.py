@@ -20,13 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from difflab.checks import SAMPLERS, check_trajectory
 from difflab.ddpm.diffusion import GaussianDiffusion
 from difflab.errors import UsageError
 from difflab.seeds import ImageNoise, indices_within_class
 
 OWN_SAMPLERS = ("ddpm", "ddim")
 DIFFUSERS_SAMPLERS = ("dpm++", "unipc", "euler")
-SAMPLERS = OWN_SAMPLERS + DIFFUSERS_SAMPLERS
+assert set(SAMPLERS) == {*OWN_SAMPLERS, *DIFFUSERS_SAMPLERS}  # the names of config.SamplerName
 SPACINGS = ("trailing", "leading", "linspace")
 
 
@@ -43,8 +44,7 @@ class Step:
 
 def make_timesteps(num_train: int, steps: int, spacing: str = "trailing") -> list[int]:
     """Descending timestep indices, spaced as diffusers' ``timestep_spacing`` option."""
-    if not 1 <= steps <= num_train:
-        raise UsageError(f"--steps {steps}: must be between 1 and the run's T = {num_train}")
+    assert 1 <= steps <= num_train, (steps, num_train)  # checked where the options are built
     if spacing == "leading":
         ratio = num_train // steps
         ts = (np.arange(0, steps) * ratio).round()[::-1]
@@ -52,28 +52,9 @@ def make_timesteps(num_train: int, steps: int, spacing: str = "trailing") -> lis
         ts = np.round(np.arange(num_train, 0, -num_train / steps)) - 1
     elif spacing == "linspace":
         ts = np.linspace(0, num_train - 1, steps).round()[::-1]
-    else:
-        raise UsageError(f"spacing {spacing!r}: choose one of {', '.join(SPACINGS)}")
+    else:  # a run config's spacing is checked when it is loaded
+        raise ValueError(f"spacing {spacing!r}: not one of {', '.join(SPACINGS)}")
     return [int(t) for t in ts]
-
-
-def check_sampling_args(
-    sampler: str, steps: int, guidance: float, eta: float, num_train: int
-) -> None:
-    if sampler not in SAMPLERS:
-        raise UsageError(
-            f"--sampler {sampler!r}: unknown sampler; choose one of {', '.join(SAMPLERS)}"
-        )
-    if not isinstance(steps, int) or steps < 1:
-        raise UsageError(f"--steps {steps}: must be a positive integer")
-    if steps > num_train:
-        raise UsageError(f"--steps {steps}: must be at most the run's T = {num_train}")
-    if not guidance >= 0:
-        raise UsageError(
-            f"--guidance {guidance}: must be >= 0 (0 unconditional, 1 conditional, >1 guided)"
-        )
-    if not 0 <= eta <= 1:
-        raise UsageError(f"--eta {eta}: must be between 0 and 1")
 
 
 # -- one update each; eps and x0 come from the same (guided, clipped) prediction -------------
@@ -140,7 +121,7 @@ def diffusers_scheduler(name: str, diffusion: GaussianDiffusion, spacing: str = 
         return diffusers.UniPCMultistepScheduler(**common)
     if name == "euler":
         return diffusers.EulerDiscreteScheduler(**common)
-    raise UsageError(f"--sampler {name!r}: choose one of {', '.join(SAMPLERS)}")
+    raise ValueError(f"sampler {name!r}: not one of {', '.join(DIFFUSERS_SAMPLERS)}")
 
 
 class GuidedModel:
@@ -250,8 +231,8 @@ def sample_steps(
     if sampled on its own.
     """
     scales = guidance.tolist() if isinstance(guidance, torch.Tensor) else [guidance]
-    for g in sorted(set(scales)):
-        check_sampling_args(sampler, steps, g, eta, diffusion.num_timesteps)
+    for g in sorted(set(scales)):  # a cheap guard: callers pass options checked when built
+        check_trajectory(sampler, steps, g, eta, diffusion.num_timesteps)
     if groups < 1 or labels.shape[0] % groups:
         raise ValueError(f"groups={groups} does not divide the batch of {labels.shape[0]}")
     device = next(model.parameters()).device

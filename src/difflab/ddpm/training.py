@@ -14,8 +14,10 @@ run folder and shows progress, and a run folder resumes with any number of proce
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -34,7 +36,7 @@ from difflab.ddpm.model import ContextUnet
 from difflab.ddpm.runs import init_from_run
 from difflab.devices import resolve_device
 from difflab.errors import UsageError
-from difflab.files import append_jsonl
+from difflab.files import LOCK_FILE, append_jsonl, folder_lock
 from difflab.runfolder import TrainingDiverged, TrainingInterrupted
 
 __all__ = [
@@ -454,10 +456,20 @@ def train(
         )
     if not out.parent.exists():
         raise UsageError(f"--out {out}: folder {out.parent} does not exist")
-    trainer = Trainer(cfg, out, device=device, resume=resume, progress=progress)
-    for note in trainer.notes:
-        if on_note is None:
-            warnings.warn(note, stacklevel=2)
-        else:
-            on_note(note)
-    return trainer.fit(stop_at_step=stop_at_step)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file, not a folder")
+    main, fresh = distributed.is_main_process(), not out.exists()
+    if not resume:
+        out.mkdir(exist_ok=True)  # the run folder's lock lives in it: one training per run
+    try:
+        with folder_lock(out) if main and out.is_dir() else contextlib.nullcontext():
+            trainer = Trainer(cfg, out, device=device, resume=resume, progress=progress)
+            for note in trainer.notes:
+                if on_note is None:
+                    warnings.warn(note, stacklevel=2)
+                else:
+                    on_note(note)
+            return trainer.fit(stop_at_step=stop_at_step)
+    finally:
+        if main and fresh and out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
+            shutil.rmtree(out, ignore_errors=True)  # refused before anything was written

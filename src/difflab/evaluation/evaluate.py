@@ -17,11 +17,11 @@ import torch
 
 from difflab.ddpm.data import load_dataset
 from difflab.ddpm.runs import load_run
-from difflab.errors import UsageError
 from difflab.evaluation.distances import frechet_distance, kid
 from difflab.evaluation.judge import Judge, get_judge
 from difflab.evaluation.metrics import conditional_accuracy, diversity, features_of, real_floor
 from difflab.files import write_json
+from difflab.options import EvalOptions
 
 
 def evaluate_samples(
@@ -81,49 +81,41 @@ def inception_against_test(
 
 def evaluate_run(
     run: str | Path,
-    n_per_class: int = 100,
-    guidance: float | None = None,
-    steps: int | None = None,
-    sampler: str | None = None,
-    seed: int = 0,
+    opts: EvalOptions | None = None,
     device: str = "cpu",
     progress: bool = True,
     write: bool = True,
-    inception: bool = False,
-    precision: str = "auto",
 ) -> dict[str, Any]:
+    """``difflab eval``: sample ``opts`` (default :class:`~difflab.options.EvalOptions`) from
+    ``run``, measure the samples and write ``eval.json`` into the run folder."""
     from difflab.ddpm.generate import sample_labels
     from difflab.devices import resolve_precision
 
-    autocast = resolve_precision(precision, device)
-
-    if n_per_class < 2:
-        raise UsageError(f"--n {n_per_class}: need at least 2 samples per class")
-    if inception:
+    opts = EvalOptions() if opts is None else opts
+    autocast = resolve_precision(opts.precision, device)
+    if opts.inception:
         from difflab.evaluation.inception import inception_weights
 
         inception_weights()  # refuse before any sampling when the weights are missing
     model, diffusion, cfg = load_run(run, device=device)
+    opts = opts.for_run(cfg)
     sc = cfg.sample
-    guidance = sc.guidance if guidance is None else guidance
-    steps = sc.steps if steps is None else steps
-    sampler = sc.sampler if sampler is None else sampler
-    labels = torch.arange(cfg.model.num_classes).repeat_interleave(n_per_class)
+    labels = torch.arange(cfg.model.num_classes).repeat_interleave(opts.n_per_class)
     t0 = time.perf_counter()
     images = sample_labels(
-        model, diffusion, labels, guidance=guidance, steps=steps, sampler=sampler, eta=sc.eta,
-        spacing=sc.spacing, seed=seed, progress=progress, autocast=autocast,
+        model, diffusion, labels, guidance=opts.guidance, steps=opts.steps, sampler=opts.sampler,
+        eta=sc.eta, spacing=sc.spacing, seed=opts.seed, progress=progress, autocast=autocast,
     )  # fmt: skip
     seconds = time.perf_counter() - t0
     metrics = evaluate_samples(images, labels, cfg.train.dataset, cfg.train.data_dir, device)
-    if inception:
+    if opts.inception:
         metrics["inception"] = inception_against_test(
             images, cfg.train.dataset, cfg.train.data_dir, device
         )
     result = {
         "run": str(run),
-        "settings": {"n_per_class": n_per_class, "guidance": guidance, "steps": steps, "sampler": sampler,
-                     "eta": sc.eta, "spacing": sc.spacing, "seed": seed,
+        "settings": {"n_per_class": opts.n_per_class, "guidance": opts.guidance, "steps": opts.steps,
+                     "sampler": opts.sampler, "eta": sc.eta, "spacing": sc.spacing, "seed": opts.seed,
                      "precision": autocast or "fp32"},
         "sampling_seconds": seconds,
         "samples_per_s": labels.numel() / seconds,

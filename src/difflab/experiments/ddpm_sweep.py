@@ -1,6 +1,7 @@
 """Resumable sweeps of a run over guidance × steps × sampler × seed, measured by the judge.
 
-:func:`sweep_run` (``difflab sweep``) checks every option before any work, then samples each
+:func:`sweep_run` (``difflab sweep``) takes :class:`~difflab.options.DDPMSweepAxes` (checked
+when built), checks them against the run before any work, then samples each
 cell (one setting of sampler, steps, guidance and seed; ``n_per_class`` samples of every
 class) from the same initial noise ``x_T`` per seed, so cells of a seed differ only by the
 swept parameter, and measures it with the reference classifier (accuracy, FD, KID,
@@ -17,7 +18,6 @@ tables) is :mod:`difflab.experiments.core`'s; figures are drawn by
 from __future__ import annotations
 
 import itertools
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -32,11 +32,11 @@ from difflab import distributed
 from difflab.config import RunConfig
 from difflab.ddpm.generate import save_npz
 from difflab.ddpm.runs import CONFIG, WEIGHTS, check_run_dir, load_run
-from difflab.ddpm.sampling import SAMPLERS, check_sampling_args, sample_steps
+from difflab.ddpm.sampling import sample_steps
 from difflab.devices import resolve_precision
-from difflab.errors import UsageError
 from difflab.experiments import core
 from difflab.experiments.core import RESUME_HINT, SweepFolder, Tables, file_sha256
+from difflab.options import DDPMSweepAxes
 from difflab.seeds import indices_within_class, initial_noise
 
 SWEEP_FILE = "sweep.json"
@@ -83,83 +83,24 @@ class SweepResult:
     figures: list[Path] = field(default_factory=list)
 
 
-# -- input ----------------------------------------------------------------------------------
-def parse_list(
-    value: Any, kind: type, option: str, example: str, minimum: float | None = None
-) -> list:
-    """``"0,1,2"`` or ``[0, 1, 2]`` -> sorted distinct values of ``kind``; anything else fails.
-
-    The sorting makes ``--guidance 2,0`` and ``--guidance 0,2`` the same sweep.
-    """
-    what = {int: "whole numbers", float: "numbers", str: "names"}[kind]
-    items = list(value) if isinstance(value, (list, tuple)) else str(value).split(",")
-    bad = UsageError(f"{option} {value!r}: expected comma-separated {what} like {example}")
-    texts = [str(v).strip() for v in items]
-    if not texts or any(t == "" for t in texts):
-        raise bad
-    try:
-        if kind is int:
-            out = [int(t) for t in texts]  # int("2.5") fails: no silent rounding
-        elif kind is float:
-            out = [float(t) for t in texts]
-            if not all(math.isfinite(v) for v in out):
-                raise ValueError
-        else:
-            out = texts
-    except ValueError:
-        raise bad from None
-    if minimum is not None and any(v < minimum for v in out):
-        low = next(v for v in out if v < minimum)
-        raise UsageError(f"{option} {value!r}: {low:g} is below the smallest allowed, {minimum:g}")
-    if len(set(out)) != len(out):
-        dup = next(v for v in out if out.count(v) > 1)
-        raise UsageError(f"{option} {value!r}: {dup} is given twice")
-    return sorted(out)
-
-
-def sweep_identity(
-    run: str | Path,
-    guidance: Any = "0,1,2,4,8",
-    steps: Any = "10,25,50,250",
-    sampler: Any = "ddim",
-    seeds: Any = "0",
-    n_per_class: int = 20,
-    grid_class: int = 0,
-    precision: str = "auto",
-    device: str = "cpu",
-) -> dict[str, Any]:
-    """Check every option (no work done) and return the sweep's identity for ``sweep.json``.
+# -- identity -------------------------------------------------------------------------------
+def sweep_identity(run: str | Path, axes: DDPMSweepAxes, device: str = "cpu") -> dict[str, Any]:
+    """The sweep's identity for ``sweep.json``: ``axes`` checked against the run (no work done).
 
     A bf16 sweep (``precision``, resolved for ``device``) has ``"precision": "bf16"``; an
     fp32 sweep has no such key, as sweeps made before the option existed.
     """
-    autocast = resolve_precision(precision, device)
-    g_list = parse_list(guidance, float, "--guidance", "0,1,2,4", minimum=0)
-    s_list = parse_list(steps, int, "--steps", "10,25,50", minimum=1)
-    samplers = parse_list(sampler, str, "--sampler", "ddim,ddpm")
-    seed_list = parse_list(seeds, int, "--seeds", "0,1,2", minimum=0)
-    unknown = [s for s in samplers if s not in SAMPLERS]
-    if unknown:
-        raise UsageError(
-            f"--sampler {unknown[0]!r}: unknown sampler; choose from {', '.join(SAMPLERS)}"
-        )
-    if not isinstance(n_per_class, int) or n_per_class < 2:
-        raise UsageError(f"--n {n_per_class}: need at least 2 samples per class (for diversity)")
+    autocast = resolve_precision(axes.precision, device)
     run = check_run_dir(run)
     cfg = RunConfig.load(run / CONFIG)
-    sc, k = cfg.sample, cfg.model.num_classes
-    for smp, st, g in itertools.product(samplers, s_list, g_list):
-        check_sampling_args(smp, st, g, sc.eta, cfg.diffusion.timesteps)
-    if not 0 <= grid_class < k:
-        raise UsageError(
-            f"--grid-class {grid_class}: out of range; this run has classes 0..{k - 1}"
-        )
+    axes.for_run(cfg)
+    sc = cfg.sample
     return {
         "format": FORMAT, "run": str(run.resolve()), "weights_sha256": file_sha256(run / WEIGHTS),
-        "dataset": cfg.train.dataset, "samplers": samplers, "steps": s_list, "guidance": g_list,
-        "seeds": seed_list, "n_per_class": n_per_class, "num_classes": k, "eta": sc.eta,
-        "spacing": sc.spacing, "grid_class": grid_class,
-        **({"precision": autocast} if autocast else {}),
+        "dataset": cfg.train.dataset, "samplers": list(axes.samplers), "steps": list(axes.steps),
+        "guidance": list(axes.guidance), "seeds": list(axes.seeds), "n_per_class": axes.n_per_class,
+        "num_classes": cfg.model.num_classes, "eta": sc.eta, "spacing": sc.spacing,
+        "grid_class": axes.grid_class, **({"precision": autocast} if autocast else {}),
     }  # fmt: skip
 
 
@@ -234,13 +175,8 @@ def cell_groups(todo: list[Cell], max_cells: int) -> list[list[Cell]]:
 
 def sweep_run(
     run: str | Path,
+    axes: DDPMSweepAxes,
     out: str | Path,
-    guidance: Any = "0,1,2,4,8",
-    steps: Any = "10,25,50,250",
-    sampler: Any = "ddim",
-    seeds: Any = "0",
-    n_per_class: int = 20,
-    grid_class: int = 0,
     device: str = "cpu",
     progress: bool = True,
     batch_size: int = 500,
@@ -248,9 +184,8 @@ def sweep_run(
     max_group: int | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_cell: Callable[[int, int], None] | None = None,
-    precision: str = "auto",
 ) -> SweepResult:
-    """``difflab sweep``: run (or finish) the sweep into ``out`` and write tables and figures.
+    """``difflab sweep``: run (or finish) the sweep of ``axes`` into ``out``; tables and figures.
 
     Cells that share seed, sampler and step count (they differ only in guidance) are sampled
     together, up to ``max_group`` at a time: one network call per step for all of them. By
@@ -265,9 +200,7 @@ def sweep_run(
     and holds its lock, every rank writes its own cell files, and rank 0 rebuilds the tables
     and draws the figures once all ranks are done.
     """
-    identity = sweep_identity(
-        run, guidance, steps, sampler, seeds, n_per_class, grid_class, precision, device
-    )
+    identity = sweep_identity(run, axes, device)
     state = distributed.process_state(device)
     if state is not None and str(device) != "cpu":
         device = str(state.device)

@@ -24,9 +24,16 @@ from difflab.ddpm.training import train
 from difflab.evaluation.evaluate import evaluate_run, format_eval
 from difflab.experiments.ddpm_sweep import SWEEP_FILE, sweep_identity, sweep_run
 from difflab.experiments.report import write_report
+from difflab.options import (
+    DDPMSweepAxes,
+    EvalOptions,
+    ForwardOptions,
+    ReverseOptions,
+    SampleOptions,
+)
 
 # The demo's sweep: small enough for well under a minute on two CPU cores.
-SWEEP = dict(guidance="0,1,2,4", steps="10,25", sampler="ddim", seeds="0", n_per_class=6)
+SWEEP = DDPMSweepAxes(guidance=(0, 1, 2, 4), steps=(10, 25), samplers=("ddim",), n_per_class=6)
 
 
 def run_demo(
@@ -47,12 +54,12 @@ def run_demo(
     )
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
-    grid = sample_run(out, figures / "samples.png", n_per_class=10, device=device)
+    grid = sample_run(out, SampleOptions(n_per_class=10), figures / "samples.png", device=device)
     print(
         f"wrote {figures / 'samples.png'} ({grid.images.shape[0]} samples in {grid.seconds:.1f} s)"
     )
     write_figures(out, figures, device=device)
-    report = evaluate_run(out, n_per_class=100, device=device)
+    report = evaluate_run(out, EvalOptions(n_per_class=100), device=device)
     print(format_eval(report))
     sweep_and_report(out, device=device)
     return report
@@ -63,12 +70,12 @@ def sweep_and_report(run: Path, device: str = "cpu") -> Path:
     folder = run / "sweep"
     if (folder / SWEEP_FILE).is_file():  # the demo's own folder: redo it when anything changed
         old = json.loads((folder / SWEEP_FILE).read_text(encoding="utf-8"))
-        if old != sweep_identity(run, **SWEEP, device=device):
+        if old != sweep_identity(run, SWEEP, device=device):
             print(
                 f"{run} or the demo's sweep settings changed since {folder} was made; sweeping again"
             )
             shutil.rmtree(folder)
-    sweep = sweep_run(run, folder, device=device, **SWEEP)
+    sweep = sweep_run(run, SWEEP, folder, device=device)
     print(
         f"sweep {folder}: {sweep.cells_total} cells ({sweep.cells_run} computed) in {sweep.seconds:.0f} s"
     )
@@ -81,10 +88,13 @@ def sweep_and_report(run: Path, device: str = "cpu") -> Path:
 
 def write_figures(run: Path, figures: Path, device: str = "cpu") -> list[Path]:
     """The lab's figures of ``run`` into ``figures``: forward, reverse (+ GIF), guidance, plots."""
-    written = [forward_figure(figures / "forward.png", run=run).path]
-    rev = reverse_figure(run, figures / "reverse.png", gif=figures / "reverse.gif", device=device)
+    written = [forward_figure(ForwardOptions(run=str(run)), figures / "forward.png").path]
+    rev = reverse_figure(
+        run, ReverseOptions(), figures / "reverse.png", gif=figures / "reverse.gif", device=device
+    )
     written += [rev.path, *rev.extra]
-    sample_run(run, figures / "guidance.png", guidance="0,1,3", cols="guidance", device=device)
+    guidance = SampleOptions(guidance=(0, 1, 3), cols="guidance")
+    sample_run(run, guidance, figures / "guidance.png", device=device)
     written += [figures / "guidance.png", *plot_run(run, figures).written]
     print(f"wrote {figures}/: {', '.join(p.name for p in written)}")
     return written

@@ -1,6 +1,8 @@
 """``difflab sd sweep``: resumable prompts x guidance x steps x seeds sweeps of Stable Diffusion.
 
-:func:`sd_sweep` checks every option before any work, then makes each missing cell (one
+:func:`sd_sweep` takes :class:`~difflab.options.SDSweepAxes` and
+:class:`~difflab.options.SDPipelineSpec` (checked when built), checks the model and the LoRA
+before any work, then makes each missing cell (one
 prompt, guidance scale, step count and seed) with the stock pipeline: every cell of a seed
 starts from the same initial latents (``latents=``, drawn as ``sd generate --seed`` draws
 them), so cells differ only by the swept parameter; the prompt is encoded once and reused;
@@ -17,7 +19,7 @@ settings or another model in the same folder are refused. ``metrics.csv`` / ``me
 per prompt and the CLIP-score-vs-guidance plot. Filtered and black cells get no CLIP score or
 detail (a black square measures nothing) and are counted in ``nsfw_share`` instead.
 
-``lora`` with ``lora_scales`` (``--lora FILE --lora-scales 0,0.5,1``) adds the LoRA's scale as
+A LoRA with ``lora_scales`` (``--lora FILE --lora-scales 0,0.5,1``) adds the LoRA's scale as
 a fifth axis: the LoRA is loaded once and re-weighted per cell (scale 0 is the base model);
 cell keys end in ``_loraS``, the tables get a ``lora_scale`` column and the figures one grid
 per prompt and scale. A sweep without a LoRA keeps the keys, tables and identity it had.
@@ -28,16 +30,15 @@ from __future__ import annotations
 import itertools
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from difflab import distributed
-from difflab.errors import UsageError
-from difflab.evaluation.sd_metrics import DEFAULT_CLIP_MODEL, laplacian_variance, load_scorer
+from difflab.evaluation.sd_metrics import laplacian_variance, load_scorer
 from difflab.experiments.core import (
     CELLS_DIR,
     RESUME_HINT,
@@ -47,32 +48,10 @@ from difflab.experiments.core import (
     group_rows,
     mean_std,
 )
-from difflab.experiments.ddpm_sweep import parse_list
-from difflab.sd.generate import (
-    check_count,
-    check_guidance,
-    encode,
-    image_settings,
-    parse_size,
-    run_pipeline,
-    truncation_note,
-)
-from difflab.sd.load import (
-    DEFAULT_MODEL,
-    check_scheduler,
-    load_pipeline,
-    model_fingerprint,
-    resolve_dtype,
-    resolve_model,
-)
-from difflab.sd.lora import (
-    LoraSpec,
-    applied,
-    check_compile,
-    parse_lora,
-    set_scales,
-    split_scale,
-)
+from difflab.options import SDPipelineSpec, SDSweepAxes
+from difflab.sd.generate import encode, image_settings, run_pipeline, truncation_note
+from difflab.sd.load import load_pipeline, model_fingerprint, resolve_model
+from difflab.sd.lora import applied, parse_lora, set_scales
 from difflab.sd.metadata import save_image
 from difflab.sd.safety import diagnose, to_uint8
 
@@ -123,79 +102,26 @@ class SDSweepResult:
         return sum(bool(r.get("black")) and not r.get("nsfw") for r in self.rows)
 
 
-# -- input ----------------------------------------------------------------------------------
-def parse_prompts(prompts: str | list[str] | tuple[str, ...]) -> list[str]:
-    """One prompt per argument, or a single text file with one prompt per line (blank lines
-    and lines starting with ``#`` skipped)."""
-    items = [prompts] if isinstance(prompts, str) else list(prompts)
-    if len(items) == 1 and Path(items[0]).suffix.lower() in (".txt", ".prompts"):
-        path = Path(items[0])
-        if not path.is_file():
-            raise UsageError(f"--prompts {path}: no such file")
-        lines = path.read_text(encoding="utf-8").splitlines()
-        items = [s for s in (x.strip() for x in lines) if s and not s.startswith("#")]
-        if not items:
-            raise UsageError(f"--prompts {path}: holds no prompt (one per line)")
-    items = [str(p).strip() for p in items]
-    if not items or any(not p for p in items):
-        raise UsageError("--prompts: a prompt is empty; give text, or a file with one per line")
-    dup = next((p for p in items if items.count(p) > 1), None)
-    if dup is not None:
-        raise UsageError(f"--prompts: {dup!r} is given twice")
-    return items
-
-
-def parse_sweep_lora(lora: Any, lora_scales: Any) -> tuple[LoraSpec | None, list[float] | None]:
-    """``--lora FILE[:SCALE]`` (at most one) and ``--lora-scales`` -> the LoRA and its
-    scales: ``--lora-scales`` when given, else the file's scale."""
-    items = [lora] if isinstance(lora, (str, Path)) else list(lora or [])
-    if not items:
-        if lora_scales is not None:
-            raise UsageError("--lora-scales needs --lora FILE: the LoRA whose scale is swept")
-        return None, None
-    if len(items) > 1:
-        raise UsageError("--lora: sd sweep takes one LoRA; sweep its scale with --lora-scales")
-    spec = parse_lora(items[0])
-    if lora_scales is None:
-        return spec, [spec.scale]
-    if split_scale(items[0])[1] is not None:
-        raise UsageError(
-            f"--lora {items[0]}: give the scales in --lora-scales or after the file, not both"
-        )
-    return spec, parse_list(lora_scales, float, "--lora-scales", "0,0.5,1")
-
-
-def sweep_identity(
-    prompts: Any, guidance: Any, steps: Any, seeds: Any, negative_prompt: str, size: Any,
-    scheduler: str | None, model: Any, device: str, dtype: str, safety_checker: bool,
-    clip_model: str | None, trust_pickle: bool, vae: Any, lora: Any = None,
-    lora_scales: Any = None,
-) -> dict[str, Any]:  # fmt: skip
-    """Check every option (no work done) and return the sweep's identity (``lora``,
-    ``lora_fingerprint`` and ``lora_scales`` only when a LoRA is swept)."""
-    prompt_list = parse_prompts(prompts)
-    g_list = parse_list(guidance, float, "--guidance", "1,3,7.5", minimum=0)
-    for g in g_list:
-        check_guidance(g)
-    s_list = parse_list(steps, int, "--steps", "10,25,50", minimum=1)
-    seed_list = parse_list(seeds, int, "--seeds", "0,1,2", minimum=0)
-    width, height = parse_size(size)
-    source = resolve_model(model, trust_pickle)
-    spec, scales = parse_sweep_lora(lora, lora_scales)
-    clip = None if clip_model is None or str(clip_model).lower() == "none" else str(clip_model)
+# -- identity -------------------------------------------------------------------------------
+def sweep_identity(axes: SDSweepAxes, spec: SDPipelineSpec) -> dict[str, Any]:
+    """The sweep's identity (no work done; ``lora``, ``lora_fingerprint`` and ``lora_scales``
+    only when a LoRA is swept)."""
+    source = resolve_model(spec.model, spec.trust_pickle)
+    lora, scales = axes.lora_axis(spec)
+    lora_spec = None if lora is None else parse_lora(lora)
+    width, height = axes.size
     identity = {
         "format": FORMAT, "model": source.location, "model_fingerprint": model_fingerprint(source),
-        "vae": None if vae is None else str(vae), "prompts": prompt_list,
-        "negative_prompt": negative_prompt or "", "guidance": g_list, "steps": s_list,
-        "seeds": seed_list, "size": f"{width}x{height}", "scheduler": check_scheduler(scheduler),
-        "dtype": resolve_dtype(dtype, device), "safety_checker": bool(safety_checker),
-        "clip_model": clip,
+        "vae": spec.vae, "prompts": list(axes.prompts), "negative_prompt": axes.negative_prompt,
+        "guidance": list(axes.guidance), "steps": list(axes.steps), "seeds": list(axes.seeds),
+        "size": f"{width}x{height}", "scheduler": spec.scheduler, "dtype": spec.resolved_dtype,
+        "safety_checker": spec.safety_checker, "clip_model": axes.clip_model,
     }  # fmt: skip
-    if spec is not None:
+    if lora_spec is not None:
         identity |= {
-            "lora": str(spec.path),
-            "lora_fingerprint": {"name": spec.name, "sha256": file_sha256(spec.path)},
-            "lora_scales": scales,
+            "lora": str(lora_spec.path),
+            "lora_fingerprint": {"name": lora_spec.name, "sha256": file_sha256(lora_spec.path)},
+            "lora_scales": list(scales),
         }
     return identity
 
@@ -228,49 +154,31 @@ def _batches(todo: list[Cell], batch_size: int) -> list[list[Cell]]:
 
 # -- the sweep ------------------------------------------------------------------------------
 def sd_sweep(
-    prompts: str | list[str],
+    axes: SDSweepAxes,
     out: str | Path,
-    guidance: Any = "1,3,7.5,12,20",
-    steps: Any = "10,25,50",
-    seeds: Any = "0,1,2",
-    negative_prompt: str = "",
-    size: str | tuple[int, int] = "512x512",
-    scheduler: str | None = None,
-    model: str | Path = DEFAULT_MODEL,
-    device: str = "cpu",
-    dtype: str = "auto",
-    clip_model: str | None = DEFAULT_CLIP_MODEL,
-    safety_checker: bool = True,
-    trust_pickle: bool = False,
-    model_config: str | Path | None = None,
-    vae: str | Path | None = None,
-    batch_size: int = 4,
-    compile: bool = False,
+    spec: SDPipelineSpec | None = None,
     progress: bool = True,
     plots: bool = True,
     should_stop: Callable[[], bool] | None = None,
     on_cell: Callable[[int, int], None] | None = None,
-    lora: str | Sequence[str] | None = None,
-    lora_scales: Any = None,
 ) -> SDSweepResult:
-    """Run (or finish) the sweep into ``out``; write tables, grids and plots (module doc).
+    """Run (or finish) the sweep of ``axes`` into ``out`` with the pipeline of ``spec``
+    (default :class:`~difflab.options.SDPipelineSpec`); write tables, grids and plots.
 
     ``should_stop()`` is asked before each pipeline call (True: stop there, finished cells
-    kept); ``on_cell(done, total)`` is called after each batch of finished cells. ``lora``
-    and ``lora_scales``: the LoRA scale axis (module doc).
+    kept); ``on_cell(done, total)`` is called after each batch of finished cells. A LoRA of
+    ``spec`` with ``axes.lora_scales``: the LoRA scale axis (module doc).
     """
-    check_count(batch_size, "--batch-size")
-    identity = sweep_identity(
-        prompts, guidance, steps, seeds, negative_prompt, size, scheduler, model, device, dtype,
-        safety_checker, clip_model, trust_pickle, vae, lora, lora_scales,
-    )  # fmt: skip
-    spec = parse_lora(identity["lora"]) if "lora" in identity else None
-    check_compile([spec] if spec else [], compile)
+    spec = SDPipelineSpec() if spec is None else spec
+    identity = sweep_identity(axes, spec)
+    lora = parse_lora(identity["lora"]) if "lora" in identity else None
+    device, batch_size = spec.device, spec.batch_size
     out = Path(out)
     state = distributed.process_state(device)  # several processes: split the cells
     main = state is None or state.is_main_process
     if state is not None and str(device) != "cpu":
-        device = str(state.device)  # this process's GPU (the identity keeps the option)
+        device = str(state.device)  # this process's GPU (the identity keeps the dtype)
+        spec = replace(spec, device=device)
     if main:
         check_folder(out, identity)  # reads only: another sweep is refused before any loading
     cells = all_cells(identity)
@@ -281,10 +189,7 @@ def sd_sweep(
 
     def load() -> tuple:
         scorer = load_scorer(identity["clip_model"], device)  # first: fails fast when offline
-        loaded = load_pipeline(
-            model, device, identity["dtype"], scheduler, safety_checker, trust_pickle,
-            model_config, vae, compile,
-        )  # fmt: skip
+        loaded = load_pipeline(spec)  # its LoRA is applied in _make_cells
         notes = list(loaded.notes)
         for i, p in enumerate(identity["prompts"]):
             note = truncation_note(loaded.pipe.tokenizer, p, f"--prompts #{i + 1}")
@@ -303,7 +208,7 @@ def sd_sweep(
         calls = 0
         if batches:
             calls = _make_cells(
-                out, identity, cells, todo, batches, models, spec, progress and main, should_stop,
+                out, identity, cells, todo, batches, models, lora, progress and main, should_stop,
                 on_cell, main,
             )  # fmt: skip
         distributed.barrier(state)  # every process's cells are on disk
@@ -323,12 +228,12 @@ def sd_sweep(
 
 
 def _make_cells(
-    out, identity, cells, todo, batches, models, spec, progress, should_stop, on_cell, main
+    out, identity, cells, todo, batches, models, lora, progress, should_stop, on_cell, main
 ) -> int:
     """Make and measure ``batches`` (this process's share of ``todo``) into ``out``; returns
     the number of pipeline calls."""
     scorer, loaded, _ = models
-    width, height = parse_size(identity["size"])
+    width, height = (int(v) for v in identity["size"].split("x"))
     embeds: dict[tuple, tuple] = {}
     calls = 0
     bar = tqdm(
@@ -336,7 +241,7 @@ def _make_cells(
         disable=not progress, file=sys.stderr, dynamic_ncols=True,
     )  # fmt: skip
     try:
-        with applied(loaded.pipe, [spec] if spec else []) as adapters:
+        with applied(loaded.pipe, [lora] if lora else []) as adapters:
             for batch in batches:
                 if should_stop is not None and should_stop():
                     break
@@ -354,7 +259,7 @@ def _make_cells(
                 )  # fmt: skip
                 per_image = (time.perf_counter() - t1) / len(batch)
                 calls += 1
-                _write_cells(out, identity, loaded, scorer, batch, images, flags, per_image, spec)
+                _write_cells(out, identity, loaded, scorer, batch, images, flags, per_image, lora)
                 bar.update(len(batch))
                 if on_cell is not None:
                     on_cell(bar.n, len(cells))
@@ -373,7 +278,7 @@ def _write_cells(out, identity, loaded, scorer, batch, images, flags, per_image,
     pixels = [to_uint8(img) for img in images]
     diags = [diagnose(img, flag) for img, flag in zip(images, flags, strict=True)]
     scores = scorer.score(pixels, [prompt] * len(batch)) if scorer is not None else None
-    width, height = parse_size(identity["size"])
+    width, height = (int(v) for v in identity["size"].split("x"))
     for k, (cell, px, d) in enumerate(zip(batch, pixels, diags, strict=True)):
         loras = [] if lora is None else [lora.with_scale(cell.lora_scale)]
         text, settings = image_settings(

@@ -16,7 +16,6 @@ sampler is :mod:`difflab.ddpm.processes`'s work.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from difflab.errors import UsageError
 from difflab.figures.images import (
     Panel,
     Table,
@@ -37,35 +35,8 @@ from difflab.figures.images import (
     to_uint8,
 )
 
-DEFAULT_T = "T,T/2,T/4,1,0"
 MAX_FRAMES = 120  # animations of longer trajectories keep this many evenly spaced frames
 ANIMATION_S = 6.0  # target length of one pass through an animation
-_T_EXPR = re.compile(r"([0-9]+)?\*?T(?:/([0-9]+))?")
-
-
-def parse_t_list(text: str | Sequence[int | str], T: int, option: str = "--t") -> list[int]:
-    """``"T,T/2,3T/4,1,0"`` -> paper t values in 0..T; anything else is a :class:`UsageError`."""
-    hint = f"use integers 0..{T} or expressions like T, T/2, 3T/4"
-    tokens = str(text).split(",") if isinstance(text, str) else [str(v) for v in text]
-    if not tokens or all(not tok.strip() for tok in tokens):
-        raise UsageError(f"{option} {text!r}: no value given; {hint}")
-    values = []
-    for raw in tokens:
-        tok = raw.replace(" ", "")
-        m = _T_EXPR.fullmatch(tok)
-        if re.fullmatch(r"[0-9]+", tok):
-            v = int(tok)
-        elif m:
-            a, b = int(m[1] or 1), int(m[2] or 1)
-            if b == 0:
-                raise UsageError(f"{option} {raw.strip()!r}: division by zero; {hint}")
-            v = (a * T + b // 2) // b  # a*T/b rounded half up
-        else:
-            raise UsageError(f"{option} {raw.strip()!r}: not a step; {hint}")
-        if v > T:
-            raise UsageError(f"{option} {raw.strip()!r}: {v} is beyond T = {T}; {hint}")
-        values.append(v)
-    return values
 
 
 def signal_level(alphas_cumprod: Any, t: int) -> float:

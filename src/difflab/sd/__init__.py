@@ -7,11 +7,14 @@ steps x seed sweeps measured by :mod:`~difflab.evaluation.sd_metrics` (CLIP scor
 :mod:`~difflab.figures.sd`; :mod:`~difflab.sd.finetune` trains LoRA layers (its options and run
 folder are :mod:`~difflab.sd.finetune_run`'s, the run-folder plumbing it shares with DDPM
 training :mod:`difflab.runfolder`'s). Heavy imports (diffusers, transformers) happen inside functions,
-so importing this package is cheap.
+so importing this package is cheap. What to load and make is described by
+:class:`~difflab.options.SDPipelineSpec`, :class:`~difflab.options.SDGeneration` and
+:class:`~difflab.options.SDSweepAxes` (defaults and checks in one place).
 """
 
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
-SCHEDULER_NAMES = (
-    "euler", "euler_a", "dpm++_2m", "dpm++_2m_karras", "ddim", "pndm", "lms", "heun", "unipc",
-)  # fmt: skip
+from difflab.options import DEFAULT_CLIP_MODEL, DEFAULT_SD_MODEL, SD_SCHEDULERS
+
+DEFAULT_MODEL = DEFAULT_SD_MODEL
+SCHEDULER_NAMES = SD_SCHEDULERS
+
+__all__ = ["DEFAULT_CLIP_MODEL", "DEFAULT_MODEL", "SCHEDULER_NAMES"]

@@ -37,6 +37,7 @@ import torch
 from difflab import runfolder
 from difflab.errors import UsageError
 from difflab.files import append_jsonl, folder_lock, read_jsonl, write_json
+from difflab.options import SDPipelineSpec
 from difflab.runfolder import METRICS, TrainingDiverged
 from difflab.sd.dataset import ImageFolder, load_image_folder
 from difflab.sd.finetune_run import (
@@ -119,7 +120,9 @@ class FineTuner:
             check_same_images(state, self.data, cfg)
         self.accelerator = runfolder.accelerator(cfg.mixed_precision, cpu=device == "cpu")
         self.device = self.accelerator.device
-        self.loaded: LoadedPipeline = load_pipeline(cfg.model, str(self.device), dtype="fp32")
+        self.loaded: LoadedPipeline = load_pipeline(
+            SDPipelineSpec(model=cfg.model, device=str(self.device), dtype="fp32")
+        )
         self.notes = list(self.loaded.notes) + self.data.notes
         self.weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
         self._build()

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 
 from difflab import __version__, runfolder
+from difflab.checks import check_count, check_seed
 from difflab.errors import UsageError
 from difflab.files import LOCK_FILE, atomic_path, read_jsonl
 from difflab.runfolder import CONFIG, TRAIN_STATE
 from difflab.sd import DEFAULT_MODEL
 from difflab.sd.dataset import ImageFolder
-from difflab.sd.generate import check_count, check_seed
 from difflab.sd.load import ModelSource
 
 FORMAT = 1

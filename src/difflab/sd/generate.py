@@ -1,6 +1,7 @@
 """``difflab sd generate``: images from a prompt with the stock pipeline, settings in every PNG.
 
-:func:`generate` checks every option before any work (empty prompt only with
+:func:`generate` takes :class:`~difflab.options.SDGeneration` and
+:class:`~difflab.options.SDPipelineSpec` (checked when built: empty prompt only with
 ``unconditional``; guidance 0, 1 or > 1; steps >= 1; size a multiple of 8), loads the
 pipeline, warns when a prompt is longer than CLIP's 77 tokens (saying what was cut), encodes
 the prompt once with ``pipe.encode_prompt`` and calls the stock ``StableDiffusionPipeline``
@@ -19,10 +20,9 @@ sidecar lists file, scale and hash.
 
 from __future__ import annotations
 
-import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +32,9 @@ import torch
 
 from difflab import __version__
 from difflab.errors import UsageError
-from difflab.sd.load import DEFAULT_MODEL, LoadedPipeline, check_scheduler, load_pipeline
-from difflab.sd.lora import LoraSpec, a1111_fields, applied, check_compile, parse_loras
+from difflab.options import SDGeneration, SDPipelineSpec
+from difflab.sd.load import LoadedPipeline, load_pipeline
+from difflab.sd.lora import LoraSpec, a1111_fields, applied, parse_loras
 from difflab.sd.metadata import format_parameters, save_image
 from difflab.sd.safety import Diagnosis, diagnose, to_uint8
 
@@ -64,64 +65,7 @@ class GenerateResult:
         return [r for r in self.images if not r.diagnosis.nsfw and r.diagnosis.note]
 
 
-# -- checks (no work done) -------------------------------------------------------------------
-def parse_size(size: str | int | tuple[int, int]) -> tuple[int, int]:
-    """``"512x768"`` (W x H) or ``512`` -> (width, height), each a positive multiple of 8."""
-    if isinstance(size, tuple):
-        w, h = size
-    else:
-        m = re.fullmatch(r"\s*(\d+)\s*(?:[xX×]\s*(\d+))?\s*", str(size))
-        if not m:
-            raise UsageError(f"--size {size!r}: expected WIDTHxHEIGHT like 512x512")
-        w, h = int(m[1]), int(m[2] or m[1])
-    if w < 8 or h < 8 or w % 8 or h % 8:
-        raise UsageError(f"--size {w}x{h}: width and height must be multiples of 8 (e.g. 512x512)")
-    return w, h
-
-
-def check_guidance(g: float, option: str = "--guidance") -> float:
-    if not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
-        shown = f"{g:g}" if isinstance(g, (int, float)) else repr(g)
-        raise UsageError(f"{option} {shown}: must be a number >= 0 (7.5 is SD's default)")
-    if 0 < g < 1:
-        raise UsageError(
-            f"{option} {g:g}: diffusers' StableDiffusionPipeline skips guidance below 1; "
-            "use 0 (unconditional), 1 (conditional, no guidance) or more than 1"
-        )
-    return float(g)
-
-
-def check_steps(steps: int, option: str = "--steps") -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise UsageError(f"{option} {steps}: must be a whole number >= 1")
-    return steps
-
-
-def check_prompt(prompt: str | None, unconditional: bool) -> str:
-    prompt = "" if prompt is None else str(prompt)
-    if unconditional and prompt.strip():
-        raise UsageError(
-            "--unconditional samples without a prompt; drop --prompt or --unconditional"
-        )
-    if not unconditional and not prompt.strip():
-        raise UsageError(
-            "--prompt is empty; give a prompt, or --unconditional to sample without one"
-        )
-    return "" if unconditional else prompt
-
-
-def check_count(value: int, option: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UsageError(f"{option} {value}: must be a whole number >= 1")
-    return value
-
-
-def check_seed(seed: int, option: str = "--seed") -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise UsageError(f"{option} {seed}: must be a whole number from 0 to 2^63 - 1")
-    return seed
-
-
+# -- the prompt -----------------------------------------------------------------------------
 def truncation_note(tokenizer: Any, text: str, option: str) -> str | None:
     """A warning when ``text`` is longer than the text encoder reads, quoting what is cut."""
     limit = int(tokenizer.model_max_length)  # 77 for CLIP, with the start and end tokens
@@ -167,9 +111,11 @@ def initial_latents(pipe: Any, seed: int, width: int, height: int) -> tuple[torc
 def run_pipeline(
     loaded: LoadedPipeline, embeds: tuple[torch.Tensor, torch.Tensor], guidance: float,
     steps: int, seeds: list[int], width: int, height: int,
+    on_step: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, list[bool | None]]:  # fmt: skip
     """One stock pipeline call for ``seeds`` -> images (N, H, W, 3) floats in [0, 1] (NaN
-    kept) and the safety checker's flag per image (None when no checker ran)."""
+    kept) and the safety checker's flag per image (None when no checker ran).
+    ``on_step(i)`` is called after denoising step i (it may raise to stop the call)."""
     pipe = loaded.pipe
     pe, npe = embeds
     drawn = [initial_latents(pipe, s, width, height) for s in seeds]
@@ -179,10 +125,18 @@ def run_pipeline(
         prompt_embeds=cond.repeat(k, 1, 1), negative_prompt_embeds=npe.repeat(k, 1, 1),
         guidance_scale=guidance, num_inference_steps=steps, width=width, height=height,
         latents=torch.cat([lat for lat, _ in drawn]), generator=[g for _, g in drawn],
-        output_type="np",
+        output_type="np", **({} if on_step is None else {"callback_on_step_end": _step_end(on_step)}),
     )  # fmt: skip
     flags = out.nsfw_content_detected
     return np.asarray(out.images), [None] * k if flags is None else [bool(f) for f in flags]
+
+
+def _step_end(on_step: Callable[[int], None]) -> Callable:
+    def callback(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
+        on_step(i)
+        return kwargs
+
+    return callback
 
 
 def attention_name(pipe: Any) -> str:
@@ -223,64 +177,50 @@ def _next_index(out: Path) -> int:
 
 
 def generate(
-    prompt: str | None,
+    opts: SDGeneration,
     out: str | Path,
-    negative_prompt: str = "",
-    guidance: float = 7.5,
-    steps: int = 50,
-    seed: int = 0,
-    n: int = 1,
-    size: str | tuple[int, int] = "512x512",
-    scheduler: str | None = None,
-    model: str | Path = DEFAULT_MODEL,
-    device: str = "cpu",
-    dtype: str = "auto",
-    unconditional: bool = False,
-    safety_checker: bool = True,
-    trust_pickle: bool = False,
-    model_config: str | Path | None = None,
-    vae: str | Path | None = None,
-    batch_size: int = 4,
-    compile: bool = False,
+    spec: SDPipelineSpec | None = None,
     progress: bool = True,
     loaded: LoadedPipeline | None = None,
-    lora: Sequence[str | Path] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> GenerateResult:
-    """``difflab sd generate``: ``n`` images into the folder ``out`` (see module doc).
+    """``difflab sd generate``: ``opts.n`` images into the folder ``out`` (see module doc).
 
-    ``loaded`` reuses a pipeline from :func:`~difflab.sd.load.load_pipeline` (the UI does);
-    LoRAs of ``lora`` are removed from it again afterwards.
+    ``spec`` (default :class:`~difflab.options.SDPipelineSpec`) says which pipeline and which
+    LoRAs; ``loaded`` reuses a pipeline from :func:`~difflab.sd.load.load_pipeline` (the UI
+    does), and the LoRAs of ``spec`` are removed from it again afterwards. ``on_step(done,
+    total)`` is called before every pipeline call and after every denoising step (steps of all
+    calls counted); an exception it raises stops the generation there, before anything is
+    written.
     """
-    prompt = check_prompt(prompt, unconditional)
-    negative_prompt = negative_prompt or ""
-    guidance, steps, seed = check_guidance(guidance), check_steps(steps), check_seed(seed)
-    check_count(n, "--n")
-    check_count(batch_size, "--batch-size")
-    check_seed(seed + n - 1, "--seed + --n - 1")
-    width, height = parse_size(size)
-    check_scheduler(scheduler)
-    loras = parse_loras(lora)
-    check_compile(loras, compile)
+    spec = SDPipelineSpec() if spec is None else spec
+    prompt, negative_prompt = opts.prompt, opts.negative_prompt
+    guidance, steps = opts.guidance, opts.steps
+    (width, height), n, batch_size = opts.size, opts.n, spec.batch_size
+    loras = parse_loras(spec.lora)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: is a file, not a folder")
     if loaded is None:
-        loaded = load_pipeline(
-            model, device, dtype, scheduler, safety_checker, trust_pickle, model_config, vae,
-            compile, progress,
-        )  # fmt: skip
+        loaded = load_pipeline(spec, progress)
     notes = list(loaded.notes)
     for text, option in ((prompt, "--prompt"), (negative_prompt, "--negative-prompt")):
         note = truncation_note(loaded.pipe.tokenizer, text, option) if text else None
         notes += [note] if note else []
-    seeds = [seed + i for i in range(n)]
+    seeds = [opts.seed + i for i in range(n)]
     images, flags, seconds = [], [], 0.0
     with applied(loaded.pipe, loras):
         embeds = encode(loaded, prompt, negative_prompt)  # a LoRA may adapt the text encoder
+        total = -(-n // batch_size) * steps
         for start in range(0, n, batch_size):
+            done = start // batch_size * steps
+            step_done = None if on_step is None else lambda i, d=done: on_step(d + i + 1, total)
+            if on_step is not None:
+                on_step(done, total)
             t0 = time.perf_counter()
+            batch = seeds[start : start + batch_size]
             imgs, fl = run_pipeline(
-                loaded, embeds, guidance, steps, seeds[start : start + batch_size], width, height
+                loaded, embeds, guidance, steps, batch, width, height, step_done
             )
             seconds += time.perf_counter() - t0
             images.extend(imgs)
@@ -295,7 +235,7 @@ def generate(
         d = diagnose(img, flag)
         png = out / f"{first + i:05d}-{s}.png"
         sidecar = {
-            **settings, "unconditional": unconditional, **d.as_dict(), "seconds": seconds / n,
+            **settings, "unconditional": opts.unconditional, **d.as_dict(), "seconds": seconds / n,
         }  # fmt: skip
         records.append(ImageRecord(png, save_image(png, to_uint8(img), text, sidecar), s, d))
     per_image = ("seed", "parameters", "nsfw", "black", "nan_fraction", "note")

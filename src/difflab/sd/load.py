@@ -9,8 +9,9 @@ diffusers and transformers load with ``use_safetensors=True`` otherwise. :func:`
 then builds the stock ``StableDiffusionPipeline`` (SDPA attention is diffusers' default),
 swaps in the scheduler named as in A1111/diffusers
 (:data:`SCHEDULERS`, through ``from_config`` so the model's betas are kept), optionally another
-VAE, moves it to the device in the dtype (``auto``: fp16 on CUDA/MPS, fp32 on CPU) and keeps
-the safety checker unless it is switched off with a warning. A model that cannot be fetched
+VAE, moves it to the device in the dtype (``auto``: fp16 on CUDA/MPS, fp32 on CPU;
+:mod:`difflab.devices`) and keeps the safety checker unless it is switched off with a warning.
+What to load is a :class:`~difflab.options.SDPipelineSpec`, checked when it was built. A model that cannot be fetched
 (offline, not found) becomes one :class:`~difflab.errors.UsageError` line saying how to point
 ``--model`` at a local copy.
 """
@@ -29,16 +30,17 @@ from typing import Any, Literal
 
 import torch
 
+from difflab.checks import check_choice
+from difflab.devices import torch_dtype as torch_dtype_of
 from difflab.errors import UsageError
-from difflab.sd import DEFAULT_MODEL
+from difflab.options import DEFAULT_SD_MODEL, SD_SCHEDULERS, SDPipelineSpec
 
-MOVED = {"runwayml/stable-diffusion-v1-5": DEFAULT_MODEL}  # removed from the Hub -> mirror
+MOVED = {"runwayml/stable-diffusion-v1-5": DEFAULT_SD_MODEL}  # removed from the Hub -> mirror
 SAFETY_CHECKER_ID = "CompVis/stable-diffusion-safety-checker"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 NEEDED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # name -> (diffusers class, from_config overrides, A1111 "Sampler" label)
-SCHEDULERS: dict[str, tuple[str, dict[str, Any], str]] = {
+SCHEDULERS: dict[str, tuple[str, dict[str, Any], str]] = {  # in the order of SD_SCHEDULERS
     "euler": ("EulerDiscreteScheduler", {"use_karras_sigmas": False}, "Euler"),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
     "dpm++_2m": (
@@ -89,11 +91,7 @@ def _offline_hint(what: str) -> str:
 
 def resolve_model(model: str | Path, trust_pickle: bool = False) -> ModelSource:
     """Classify ``--model`` and check it is usable, without loading it."""
-    text = str(model).strip()
-    if not text:
-        raise UsageError(
-            "--model is empty: pass a Hub id, a diffusers folder or a .safetensors file"
-        )
+    text = str(model).strip()  # not empty: SDPipelineSpec checked it
     notes: list[str] = []
     if text in MOVED:
         notes.append(f"--model {text} was removed from the Hub; using its mirror {MOVED[text]}")
@@ -187,26 +185,11 @@ def model_fingerprint(source: ModelSource) -> dict[str, Any]:
     return {source.kind: path.name, "sha256": h.hexdigest()}
 
 
-def resolve_dtype(dtype: str, device: str) -> str:
-    """``auto`` -> fp16 on CUDA and MPS, fp32 on the CPU; otherwise one of :data:`DTYPES`."""
-    if dtype == "auto":
-        return "fp32" if device.split(":")[0] == "cpu" else "fp16"
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype!r}: choose one of auto, {', '.join(DTYPES)}")
-    return dtype
-
-
-def check_scheduler(name: str | None) -> str | None:
-    if name is not None and name not in SCHEDULERS:
-        raise UsageError(f"--scheduler {name!r}: unknown; choose one of {', '.join(SCHEDULERS)}")
-    return name
-
-
 def make_scheduler(name: str, config: Any) -> Any:
     """The diffusers scheduler for ``name``, built from the model's scheduler ``config``."""
     import diffusers
 
-    cls, overrides, _ = SCHEDULERS[check_scheduler(name)]
+    cls, overrides, _ = SCHEDULERS[check_choice(name, SD_SCHEDULERS, "--scheduler")]
     return getattr(diffusers, cls).from_config(config, **overrides)
 
 
@@ -219,25 +202,16 @@ def scheduler_name(scheduler: Any) -> tuple[str, str]:
     return cls, cls
 
 
-def load_pipeline(
-    model: str | Path = DEFAULT_MODEL,
-    device: str = "cpu",
-    dtype: str = "auto",
-    scheduler: str | None = None,
-    safety_checker: bool = True,
-    trust_pickle: bool = False,
-    model_config: str | Path | None = None,
-    vae: str | Path | None = None,
-    compile: bool = False,
-    progress: bool = False,
-) -> LoadedPipeline:
-    """Build the stock ``StableDiffusionPipeline`` for ``model`` on ``device`` (see module doc)."""
+def load_pipeline(spec: SDPipelineSpec, progress: bool = False) -> LoadedPipeline:
+    """Build the stock ``StableDiffusionPipeline`` of ``spec`` (see module doc); its LoRAs
+    are not loaded here (:func:`difflab.sd.lora.applied` does, per call)."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
-    source = resolve_model(model, trust_pickle)
-    check_scheduler(scheduler)
-    dtype = resolve_dtype(dtype, device)
-    torch_dtype = DTYPES[dtype]
+    source = resolve_model(spec.model, spec.trust_pickle)
+    device, dtype, scheduler = spec.device, spec.resolved_dtype, spec.scheduler
+    safety_checker, model_config, vae = spec.safety_checker, spec.model_config, spec.vae
+    trust_pickle = spec.trust_pickle
+    torch_dtype = torch_dtype_of(dtype)
     notes = list(source.notes)
     if dtype == "fp16" and device.split(":")[0] == "cpu":
         notes.append("--dtype fp16 on the CPU is slow and rarely used; fp32 is the CPU default")
@@ -275,7 +249,7 @@ def load_pipeline(
     with quiet_loading():  # diffusers' fp16-on-CPU warning: our note above says it
         pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=not progress, leave=False)
-    if compile:
+    if spec.compile:
         pipe.unet = torch.compile(pipe.unet)
     return LoadedPipeline(
         pipe, source, device, dtype, name, label, pipe.safety_checker is not None, notes

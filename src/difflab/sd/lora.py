@@ -15,13 +15,13 @@ Civitai's "AutoV3" short hash), plus a plain ``Lora`` field with each name and s
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from difflab.checks import split_scale
 from difflab.errors import UsageError
 from difflab.sd.load import _first_line, quiet_loading
 
@@ -57,27 +57,13 @@ def short_hash(path: str | Path) -> str:
     return h.hexdigest()[:12]
 
 
-def split_scale(text: str | Path) -> tuple[str, float | None]:
-    """``FILE[:SCALE]`` -> (FILE, SCALE or None when no scale is given)."""
-    text = str(text).strip()
-    head, sep, tail = text.rpartition(":")
-    if sep and head:
-        try:
-            return head, float(tail)
-        except ValueError:  # a colon inside the path (C:\...), no scale
-            pass
-    return text, None
-
-
 def parse_lora(text: str | Path, option: str = "--lora") -> LoraSpec:
     """``FILE`` or ``FILE:SCALE`` (scale 1 when omitted) -> a checked :class:`LoraSpec`."""
     from safetensors import SafetensorError, safe_open
 
-    path, scale = split_scale(text)
+    path, scale = split_scale(text)  # a finite scale: SDPipelineSpec checked it
     scale = 1.0 if scale is None else scale
     where = f"{option} {str(text).strip()}"
-    if not math.isfinite(scale):
-        raise UsageError(f"{where}: the scale must be a finite number, as in FILE:0.8")
     file = Path(path).expanduser()
     if not file.is_file():
         raise UsageError(f"{where}: no such file")
@@ -98,23 +84,9 @@ def parse_lora(text: str | Path, option: str = "--lora") -> LoraSpec:
     return LoraSpec(file.absolute(), scale, file.stem, short_hash(file), option)
 
 
-def parse_loras(items: Sequence[str | Path] | None, option: str = "--lora") -> list[LoraSpec]:
-    """Every ``--lora`` checked; the same file twice is refused."""
-    specs = [parse_lora(item, option) for item in items or ()]
-    files = [s.path.resolve() for s in specs]
-    dup = next((f for f in files if files.count(f) > 1), None)
-    if dup is not None:
-        raise UsageError(f"{option} {dup}: is given twice; give it once with the summed scale")
-    return specs
-
-
-def check_compile(specs: Sequence[LoraSpec], compile: bool) -> None:
-    """Refuse LoRAs with ``--compile``: the UNet would be compiled before they are loaded."""
-    if specs and compile:
-        raise UsageError(
-            "--lora with --compile: the UNet is compiled before the LoRA is loaded; "
-            "drop --compile (or --lora)"
-        )
+def parse_loras(items: Sequence[str | Path], option: str = "--lora") -> list[LoraSpec]:
+    """Every ``--lora`` of a :class:`~difflab.options.SDPipelineSpec` read and checked."""
+    return [parse_lora(item, option) for item in items]
 
 
 def _widths(module: Any) -> tuple[int | None, int | None]:

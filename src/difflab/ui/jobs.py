@@ -7,6 +7,10 @@ checks :meth:`Job.cancelled` at safe points: between training steps, sampler ste
 cells, so a cancelled job leaves a consistent folder), and ends ``done``, ``failed`` with one
 line of error (a :class:`~difflab.errors.UsageError` as is, anything else with its type
 name; the traceback goes to the server's log, not to the browser) or ``cancelled``.
+A job may carry a key (a run folder, a sweep folder): while one job of a key is queued or
+running, another of the same key is refused, checked and queued under one lock. Memory is
+bounded: a finished job keeps only its result (what the page shows), not its work or preview,
+and the queue forgets all but the latest :data:`KEEP` finished jobs.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from difflab.errors import UsageError
 log = logging.getLogger("difflab.ui")
 
 FINISHED = ("done", "failed", "cancelled")  # a job is queued, running, or one of these
+KEEP = 20  # finished jobs the queue remembers
 
 
 class Cancelled(Exception):
@@ -36,13 +41,14 @@ class Job:
     id: int
     kind: str  # train, sample, reverse, sweep, sd, sd-sweep
     title: str
-    work: Callable[[Job], Any]
+    work: Callable[[Job], Any] | None
     state: str = "queued"
     progress: float | None = None  # 0..1 when known
     message: str = "waiting for the device"
     preview: Any = None  # latest preview image (sampling)
     result: Any = None
     error: str | None = None
+    key: str | None = None  # at most one queued or running job per key
     submitted: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
@@ -82,7 +88,7 @@ class Job:
 class JobQueue:
     """A FIFO of :class:`Job` run one at a time by a daemon thread."""
 
-    def __init__(self, keep: int = 50) -> None:
+    def __init__(self, keep: int = KEEP) -> None:
         self._jobs: dict[int, Job] = {}
         self._ids = itertools.count(1)
         self._queue: queue.Queue[Job] = queue.Queue()
@@ -91,17 +97,29 @@ class JobQueue:
         self._worker = threading.Thread(target=self._run, name="difflab-jobs", daemon=True)
         self._worker.start()
 
-    def submit(self, kind: str, title: str, work: Callable[[Job], Any]) -> Job:
+    def submit(
+        self, kind: str, title: str, work: Callable[[Job], Any], key: str | None = None
+    ) -> Job:
+        """Queue ``work``; refused (one line) while a job of the same ``key`` is not finished."""
         with self._lock:
-            job = Job(next(self._ids), kind, title, work)
+            busy = [j for j in self._jobs.values() if key is not None and j.key == key]
+            busy = [j for j in busy if j.state not in FINISHED]
+            if busy:
+                j = busy[0]
+                raise UsageError(f"{key}: a {j.kind} job of it (#{j.id}) is already {j.state}")
+            job = Job(next(self._ids), kind, title, work, key=key)
             self._jobs[job.id] = job
-            finished = [j for j in self._jobs.values() if j.state in FINISHED]
-            for old in finished[: max(0, len(finished) - self._keep)]:
-                del self._jobs[old.id]
-        ahead = sum(1 for j in self.active() if j.id < job.id)
-        job.message = f"waiting for the device ({ahead} job(s) ahead)" if ahead else "starting"
-        self._queue.put(job)
+            self._forget()
+            ahead = sum(1 for j in self._jobs.values() if j.id < job.id and j.state not in FINISHED)
+            job.message = f"waiting for the device ({ahead} job(s) ahead)" if ahead else "starting"
+            self._queue.put(job)
         return job
+
+    def _forget(self) -> None:
+        """Drop all but the latest ``keep`` finished jobs (call it holding the lock)."""
+        finished = [j for j in self._jobs.values() if j.state in FINISHED]
+        for old in finished[: max(0, len(finished) - self._keep)]:
+            del self._jobs[old.id]
 
     def get(self, job_id: int) -> Job | None:
         return self._jobs.get(job_id)
@@ -131,11 +149,12 @@ class JobQueue:
                     "cancelled before it started",
                     time.time(),
                 )
+                job.work = None
                 job._done.set()
                 continue
             job.state, job.started = "running", time.time()
             try:
-                job.result = job.work(job)
+                job.result = job.work(job)  # type: ignore[misc]
                 job.state = "cancelled" if job.cancelled() else "done"
                 if job.state == "cancelled":
                     job.message = "cancelled; " + job.message
@@ -148,5 +167,8 @@ class JobQueue:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 job.state, job.error = "failed", f"{type(e).__name__}: {first}".rstrip(": ")
             finally:
+                job.work, job.preview = None, None  # a finished job keeps only its result
                 job.finished = time.time()
+                with self._lock:
+                    self._forget()
                 job._done.set()

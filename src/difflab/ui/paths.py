@@ -1,9 +1,12 @@
-"""Paths a browser sends, kept inside the runs folder; the run and model listings.
+"""Paths a browser sends, kept inside the runs folder; what may be served; run and model lists.
 
 :func:`inside` is the only way the UI turns a name from the browser into a path: the name is
 URL-decoded (repeatedly, so ``%252e%252e`` cannot sneak past), resolved with symlinks
 followed, and refused unless it lies in the root, whether it was spelled ``../x``,
-``%2e%2e/x``, ``/etc/passwd`` or ``C:\\x``.
+``%2e%2e/x``, ``/etc/passwd`` or ``C:\\x``. :func:`may_serve` says which files of the runs
+folder the server hands out (never training state, pickles, locks or hidden files);
+:func:`confine_model` keeps a model typed in the page inside the models folder and the
+Hugging Face cache. :func:`run_summary` lists a broken run folder as broken, in one line.
 """
 
 from __future__ import annotations
@@ -15,9 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
-from difflab.ddpm.runs import CONFIG, WEIGHTS
+from difflab.ddpm.runs import CONFIG, TRAIN_STATE, WEIGHTS
 from difflab.errors import UsageError
-from difflab.files import atomic_path
+from difflab.files import LOCK_FILE, atomic_path
+
+NOT_SERVED = {TRAIN_STATE, LOCK_FILE}  # never handed to a browser, wherever they lie
+NOT_SERVED_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle", ".lock", ".tmp")
 
 
 def inside(root: str | Path, name: str | Path, what: str = "path") -> Path:
@@ -40,6 +46,38 @@ def inside(root: str | Path, name: str | Path, what: str = "path") -> Path:
     return path
 
 
+def may_serve(path: Path, runs: Path) -> bool:
+    """False for a file of ``runs`` that must not reach a browser: training state, pickles,
+    lock and temporary files, and anything hidden (a part starting with ``.``: ``.git``,
+    ``.lock``). Files outside ``runs`` are the web framework's own rules' business."""
+    runs = runs.resolve()
+    for p in (path, path.resolve()):
+        try:
+            parts = p.relative_to(runs).parts
+        except ValueError:
+            continue
+        if any(part.startswith(".") for part in parts) or p.name in NOT_SERVED:
+            return False
+        if p.name.lower().endswith(NOT_SERVED_SUFFIXES):
+            return False
+    return True
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from ``path``, or one line naming the file (bad JSON, not UTF-8)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read it ({e.strerror})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a JSON object")
+    return data
+
+
 def safe_name(text: str, what: str) -> str:
     """A new folder name: letters, digits, ``-``, ``_`` and ``.``, not starting with a dot."""
     name = str(text).strip()
@@ -57,43 +95,61 @@ def list_runs(root: str | Path) -> list[Path]:
         p.parent for p in root.glob(f"*/*/{CONFIG}")
     ]
     runs = [p for p in found if (p / WEIGHTS).is_file() and not p.name.startswith(".")]
-    return sorted(set(runs), key=lambda p: (p / WEIGHTS).stat().st_mtime, reverse=True)
+    return sorted(set(runs), key=_mtime, reverse=True)
+
+
+def _mtime(run: Path) -> float:
+    try:
+        return (run / WEIGHTS).stat().st_mtime
+    except OSError:  # removed meanwhile
+        return 0.0
 
 
 def run_summary(root: Path, run: Path) -> dict:
-    """One row of the Runs table: name, dataset, preset, steps, accuracy, size, date."""
-    cfg = json.loads((run / CONFIG).read_text(encoding="utf-8"))
-    ev = run / "eval.json"
-    acc = None
-    if ev.is_file():
-        acc = json.loads(ev.read_text(encoding="utf-8")).get("accuracy")
-    steps = None
-    metrics = run / "metrics.jsonl"
-    if metrics.is_file():
-        lines = [ln for ln in metrics.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        for ln in reversed(lines):
-            try:
-                steps = json.loads(ln).get("step")
-                break
-            except json.JSONDecodeError:
-                continue
-    return {
-        "run": str(run.relative_to(root)),
-        "dataset": cfg.get("train", {}).get("dataset"),
-        "preset": cfg.get("preset"),
-        "steps": steps,
-        "accuracy": None if acc is None else round(acc, 4),
-        "MB": round(folder_size(run) / 2**20, 1),
-        "modified": time.strftime(
-            "%Y-%m-%d %H:%M", time.localtime((run / WEIGHTS).stat().st_mtime)
-        ),
-    }
+    """One row of the Runs table: name, dataset, preset, steps, accuracy, size, date.
+
+    A folder whose files cannot be read (bad JSON, not UTF-8) is a row saying so in one
+    line (``broken: ...`` under dataset), never an error that hides the other runs."""
+    row = {"run": str(run.relative_to(root))}
+    try:
+        cfg = read_json(run / CONFIG)
+        train = cfg.get("train")
+        ev = run / "eval.json"
+        acc = read_json(ev).get("accuracy") if ev.is_file() else None
+        row |= {
+            "dataset": train.get("dataset") if isinstance(train, dict) else None,
+            "preset": cfg.get("preset"),
+            "steps": _last_step(run / "metrics.jsonl"),
+            "accuracy": round(acc, 4) if isinstance(acc, (int, float)) else None,
+        }
+    except UsageError as e:
+        row["dataset"] = f"broken: {str(e).replace(str(run) + '/', '')}"
+    row["MB"] = round(folder_size(run) / 2**20, 1)
+    row["modified"] = time.strftime("%Y-%m-%d %H:%M", time.localtime(_mtime(run)))
+    return row
+
+
+def _last_step(metrics: Path) -> int | None:
+    if not metrics.is_file():
+        return None
+    text = metrics.read_bytes().decode("utf-8", errors="replace")
+    for ln in reversed([ln for ln in text.splitlines() if ln.strip()]):
+        try:
+            row = json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            return row.get("step")
+    return None
 
 
 def folder_size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    try:
+        if path.is_file():
+            return path.stat().st_size
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    except OSError:  # a file removed meanwhile
+        return 0
 
 
 # -- models -----------------------------------------------------------------------------------
@@ -137,6 +193,62 @@ def _hf_cached_pipelines() -> list[ModelEntry]:
                 ModelEntry(repo.repo_id, "Hugging Face cache", repo.repo_id, repo.size_on_disk)
             )
     return out
+
+
+def _hf_cache() -> Path | None:
+    try:
+        from huggingface_hub import constants
+
+        return Path(constants.HF_HUB_CACHE).resolve()
+    except Exception:
+        return None
+
+
+def _cached_snapshot(repo_id: str, marker: str) -> Path | None:
+    """The local snapshot folder of a Hub repo whose ``marker`` file is cached, else None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, marker)
+    except Exception:  # not a valid repo id
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def confine_model(
+    text: str, models_dir: str | Path, allow_any: bool = False, what: str = "model",
+    marker: str = "model_index.json",
+) -> str:  # fmt: skip
+    """A model typed in the page, as a path inside ``models_dir`` or the Hugging Face cache.
+
+    A name or path in the models folder is that path; a Hub id whose snapshot (with
+    ``marker``) is in the cache is that local snapshot folder, so nothing is downloaded.
+    Anything else is refused with one line, unless the server allows any model."""
+    text = str(text or "").strip()
+    if allow_any or not text:
+        return text
+    models = Path(models_dir).resolve()
+    roots = [r for r in (models, _hf_cache()) if r is not None]
+    candidates = [models / text]
+    if Path(text).is_absolute() or text.startswith((".", "~")) or Path(text).exists():
+        candidates.append(Path(text).expanduser())
+    for candidate in candidates:
+        if candidate.exists():
+            path = candidate.resolve()
+            if any(path == r or r in path.parents for r in roots):
+                return str(path)
+            break
+    else:
+        from difflab.sd.load import MOVED
+
+        for repo in (text, MOVED.get(text)):
+            snapshot = _cached_snapshot(repo, marker) if repo else None
+            if snapshot is not None:
+                return str(snapshot)
+    raise UsageError(
+        f"{what} {text!r}: the web UI loads models from {models} and the Hugging Face cache "
+        "only (see the Models tab); start it with --allow-any-model to allow any path or Hub id"
+    )
 
 
 def import_model(source: str | Path, models_dir: str | Path) -> Path:
