@@ -360,7 +360,7 @@ def test_pickle_folders_are_refused_without_trust_pickle(models, tmp_path, capsy
     assert "--model" in err and ".bin is a pickle" in err and "--trust-pickle" in err, err
     assert not (tmp_path / "refused").exists()
     with pytest.raises(UsageError, match="--vae .*diffusion_pytorch_model.bin is a pickle"):
-        load_pipeline(models.sd, vae=pickled / "vae")
+        load_pipeline(SDPipelineSpec(model=str(models.sd), device="cpu", vae=str(pickled / "vae")))
 
     seen = []
     real = StableDiffusionPipeline.from_pretrained.__func__
@@ -370,7 +370,7 @@ def test_pickle_folders_are_refused_without_trust_pickle(models, tmp_path, capsy
         return real(cls, *a, **kw)
 
     monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", classmethod(spy))
-    load_pipeline(models.sd)
+    load_pipeline(SDPipelineSpec(model=str(models.sd), device="cpu"))
     assert seen == [True]  # safetensors only
     assert main([*args, "--out", str(tmp_path / "trusted"), "--trust-pickle"]) == 0
     assert seen[-1] is None  # trusted: diffusers may fall back to the pickles

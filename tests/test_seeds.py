@@ -20,6 +20,7 @@ from difflab.ddpm.runs import load_run
 from difflab.ddpm.sampling import sample, sample_steps
 from difflab.evaluation import judge as judge_mod
 from difflab.experiments.ddpm_sweep import sweep_run
+from difflab.options import DDPMSweepAxes, EvalOptions, SampleOptions
 from difflab.seeds import ImageNoise, image_seeds, indices_within_class, initial_noise
 from helpers import tiny_run
 
@@ -81,9 +82,9 @@ def test_first_step_noise_is_not_x_T(net, monkeypatch):
 
 
 def test_n_per_class_3_is_a_prefix_of_6(run, tmp_path):
-    kw = dict(steps=3, sampler="ddpm", seed=2, progress=False)
-    sample_run(run, tmp_path / "a.npz", n_per_class=3, **kw)
-    sample_run(run, tmp_path / "b.npz", n_per_class=6, **kw)
+    kw = dict(steps=3, sampler="ddpm", seed=2)
+    sample_run(run, SampleOptions(n_per_class=3, **kw), tmp_path / "a.npz", progress=False)
+    sample_run(run, SampleOptions(n_per_class=6, **kw), tmp_path / "b.npz", progress=False)
     three, six = by_class(np.load(tmp_path / "a.npz")), by_class(np.load(tmp_path / "b.npz"))
     assert sorted(three) == sorted(six) == list(range(10))
     for c in range(10):
@@ -93,10 +94,10 @@ def test_n_per_class_3_is_a_prefix_of_6(run, tmp_path):
 
 
 def test_some_classes_give_the_same_images_as_all_classes(run, tmp_path):
-    kw = dict(n_per_class=8, steps=3, sampler="ddpm", seed=4, progress=False)
-    sample_run(run, tmp_path / "all.npz", **kw)
-    sample_run(run, tmp_path / "some.npz", classes="3,7", **kw)
-    sample_run(run, tmp_path / "swapped.npz", classes="7,3", **kw)
+    kw = dict(n_per_class=8, steps=3, sampler="ddpm", seed=4)
+    sample_run(run, SampleOptions(**kw), tmp_path / "all.npz", progress=False)
+    sample_run(run, SampleOptions(classes="3,7", **kw), tmp_path / "some.npz", progress=False)
+    sample_run(run, SampleOptions(classes="7,3", **kw), tmp_path / "swapped.npz", progress=False)
     every = by_class(np.load(tmp_path / "all.npz"))
     for name in ("some", "swapped"):
         some = by_class(np.load(tmp_path / f"{name}.npz"))
@@ -147,7 +148,8 @@ def test_two_eval_seeds_share_no_noise(run, monkeypatch):
         seen = drawn[seed] = []
         monkeypatch.setattr(ImageNoise, "initial", lambda s, v=seen: v.append(real_initial(s)) or v[-1])  # fmt: skip
         monkeypatch.setattr(ImageNoise, "step", lambda s, v=seen: v.append(real_step(s)) or v[-1])
-        evaluate_run(run, n_per_class=2, steps=2, sampler="ddpm", seed=seed, progress=False, write=False)  # fmt: skip
+        opts = EvalOptions(n_per_class=2, steps=2, sampler="ddpm", seed=seed)
+        evaluate_run(run, opts, progress=False, write=False)
     assert [len(v) for v in drawn.values()] == [2, 2]  # x_T and one noisy step per seed
     assert torch.equal(drawn[0][0], expect)
     rows0 = {r.numpy().tobytes() for x in drawn[0] for r in x}
@@ -163,10 +165,10 @@ def test_a_sweep_cell_is_difflab_sample_for_every_sampler(run, tmp_path, capsys)
     cfg["sample"]["eta"] = 0.5  # a sweep takes eta from the run
     (mine / "config.json").write_text(json.dumps(cfg))
     samplers = ["ddim", "ddpm", "dpm++", "euler", "unipc"]
-    sweep_run(
-        mine, tmp_path / "sw", guidance="0,2", steps="3", sampler=",".join(samplers),
-        seeds="1", n_per_class=2, progress=False, plots=False, max_group=8,
-    )  # fmt: skip
+    axes = DDPMSweepAxes(
+        guidance="0,2", steps="3", samplers=",".join(samplers), seeds="1", n_per_class=2
+    )
+    sweep_run(mine, axes, tmp_path / "sw", progress=False, plots=False, max_group=8)
     for smp in samplers:
         for g in (0, 2):
             out = tmp_path / f"{smp}_{g}.npz"

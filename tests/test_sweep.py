@@ -360,32 +360,32 @@ def test_a_held_folder_is_refused_before_anything_in_it_changes(run, tmp_path):
     from difflab.errors import UsageError
     from difflab.files import folder_lock
 
-    axes = {**AXES, "guidance": "0", "steps": "2"}
+    axes = replace(AXES, guidance="0", steps="2")
     out, fresh = tmp_path / "sw", tmp_path / "fresh"
-    sweep_run(run, out, **axes)
+    sweep_run(run, axes, out, **QUIET)
     (out / "cells" / ".ddim_steps3_g0_seed0.json.k2.tmp.json").write_text("{")  # a killed write
     fresh.mkdir()
     before = snapshot(out)
     with folder_lock(out), folder_lock(fresh):  # another writer holds both folders
         with pytest.raises(UsageError, match="another process"):
-            sweep_run(run, out, **axes, grid_class=3)  # would rewrite sweep.json
+            sweep_run(run, replace(axes, grid_class=3), out, **QUIET)  # would rewrite sweep.json
         with pytest.raises(UsageError, match="another process"):
-            sweep_run(run, fresh, **axes)
+            sweep_run(run, axes, fresh, **QUIET)
     assert snapshot(out) == before  # the temporary file kept, sweep.json as it was
     assert sorted(p.name for p in fresh.iterdir()) == [".lock"]  # no sweep.json, no cells/
-    sweep_run(run, out, **axes)  # the next writer clears what the killed one left
+    sweep_run(run, axes, out, **QUIET)  # the next writer clears what the killed one left
     assert not list((out / "cells").glob(".*.tmp*"))
 
 
 def test_a_torn_cell_record_is_made_again(run, tmp_path):
     out = tmp_path / "sw"
-    axes = {**AXES, "guidance": "0", "steps": "2,3"}
-    sweep_run(run, out, **axes)
+    axes = replace(AXES, guidance="0", steps="2,3")
+    sweep_run(run, axes, out, **QUIET)
     record = out / "cells" / "ddim_steps3_g0_seed0.json"
     whole = record.read_bytes()
     images = np.load(record.with_suffix(".npz"))["images"]
     record.write_bytes(whole[: len(whole) // 2])  # cut off, as by a copy that died half-way
-    again = sweep_run(run, out, **axes)
+    again = sweep_run(run, axes, out, **QUIET)
     assert again.cells_run == 1 and len(again.rows) == 2
     assert json.loads(record.read_text())["key"] == "ddim_steps3_g0_seed0"
     assert np.array_equal(np.load(record.with_suffix(".npz"))["images"], images)

@@ -63,6 +63,9 @@ def _check_float(
         and (value < high if open_high else value <= high)
     )
     if not ok:
+        if open_low and low == 0:
+            hi = f"below {high:g}" if open_high else f"at most {high:g}"
+            raise UsageError(f"{_name(section, key)} {value!r}: must be positive and finite, {hi}")
         lo, hi = ("(" if open_low else "[") + f"{low:g}", f"{high:g}" + (")" if open_high else "]")
         raise UsageError(f"{_name(section, key)} {value!r}: must be a finite number in {lo}, {hi}")
 
@@ -202,14 +205,9 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UsageError(f"{path}: no such file") from None
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        return cls.from_dict(data, where=str(path))
+        from difflab.files import read_json
+
+        return cls.from_dict(read_json(path), where=str(path))
 
     def override(self, assignments: list[str]) -> RunConfig:
         """Apply ``section.key=value`` strings (values parsed as JSON, else as text)."""

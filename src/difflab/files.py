@@ -10,6 +10,7 @@ when the folder is next opened. Also folder locks, JSON lines and file hashes.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -94,8 +95,8 @@ def read_text(path: str | Path) -> str:
         raise UsageError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise UsageError(f"{path}: is a folder, expected a file") from None
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text") from None
     except OSError as e:
         raise UsageError(f"{path}: cannot read ({e.strerror})") from None
 
@@ -182,6 +183,7 @@ def folder_lock(folder: str | Path, option: str = "--out") -> Iterator[None]:
         return
     folder = Path(folder)
     with open(folder / LOCK_FILE, "a+", encoding="utf-8") as f:
+        unlockable = None  # a file system without locks (some network file systems)
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -191,6 +193,20 @@ def folder_lock(folder: str | Path, option: str = "--out") -> Iterator[None]:
                 f"{option} {folder}: another process (pid {pid}) is writing into this folder; "
                 f"wait for it to finish or choose another {option}"
             ) from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            unlockable = errno.errorcode[e.errno]
+        if unlockable:
+            import warnings
+
+            warnings.warn(
+                f"{folder}: this file system has no locks ({unlockable}); writing without "
+                "one: do not start a second writer into this folder",
+                stacklevel=3,
+            )
+            yield
+            return
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")

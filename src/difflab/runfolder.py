@@ -21,7 +21,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +30,10 @@ import torch
 
 from difflab.errors import UsageError
 from difflab.files import (
+    LOCK_FILE,
     atomic_path,
     file_sha256,
+    folder_lock,
     read_jsonl,
     remove_stale_temp_files,
     write_text,
@@ -90,6 +92,30 @@ def clean_folder(folder: str | Path, subfolders: Iterable[str] = ()) -> list[Pat
     for name in subfolders:
         stale += remove_stale_temp_files(folder / name)
     return stale
+
+
+@contextmanager
+def held(out: str | Path, create: bool, lock: bool = True) -> Iterator[None]:
+    """The run folder ``out`` held by one writer: created when ``create`` (its parent must
+    exist), then locked (:func:`~difflab.files.folder_lock`), so a second training of the
+    same run is refused with one line. A folder created here that is refused or fails
+    before anything was written into it is removed again."""
+    import shutil
+
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {out}: folder {out.parent} does not exist")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file, not a folder")
+    fresh = not out.exists()
+    if create:
+        out.mkdir(exist_ok=True)
+    try:
+        with folder_lock(out) if lock and out.is_dir() else nullcontext():
+            yield
+    finally:
+        if lock and fresh and out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
+            shutil.rmtree(out, ignore_errors=True)
 
 
 def save_checkpoint(

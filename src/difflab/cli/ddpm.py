@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from difflab.cli.args import add_device, add_precision, add_trust_pickle, build, command, default
 from difflab.devices import resolve_device
+from difflab.errors import UsageError
 from difflab.options import EvalOptions, ForwardOptions, ReverseOptions, SampleOptions
 
 T_HELP = "comma-separated t in 0..T: integers or expressions like T, T/2, 3T/4"
@@ -48,21 +50,62 @@ def _add_train(sub) -> None:
 
 
 def train_config(args: argparse.Namespace):
-    """The preset with the options given on the command line applied."""
+    """The preset with the options given on the command line applied; on ``--resume``, the
+    run's own config, which the options given may not contradict (only the length may change)."""
     from dataclasses import replace
 
-    from difflab.config import get_preset
+    from difflab.config import RunConfig, get_preset
+    from difflab.ddpm.runs import CONFIG
 
-    cfg = get_preset(args.preset)
     given = vars(args)
     keys = ("dataset", "data_dir", "batch_size", "lr", "seed", "init_from")
     changes = {k: given[k] for k in keys if k in given}
+    length = {}
     if "epochs" in given:
-        changes.update(epochs=args.epochs, minutes=None)
+        length = dict(epochs=args.epochs, minutes=None)
     elif "minutes" in given:
-        changes.update(minutes=args.minutes, epochs=None)
-    cfg = replace(cfg, train=replace(cfg.train, **changes))
+        length = dict(minutes=args.minutes, epochs=None)
+    saved_path = Path(args.out) / CONFIG
+    if args.resume and saved_path.is_file():
+        saved = RunConfig.load(saved_path)
+        wanted = replace(saved, train=replace(saved.train, **changes))
+        wanted = wanted.override(args.set) if args.set else wanted
+        check_same_run(saved, wanted, saved_path)
+        return replace(saved, train=replace(saved.train, **length)) if length else saved
+    cfg = get_preset(args.preset)
+    cfg = replace(cfg, train=replace(cfg.train, **changes, **length))
     return cfg.override(args.set) if args.set else cfg
+
+
+def _fitted_to_data(key: str, saved, wanted) -> bool:
+    """Whether a model key of the saved run is what training made of ``wanted`` to fit the
+    dataset (its shape and classes; fewer levels or a smaller patch for small images)."""
+    if key in ("in_channels", "height", "width", "num_classes", "class_names"):
+        return True
+    if key == "channel_mults":
+        return list(wanted)[: len(saved)] == list(saved)
+    return key == "patch_size" and saved <= wanted
+
+
+def check_same_run(saved, wanted, where: Path) -> None:
+    """Refuse, with one line, options given with ``--resume`` that differ from the run's."""
+    old, new = saved.to_dict(), wanted.to_dict()
+    for section, values in new.items():
+        if not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            was = old[section].get(key)
+            if section == "model" and _fitted_to_data(key, was, value):
+                continue
+            if was != value:
+                flag = {"batch_size": "--batch-size", "data_dir": "--data-dir", "init_from": "--init-from"}.get(
+                    key, f"--{key}" if section == "train" and key in ("dataset", "lr", "seed") else f"--set {section}.{key}"
+                )  # fmt: skip
+                raise UsageError(
+                    f"--resume: {flag} {value!r} differs from the run's {old[section].get(key)!r} "
+                    f"({where}); a resumed run keeps its settings, only --epochs, --minutes and "
+                    "--device may change (start a new run with --init-from to change others)"
+                )
 
 
 def _train(args: argparse.Namespace) -> None:

@@ -12,6 +12,7 @@ pickle file where weights are expected is refused unless the caller passes
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from difflab import runfolder
 from difflab.config import RunConfig
+from difflab.ddpm.data import ImageData
 from difflab.ddpm.diffusion import GaussianDiffusion
 from difflab.ddpm.model import ContextUnet
 from difflab.errors import UsageError
@@ -154,3 +156,24 @@ def init_from_run(model: ContextUnet, run: str | Path) -> None:
     emb[n_new] = old[n_old]
     state["class_embed.weight"] = emb
     model.load_state_dict(state)
+
+
+def resolve_config(cfg: RunConfig, data: ImageData) -> RunConfig:
+    """Fit the model's input shape and class count to the dataset."""
+    model = replace(
+        cfg.model,
+        in_channels=data.channels,
+        height=data.height,
+        width=data.width,
+        num_classes=data.num_classes,
+        class_names=tuple(data.class_names),
+    )
+    levels, p = len(model.channel_mults), model.patch_size
+    while p > 1 and (data.height % p or data.width % p):
+        p -= 1
+    while levels > 1 and (
+        data.height % (p * 2 ** (levels - 1)) or data.width % (p * 2 ** (levels - 1))
+    ):
+        levels -= 1  # e.g. 8x8 digits cannot be halved three times
+    model = replace(model, channel_mults=model.channel_mults[:levels], patch_size=p)
+    return replace(cfg, model=model)

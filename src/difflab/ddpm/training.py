@@ -14,10 +14,8 @@ run folder and shows progress, and a run folder resumes with any number of proce
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -30,13 +28,13 @@ import torch
 from difflab import distributed, runfolder
 from difflab.config import RunConfig
 from difflab.ddpm import runs as ckpt
-from difflab.ddpm.data import ImageData, load_dataset
+from difflab.ddpm.data import load_dataset
 from difflab.ddpm.diffusion import GaussianDiffusion
 from difflab.ddpm.model import ContextUnet
-from difflab.ddpm.runs import init_from_run
+from difflab.ddpm.runs import init_from_run, resolve_config
 from difflab.devices import resolve_device
 from difflab.errors import UsageError
-from difflab.files import LOCK_FILE, append_jsonl, folder_lock
+from difflab.files import append_jsonl
 from difflab.runfolder import TrainingDiverged, TrainingInterrupted
 
 __all__ = [
@@ -52,27 +50,6 @@ class TrainResult:
     seconds: float
     images_per_s: float
     final_loss: float
-
-
-def resolve_config(cfg: RunConfig, data: ImageData) -> RunConfig:
-    """Fit the model's input shape and class count to the dataset."""
-    model = replace(
-        cfg.model,
-        in_channels=data.channels,
-        height=data.height,
-        width=data.width,
-        num_classes=data.num_classes,
-        class_names=tuple(data.class_names),
-    )
-    levels, p = len(model.channel_mults), model.patch_size
-    while p > 1 and (data.height % p or data.width % p):
-        p -= 1
-    while levels > 1 and (
-        data.height % (p * 2 ** (levels - 1)) or data.width % (p * 2 ** (levels - 1))
-    ):
-        levels -= 1  # e.g. 8x8 digits cannot be halved three times
-    model = replace(model, channel_mults=model.channel_mults[:levels], patch_size=p)
-    return replace(cfg, model=model)
 
 
 def _lr_factor(progress: float, step: int, warmup: int, schedule: str) -> float:
@@ -109,14 +86,8 @@ class Trainer:
             # the run's own settings win; only the length of training may change
             cfg = replace(saved, train=replace(saved.train, epochs=tc.epochs, minutes=tc.minutes))
             tc = cfg.train
-        if tc.epochs is None and tc.minutes is None:
+        if tc.epochs is None and tc.minutes is None:  # each is checked by TrainConfig
             raise UsageError("train: give --epochs or --minutes")
-        if (tc.epochs is not None and tc.epochs <= 0) or (
-            tc.minutes is not None and tc.minutes <= 0
-        ):
-            raise UsageError("train: --epochs and --minutes must be positive")
-        if tc.batch_size < 1:
-            raise UsageError(f"train.batch_size={tc.batch_size}: must be at least 1")
         dev = resolve_device(device)
         distributed.check_device(dev, distributed.launched_world_size())
         mp = tc.mixed_precision
@@ -454,22 +425,11 @@ def train(
         raise UsageError(
             f"--out {out}: already holds a run; pass --resume to continue it or choose another --out"
         )
-    if not out.parent.exists():
-        raise UsageError(f"--out {out}: folder {out.parent} does not exist")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: is a file, not a folder")
-    main, fresh = distributed.is_main_process(), not out.exists()
-    if not resume:
-        out.mkdir(exist_ok=True)  # the run folder's lock lives in it: one training per run
-    try:
-        with folder_lock(out) if main and out.is_dir() else contextlib.nullcontext():
-            trainer = Trainer(cfg, out, device=device, resume=resume, progress=progress)
-            for note in trainer.notes:
-                if on_note is None:
-                    warnings.warn(note, stacklevel=2)
-                else:
-                    on_note(note)
-            return trainer.fit(stop_at_step=stop_at_step)
-    finally:
-        if main and fresh and out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
-            shutil.rmtree(out, ignore_errors=True)  # refused before anything was written
+    with runfolder.held(out, create=not resume, lock=distributed.is_main_process()):
+        trainer = Trainer(cfg, out, device=device, resume=resume, progress=progress)
+        for note in trainer.notes:
+            if on_note is None:
+                warnings.warn(note, stacklevel=2)
+            else:
+                on_note(note)
+        return trainer.fit(stop_at_step=stop_at_step)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import hashlib
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -31,20 +30,18 @@ import numpy as np
 
 from difflab import distributed
 from difflab.errors import UsageError
-from difflab.files import LOCK_FILE, csv_text, folder_lock, write_json, write_text
+from difflab.files import (
+    LOCK_FILE,
+    csv_text,
+    file_sha256,  # noqa: F401  (the sweeps' one file hash)
+    folder_lock,
+    write_json,
+    write_text,
+)
 
 RESUME_HINT = "re-run the command that started it to resume, or choose another --out"
 CELLS_DIR = "cells"
 TEMPORARY = ".*.tmp*"  # what files.atomic_path leaves behind when its process is killed
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a whole file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def show(value: Any) -> str:

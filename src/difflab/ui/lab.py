@@ -22,8 +22,9 @@ import torch
 from difflab.config import RunConfig
 from difflab.ddpm.runs import CONFIG, METRICS
 from difflab.errors import UsageError
+from difflab.files import read_json
 from difflab.ui.jobs import JobQueue
-from difflab.ui.paths import confine_model, inside, list_runs, read_json
+from difflab.ui.paths import confine_model, inside, list_runs
 
 SWEEPS = "sweeps"  # runs_dir/sweeps/NAME: DDPM sweeps started from the UI
 SD_OUT = "sd"  # runs_dir/sd/...: Stable Diffusion images and sweeps

@@ -20,7 +20,7 @@ from urllib.parse import unquote
 
 from difflab.ddpm.runs import CONFIG, TRAIN_STATE, WEIGHTS
 from difflab.errors import UsageError
-from difflab.files import LOCK_FILE, atomic_path
+from difflab.files import LOCK_FILE, atomic_path, read_json
 
 NOT_SERVED = {TRAIN_STATE, LOCK_FILE}  # never handed to a browser, wherever they lie
 NOT_SERVED_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle", ".lock", ".tmp")
@@ -61,21 +61,6 @@ def may_serve(path: Path, runs: Path) -> bool:
         if p.name.lower().endswith(NOT_SERVED_SUFFIXES):
             return False
     return True
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from ``path``, or one line naming the file (bad JSON, not UTF-8)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise UsageError(f"{path}: not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read it ({e.strerror})") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: expected a JSON object")
-    return data
 
 
 def safe_name(text: str, what: str) -> str:

@@ -12,8 +12,9 @@ from typing import Any
 
 from difflab.ddpm.runs import CONFIG
 from difflab.errors import UsageError
+from difflab.files import read_json
 from difflab.ui.lab import Lab, loss_rows
-from difflab.ui.paths import list_runs, read_json, run_summary
+from difflab.ui.paths import list_runs, run_summary
 
 COLUMNS = ["run", "dataset", "preset", "steps", "accuracy", "MB", "modified"]
 

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from difflab.errors import UsageError
+from difflab.files import read_json
 from difflab.options import SD_SCHEDULERS, SDGeneration, SDPipelineSpec, SDSweepAxes
 from difflab.ui import limits
 from difflab.ui.jobs import Job
 from difflab.ui.lab import SD_OUT, Lab, as_text, blank
-from difflab.ui.paths import inside, list_models, read_json, safe_name
+from difflab.ui.paths import inside, list_models, safe_name
 
 GENERATION = SDGeneration(prompt="a prompt")  # `difflab sd generate`'s defaults
 PIPELINE = SDPipelineSpec(device="cpu")

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from difflab.errors import UsageError
+from difflab.files import read_json
 from difflab.options import DDPMSweepAxes
 from difflab.ui import limits
 from difflab.ui.jobs import Job
 from difflab.ui.lab import SWEEPS, Lab, as_text
-from difflab.ui.paths import inside, read_json, safe_name
+from difflab.ui.paths import inside, safe_name
 
 AXES = DDPMSweepAxes()  # what `difflab sweep RUN --out DIR` sweeps
 
