@@ -262,3 +262,12 @@ def import_model(source: str | Path, models_dir: str | Path) -> Path:
     with atomic_path(dest) as tmp:
         shutil.copyfile(src, tmp)
     return dest
+
+
+def finished_sweep(runs: Path, where: str, name: str) -> tuple[Path, dict]:
+    """The folder and ``metrics.json`` of the sweep ``name`` under ``runs/where``, once it
+    has a finished cell."""
+    out = inside(runs, f"{where}/{name}", "sweep")
+    if not (out / "metrics.json").is_file():
+        raise UsageError(f"sweep {name!r}: no finished cell yet")
+    return out, read_json(out / "metrics.json")

@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from difflab.errors import UsageError
-from difflab.files import read_json
 from difflab.options import SD_SCHEDULERS, SDGeneration, SDPipelineSpec, SDSweepAxes
 from difflab.ui import limits
 from difflab.ui.jobs import Job
 from difflab.ui.lab import SD_OUT, Lab, as_text, blank
-from difflab.ui.paths import inside, list_models, safe_name
+from difflab.ui.paths import finished_sweep, inside, list_models, safe_name
 
 GENERATION = SDGeneration(prompt="a prompt")  # `difflab sd generate`'s defaults
 PIPELINE = SDPipelineSpec(device="cpu")
@@ -155,10 +154,7 @@ def _sd_sweep(lab: Lab, job: Job, axes: SDSweepAxes, spec: SDPipelineSpec, out: 
 
 
 def sd_sweep_results(lab: Lab, name: str) -> dict[str, Any]:
-    out = inside(lab.runs, f"{SD_OUT}/sweeps/{name}", "sweep")
-    if not (out / "metrics.json").is_file():
-        raise UsageError(f"sweep {name!r}: no finished cell yet")
-    doc = read_json(out / "metrics.json")
+    out, doc = finished_sweep(lab.runs, f"{SD_OUT}/sweeps", name)
     return {
         "summary": doc["summary"],
         "grids": [str(p) for p in sorted(out.glob("grid_p*.png"))],

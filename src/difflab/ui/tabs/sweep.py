@@ -13,13 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from difflab.errors import UsageError
-from difflab.files import read_json
 from difflab.options import DDPMSweepAxes
 from difflab.ui import limits
 from difflab.ui.jobs import Job
 from difflab.ui.lab import SWEEPS, Lab, as_text
-from difflab.ui.paths import inside, safe_name
+from difflab.ui.paths import finished_sweep, inside, safe_name
 
 AXES = DDPMSweepAxes()  # what `difflab sweep RUN --out DIR` sweeps
 
@@ -70,10 +68,7 @@ def sweep_results(lab: Lab, name: str) -> dict[str, Any]:
     """Summary rows, grid and plot files of a DDPM sweep folder."""
     from difflab.experiments.report import mean_std_text
 
-    out = inside(lab.runs, f"{SWEEPS}/{name}", "sweep")
-    if not (out / "metrics.json").is_file():
-        raise UsageError(f"sweep {name!r}: no finished cell yet")
-    doc = read_json(out / "metrics.json")
+    out, doc = finished_sweep(lab.runs, SWEEPS, name)
     figs = sorted((out / "figures").glob("*.png")) if (out / "figures").is_dir() else []
     fmt = {"accuracy": ".1%", "fd": ".2f", "kid": ".4f", "diversity": ".2f", "seconds": ".1f"}
     rows = [
