@@ -277,6 +277,19 @@ def check_sd_guidance(g: Any, option: str = "--guidance") -> float:
     return g
 
 
+def check_text(value: Any, option: str) -> str:
+    """Text a tokenizer, a PNG chunk and a JSON file can all hold: no bytes that were not
+    UTF-8 on the command line (Python keeps them as lone surrogates) and no NUL."""
+    text = "" if value is None else str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{option}: holds bytes that are not UTF-8 text") from None
+    if "\x00" in text:
+        raise UsageError(f"{option}: holds a NUL character")
+    return text
+
+
 def parse_prompts(prompts: Any) -> tuple[str, ...]:
     """One prompt per item, or a single text file with one prompt per line (blank lines and
     lines starting with ``#`` skipped); an empty prompt or one given twice is refused."""
@@ -285,11 +298,13 @@ def parse_prompts(prompts: Any) -> tuple[str, ...]:
         path = Path(items[0])
         if not path.is_file():
             raise UsageError(f"--prompts {path}: no such file")
-        lines = path.read_text(encoding="utf-8").splitlines()
+        from difflab.files import read_text
+
+        lines = read_text(path).splitlines()
         items = [s for s in (x.strip() for x in lines) if s and not s.startswith("#")]
         if not items:
             raise UsageError(f"--prompts {path}: holds no prompt (one per line)")
-    items = [str(p).strip() for p in items]
+    items = [check_text(p, "--prompts").strip() for p in items]
     if not items or any(not p for p in items):
         raise UsageError("--prompts: a prompt is empty; give text, or a file with one per line")
     dup = next((p for i, p in enumerate(items) if p in items[:i]), None)

@@ -32,6 +32,7 @@ from difflab.checks import (
     check_sd_guidance,
     check_seed,
     check_steps,
+    check_text,
     grid_axes,
     parse_classes,
     parse_list,
@@ -307,7 +308,7 @@ class SDGeneration(_Checked):
     size: tuple[int, int] = (512, 512)  # (width, height)
 
     def check(self) -> None:
-        prompt = "" if self.prompt is None else str(self.prompt)
+        prompt = check_text(self.prompt, "--prompt")
         if self.unconditional and prompt.strip():
             raise UsageError(
                 "--unconditional samples without a prompt; drop --prompt or --unconditional"
@@ -316,7 +317,11 @@ class SDGeneration(_Checked):
             raise UsageError(
                 "--prompt is empty; give a prompt, or --unconditional to sample without one"
             )
-        _set(self, prompt=prompt, negative_prompt=str(self.negative_prompt or ""))
+        _set(
+            self,
+            prompt=prompt,
+            negative_prompt=check_text(self.negative_prompt, "--negative-prompt"),
+        )
         _set(self, unconditional=bool(self.unconditional))
         _set(self, guidance=check_sd_guidance(self.guidance))
         _set(self, steps=check_int(self.steps, "--steps", 1, SD_MAX_STEPS))
@@ -354,7 +359,8 @@ class SDSweepAxes(_Checked):
         _set(self, prompts=parse_prompts(self.prompts), guidance=tuple(sorted(g)))
         _set(self, steps=tuple(sorted(s)), seeds=tuple(sorted(seeds)), clip_model=clip)
         _set(self, lora_scales=None if scales is None else tuple(sorted(scales)))
-        _set(self, negative_prompt=str(self.negative_prompt or ""), size=parse_size(self.size))
+        negative = check_text(self.negative_prompt, "--negative-prompt")
+        _set(self, negative_prompt=negative, size=parse_size(self.size))
 
     def lora_axis(self, spec: SDPipelineSpec) -> tuple[str | None, tuple[float, ...] | None]:
         """The swept LoRA file and its scales: ``lora_scales``, else the file's own scale."""

@@ -29,6 +29,20 @@ def build_parser() -> Parser:
     return parser
 
 
+def check_texts(args) -> None:
+    """Every text given on the command line is UTF-8 (bytes that are not reach Python as lone
+    surrogates, which no PNG chunk, JSON file or tokenizer takes): one line naming the option."""
+    from difflab.checks import check_text
+
+    for key, value in vars(args).items():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, str):
+                check_text(
+                    item,
+                    "--" + key.replace("_", "-") if key not in ("run", "inputs") else key.upper(),
+                )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -36,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version, or a usage error (already printed)
         return int(e.code or 0)
     try:
+        check_texts(args)
         args.handler(args)
         return 0
     except UsageError as e:
