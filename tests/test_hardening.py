@@ -124,3 +124,48 @@ def test_a_file_system_without_locks_writes_with_a_warning(tmp_path, monkeypatch
         with folder_lock(tmp_path):
             (tmp_path / "x").write_text("written")
     assert (tmp_path / "x").read_text() == "written"
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, capsys, monkeypatch):
+    import os
+
+    from helpers import tiny_run
+
+    run = tiny_run(tmp_path, epochs=0.05)
+    out = tmp_path / "out"
+    out.mkdir()
+    real = os.fsync
+
+    def full(fd):
+        real(fd)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    code = main(["sample", str(run), "--n-per-class", "1", "--out", str(out / "s.png")])
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]  # (after the progress bar)
+    assert code == 2 and last.startswith("difflab sample: error: cannot write") and "s.png" in last
+    assert "No space left on device" in last
+    assert list(out.iterdir()) == []  # no file, no temporary file
+
+
+@pytest.mark.parametrize("where", ["folder", "unwritable"])
+def test_out_is_checked_before_sampling(tmp_path, capsys, where):
+    import os
+
+    from helpers import tiny_run
+
+    run = tiny_run(tmp_path, epochs=0.05)
+    if where == "folder":
+        out = tmp_path / "taken.png"
+        out.mkdir()
+        words = "is a folder, not a file"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into any folder")
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        out, words = locked / "s.png", "is not writable"
+    code = main(["sample", str(run), "--n-per-class", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err

@@ -60,6 +60,10 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
         _fsync_folder(path.parent)  # the rename itself reaches the disk
+    except OSError as e:
+        if e.filename is None or str(e.filename) == str(tmp_path):
+            e.filename = str(path)  # name the file the user asked for, not its temporary name
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

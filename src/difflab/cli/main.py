@@ -10,6 +10,7 @@ and says which checkpoint was kept; Ctrl-C exits with 130.
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Sequence
 
@@ -27,6 +28,9 @@ def build_parser() -> Parser:
     for group in (ddpm, experiments, sd, ui):
         group.add(sub)
     return parser
+
+
+UNWRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM)
 
 
 def check_texts(args) -> None:
@@ -61,6 +65,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"difflab {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk, a read-only or forbidden folder: the files are atomic
+        if args.debug or e.errno not in UNWRITABLE:
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        print(f"difflab {args.command}: error: cannot write{where}: {e.strerror}; nothing was "
+              "left half-written", file=sys.stderr)  # fmt: skip
+        return 2
     except Exception as e:  # a known failure mode gets its message, not a traceback
         from difflab.runfolder import TrainingDiverged, TrainingInterrupted
 

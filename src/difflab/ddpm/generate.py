@@ -10,6 +10,7 @@ or an ``.npz`` with ``images`` (uint8, N x H x W x C) and ``labels`` (int64, N).
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -45,6 +46,10 @@ def check_out_path(out: str | Path, suffixes: tuple[str, ...], option: str = "--
         raise UsageError(f"{option} {out}: must end in {' or '.join(suffixes)}")
     if not out.parent.is_dir():
         raise UsageError(f"{option} {out}: folder {out.parent} does not exist")
+    if out.exists() and not out.is_file():
+        raise UsageError(f"{option} {out}: is a folder, not a file")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {out}: folder {out.parent} is not writable")
     return out
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from difflab.experiments.conclusions import (
 )
 from difflab.experiments.ddpm_sweep import SWEEP_FILE
 from difflab.experiments.sd_sweep import IDENTITY_FILE as SD_SWEEP_FILE
-from difflab.files import atomic_path, read_jsonl, write_text
+from difflab.files import atomic_path, read_json, read_jsonl, write_text
 
 RUN_FIGURES = (  # (file in RUN/figures, heading, what to run when it is missing)
     ("forward.png", "Forward process", "difflab forward --run RUN --out RUN/figures/forward.png"),
@@ -107,7 +106,7 @@ def classify(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Path], list
                 f"(no {SWEEP_FILE} or {SD_SWEEP_FILE})"
             )
     for sw in sweeps:
-        run = Path(json.loads((sw / SWEEP_FILE).read_text(encoding="utf-8"))["run"])
+        run = Path(read_json(sw / SWEEP_FILE).get("run", ""))
         if (run / CONFIG).is_file() and all(r.resolve() != run.resolve() for r in runs):
             runs.append(run)
     return runs, sweeps, sd_sweeps
@@ -115,7 +114,7 @@ def classify(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Path], list
 
 def read_sweep(folder: Path) -> dict:
     """The ``metrics.json`` of a sweep folder: identity, cell rows and the summary."""
-    return json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    return read_json(folder / "metrics.json")
 
 
 # -- sections -------------------------------------------------------------------------------
@@ -168,7 +167,7 @@ def run_blocks(run: Path, slug: str) -> tuple[list[Block], list[str]]:
             blocks.append(Block("note", f"Not made yet: {command.replace('RUN', str(run))}"))
     conclusions = []
     if (run / "eval.json").is_file():
-        ev = json.loads((run / "eval.json").read_text(encoding="utf-8"))
+        ev = read_json(run / "eval.json")
         blocks += eval_blocks(ev)
         conclusions = eval_conclusions(ev)
     else:

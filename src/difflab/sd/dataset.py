@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageOps
 
 from difflab.errors import UsageError
+from difflab.files import read_text
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA = "metadata.jsonl"
@@ -52,7 +53,7 @@ def _read_metadata(root: Path, where: str) -> dict[str, str]:
     if not path.is_file():
         return {}
     captions = {}
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -19,7 +19,6 @@ What to load is a :class:`~difflab.options.SDPipelineSpec`, checked when it was 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import warnings
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ import torch
 from difflab.checks import check_choice
 from difflab.devices import torch_dtype as torch_dtype_of
 from difflab.errors import UsageError
+from difflab.files import read_json
 from difflab.options import DEFAULT_SD_MODEL, SD_SCHEDULERS, SDPipelineSpec
 
 MOVED = {"runwayml/stable-diffusion-v1-5": DEFAULT_SD_MODEL}  # removed from the Hub -> mirror
@@ -135,10 +135,7 @@ def _check_folder(path: Path, where: str) -> None:
             f"{where}: not a diffusers pipeline folder: no model_index.json"
             + (hint if (path / "config.json").is_file() else "")
         )
-    try:
-        spec = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        raise UsageError(f"{where}: model_index.json is unreadable") from None
+    spec = read_json(index)  # one line naming the file when it is not a JSON object
     name = str(spec.get("_class_name", "?"))
     if "text_encoder_2" in spec or not name.startswith("StableDiffusion") or "XL" in name:
         raise UsageError(
