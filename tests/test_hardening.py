@@ -169,3 +169,38 @@ def test_out_is_checked_before_sampling(tmp_path, capsys, where):
     code = main(["sample", str(run), "--n-per-class", "1", "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and words in err
+
+
+def test_broken_files_of_sweeps_reports_and_fine_tuning_are_one_line(tmp_path, capsys):
+    from PIL import Image
+
+    from difflab.sd.dataset import load_image_folder
+    from helpers import tiny_run
+
+    run = tiny_run(tmp_path, epochs=0.05)
+    sweep = tmp_path / "sw"
+    sweep.mkdir()
+    (sweep / "sweep.json").write_bytes(b"\xff\xfe{")
+    code = main(
+        ["sweep", str(run), "--guidance", "0", "--steps", "2", "--n", "2", "--out", str(sweep)]
+    )
+    assert code == 2 and "sweep.json" in capsys.readouterr().err
+    assert (sweep / "sweep.json").read_bytes() == b"\xff\xfe{"  # left as it was
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"\xff\xfea cube\n")
+    code = main(["sd", "sweep", "--model", str(tmp_path), "--prompts", str(prompts), "--out", str(tmp_path / "sd")])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "prompts.txt: not UTF-8 text" in err and len(err.splitlines()) == 1
+
+    (run / "eval.json").write_text('{"accuracy":')
+    code = main(["report", str(run), "--out", str(tmp_path / "r.html")])
+    assert code == 2 and "eval.json: not valid JSON" in capsys.readouterr().err
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (16, 16)).save(images / "a.png")
+    for content in (b"\xff\xfe\n", b'{"file_name": "a.png"\n'):
+        (images / "metadata.jsonl").write_bytes(content)
+        with pytest.raises(UsageError, match="metadata.jsonl"):
+            load_image_folder(str(images), 16, "a photo")
