@@ -71,7 +71,7 @@ def _maybe(value: Any, check, *args) -> Any:
     return None if value is None else check(value, *args)
 
 
-def _check_guidance_shape(opts: Any, many: bool = False) -> None:
+def _check_guidance_shape(opts: Any) -> None:
     """The guidance interval, schedule and rescale fields of ``opts`` (None: the run's)."""
     if opts.guidance_interval is not None:
         iv = opts.guidance_interval

@@ -68,7 +68,7 @@ def sample_labels(
     progress: bool = True,
     autocast: str | None = None,
     on_step: Callable[[Step], None] | None = None,
-    **guidance_shape,
+    **shape,
 ) -> torch.Tensor:
     """Samples (B, C, H, W) in [-1, 1] for ``labels``, in batches of at most ``batch_size``.
 
@@ -76,7 +76,7 @@ def sample_labels(
     ``labels``) by the seeding rule (:mod:`difflab.seeds`), so it does not depend on the
     batch size, on how many images are asked for or on the other classes.
     ``on_step(step)`` sees every step of every batch (live previews, cancelling by raising).
-    ``guidance_shape`` holds :func:`~difflab.ddpm.sampling.sample_steps`'s
+    ``shape`` holds :func:`~difflab.ddpm.sampling.sample_steps`'s
     ``guidance_interval``, ``guidance_schedule`` and ``guidance_rescale``.
     """
     out = []
@@ -89,7 +89,7 @@ def sample_labels(
         x = None
         for step in sample_steps(
             model, diffusion, chunk, guidance=guidance, steps=steps, sampler=sampler, eta=eta,
-            spacing=spacing, seed=seed, indices=chunk_indices, autocast=autocast, **guidance_shape,
+            spacing=spacing, seed=seed, indices=chunk_indices, autocast=autocast, **shape,
         ):  # fmt: skip
             x = step.x_prev
             bar.update(1)
