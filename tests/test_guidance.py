@@ -222,7 +222,7 @@ def test_bad_values_one_line_exit_2(run, tmp_path, capsys, command, extra, match
     assert not out.exists()
 
 
-def test_sweep_cell_with_an_interval_equals_difflab_sample(run, tmp_path):
+def test_sweep_cell_with_an_interval_equals_difflab_sample(run, tmp_path, capsys):
     d = GaussianDiffusion(RunConfig.load(run / "config.json").diffusion)
     sig = sigmas(d.alphas_cumprod)
     ts = [99, 66, 32]  # 3 trailing steps of T = 100: guide at the last two only
@@ -238,7 +238,8 @@ def test_sweep_cell_with_an_interval_equals_difflab_sample(run, tmp_path):
     assert r.cells_total == 8 and len(r.summary) == 8
     identity = json.loads((out / "sweep.json").read_text())
     assert (
-        identity["guidance_intervals"] == [None, [lo, hi]] and "guidance_schedules" not in identity
+        identity["guidance_intervals"] == ["none", f"{lo!r}:{hi!r}"]
+        and "guidance_schedules" not in identity
     )
     row = next(x for x in r.rows if x["guidance_interval"] != "none" and x["guidance_rescale"] == 0.5 and x["guidance"] == 3)  # fmt: skip
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
@@ -257,6 +258,9 @@ def test_sweep_cell_with_an_interval_equals_difflab_sample(run, tmp_path):
     assert not np.array_equal(only, plain["images"]) and not np.array_equal(only, cond)
     again = ["sweep", str(run), "--guidance", "1,3", "--steps", "3", "--n", "2", "--device", "cpu"]
     assert main([*again, "--out", str(out)]) == 2  # the intervals and rescales are its identity
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"holds a sweep with --guidance-interval none,{lo!r}:{hi!r}, not none; "
+                        "re-run the command that started it to resume, or choose another --out"), err  # fmt: skip
 
 
 def test_an_older_sweep_folder_resumes_with_the_plain_axes(run, tmp_path):

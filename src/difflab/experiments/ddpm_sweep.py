@@ -60,7 +60,7 @@ SHAPE_AXES = {
     "guidance_schedules": "guidance_schedule",
     "guidance_rescales": "guidance_rescale",
 }
-PLAIN = {"guidance_intervals": [None], "guidance_schedules": ["constant"], "guidance_rescales": [0.0]}  # fmt: skip
+PLAIN = {"guidance_intervals": ["none"], "guidance_schedules": ["constant"], "guidance_rescales": [0.0]}  # fmt: skip
 # what an identity without these keys means (not written): sweeps made before the option
 IMPLIED = {"precision": "fp32", **PLAIN}
 
@@ -141,7 +141,7 @@ def sweep_identity(run: str | Path, axes: DDPMSweepAxes, device: str = "cpu") ->
     """
     autocast = resolve_precision(axes.precision, device)
     shape = {
-        "guidance_intervals": [None if v is None else list(v) for v in axes.guidance_intervals],
+        "guidance_intervals": [interval_text(v) for v in axes.guidance_intervals],  # as typed
         "guidance_schedules": list(axes.guidance_schedules),
         "guidance_rescales": list(axes.guidance_rescales),
     }
@@ -170,8 +170,8 @@ def all_cells(identity: dict[str, Any]) -> list[Cell]:
     (interval, schedule, rescale; each only when the sweep has it) and guidance."""
     i = identity
     shape = [
-        [interval_text(v) for v in i["guidance_intervals"]] if "guidance_intervals" in i else [None],
-        i.get("guidance_schedules", [None]), i.get("guidance_rescales", [None]),
+        i.get("guidance_intervals", [None]), i.get("guidance_schedules", [None]),
+        i.get("guidance_rescales", [None]),
     ]  # fmt: skip
     return [
         Cell(smp, st, g, seed, iv, sch, phi)
