@@ -1,18 +1,18 @@
 """Resumable sweeps of a run over guidance × steps × sampler × seed, measured by the judge.
 
 :func:`sweep_run` (``difflab sweep``) takes :class:`~difflab.options.DDPMSweepAxes` (checked
-when built), checks them against the run before any work, then samples each
-cell (one setting of sampler, steps, guidance and seed; ``n_per_class`` samples of every
-class) from the same initial noise ``x_T`` per seed, so cells of a seed differ only by the
-swept parameter, and measures it with the reference classifier (accuracy, FD, KID,
-diversity). The sweep folder holds ``sweep.json`` (its identity: run, hash of the run's
-weights, axes, sample count), ``cells/KEY.npz`` + ``cells/KEY.json`` per finished cell (each
-written atomically, the JSON last, so it marks the cell complete), and the tables
-``metrics.csv`` / ``metrics.json`` / ``summary.csv`` rebuilt from the cell files after each
-cell. A killed sweep re-run with the same command skips the finished cells; another run or
-other settings into the same folder are refused. The folder itself (identity, lock, records,
-tables) is :mod:`difflab.experiments.core`'s; figures are drawn by
-:mod:`difflab.figures.sweeps`.
+when built), checks them against the run before any work, then samples each cell (one
+setting of sampler, steps, guidance and seed, and of the guidance interval, schedule and
+rescale when those are swept; ``n_per_class`` samples of every class) from the same initial
+noise ``x_T`` per seed, so cells of a seed differ only by the swept parameter, and measures
+it with the reference classifier (accuracy, FD, KID, diversity). The sweep folder holds
+``sweep.json`` (its identity: run, hash of the run's weights, axes, sample count),
+``cells/KEY.npz`` + ``cells/KEY.json`` per finished cell (each written atomically, the JSON
+last, so it marks the cell complete), and the tables ``metrics.csv`` / ``metrics.json`` /
+``summary.csv`` rebuilt from the cell files after each cell. A killed sweep re-run with the
+same command skips the finished cells; another run or other settings into the same folder
+are refused. The folder itself (identity, lock, records, tables) is
+:mod:`difflab.experiments.core`'s; figures are drawn by :mod:`difflab.figures.sweeps`.
 """
 
 from __future__ import annotations
