@@ -241,7 +241,9 @@ class ReverseOptions(_Checked):
 
 @dataclass(frozen=True)
 class DDPMSweepAxes(_Checked):
-    """``difflab sweep``: the axes of a guidance x steps x sampler x seed sweep (sorted)."""
+    """``difflab sweep``: the axes of a guidance x steps x sampler x seed sweep (sorted), and
+    of the guidance interval, schedule and rescale (default: plain guidance only, whatever
+    the run's ``sample`` config says, as for guidance itself)."""
 
     guidance: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0)
     steps: tuple[int, ...] = (10, 25, 50)
