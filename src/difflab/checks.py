@@ -166,6 +166,46 @@ def check_trajectory(sampler: str, steps: int, guidance: float, eta: float, T: i
     check_float(eta, "--eta", 0, 1)
 
 
+def check_interval(value: Any, option: str) -> tuple[float, float]:
+    """A guidance interval [sigma_lo, sigma_hi]: two finite noise levels, 0 <= lo <= hi."""
+    rule = "two finite noise levels LO:HI with 0 <= LO <= HI, e.g. 0.28:5.42"
+    shown = _shown(value)
+    parts = value.split(":") if isinstance(value, str) else value
+    if not isinstance(parts, (list, tuple)) or len(parts) != 2:
+        raise UsageError(f"{option} {shown}: expected {rule}")
+    try:
+        lo, hi = (_number(v, float) for v in parts)
+    except (TypeError, ValueError):
+        raise UsageError(f"{option} {shown}: expected {rule}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise UsageError(f"{option} {_fmt(lo)}:{_fmt(hi)}: not finite; expected {rule}")
+    if lo < 0 or lo > hi:
+        what = "LO is negative" if lo < 0 else "LO is above HI"
+        raise UsageError(f"{option} {_fmt(lo)}:{_fmt(hi)}: {what}; expected {rule}")
+    return lo, hi
+
+
+def parse_interval(value: Any, option: str = "--guidance-interval") -> tuple[float, float] | None:
+    """``"0.28:5.42"`` or (0.28, 5.42) -> the interval; None or ``"none"`` -> None (everywhere)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+        return None
+    return check_interval(value, option)
+
+
+def parse_intervals(value: Any, option: str = "--guidance-interval") -> tuple:
+    """``"none,0.28:5.42"`` or [None, (0.28, 5.42)] -> a tuple of intervals (None first, then
+    sorted), each checked by :func:`parse_interval`; one given twice is refused."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out = [parse_interval(v, option) for v in items]
+    if not out:
+        raise UsageError(f"{option}: no interval given; e.g. none,0.28:5.42")
+    dup = next((v for i, v in enumerate(out) if v in out[:i]), False)
+    if dup is not False:
+        twice = "none" if dup is None else f"{_fmt(dup[0])}:{_fmt(dup[1])}"
+        raise UsageError(f"{option} {_shown(value)}: {twice} is given twice")
+    return tuple(sorted(out, key=lambda v: (v is not None, v or ())))
+
+
 def parse_classes(value: Any) -> tuple[int, ...] | None:
     """``"0,3,7"`` -> (0, 3, 7); None, ``""`` or ``"all"`` -> None (every class)."""
     if value is None or (isinstance(value, str) and value.strip() in ("", "all")):

@@ -25,6 +25,7 @@ LossWeighting = Literal["none", "min_snr"]
 SamplerName = Literal["ddpm", "ddim", "dpm++", "unipc", "euler"]
 Spacing = Literal["trailing", "leading", "linspace"]
 Precision = Literal["auto", "no", "bf16", "fp16"]
+GuidanceSchedule = Literal["constant", "linear", "cosine"]
 
 
 # -- value checks: every config object checks its values once, where it is built -----------
@@ -177,11 +178,26 @@ class SampleConfig:
     guidance: float = 2.0
     eta: float = 0.0
     spacing: Spacing = "trailing"
+    # where and how strongly guidance acts (difflab.ddpm.guidance); the defaults leave it as is
+    guidance_interval: tuple[float, float] | None = None  # [sigma_lo, sigma_hi], EDM sigmas
+    guidance_schedule: GuidanceSchedule = "constant"  # weight of s - 1: constant, linear, cosine
+    guidance_rescale: float = 0.0  # phi of Lin et al. 2024 (0: off)
 
     def __post_init__(self) -> None:
         _check_int("sample", "steps", self.steps, 1, 100_000)
         _check_float("sample", "guidance", self.guidance, 0, 100)
         _check_float("sample", "eta", self.eta, 0, 1)
+        if self.guidance_interval is not None:
+            from difflab.checks import check_interval  # checks imports this module
+
+            check_interval(self.guidance_interval, _name("sample", "guidance_interval"))
+        if self.guidance_schedule not in get_args(GuidanceSchedule):
+            allowed = ", ".join(get_args(GuidanceSchedule))
+            raise UsageError(
+                f"{_name('sample', 'guidance_schedule')} {self.guidance_schedule!r}: "
+                f"unknown schedule; choose one of {allowed}"
+            )
+        _check_float("sample", "guidance_rescale", self.guidance_rescale, 0, 1)
 
 
 @dataclass(frozen=True)

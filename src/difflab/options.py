@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from difflab.checks import (
     SAMPLERS,
@@ -35,6 +35,8 @@ from difflab.checks import (
     check_text,
     grid_axes,
     parse_classes,
+    parse_interval,
+    parse_intervals,
     parse_list,
     parse_prompts,
     parse_size,
@@ -42,7 +44,7 @@ from difflab.checks import (
     split_scale,
     t_values,
 )
-from difflab.config import RunConfig
+from difflab.config import GuidanceSchedule, RunConfig
 from difflab.devices import check_dtype, check_precision, resolve_device, resolve_dtype
 from difflab.errors import UsageError
 
@@ -56,6 +58,7 @@ SD_SCHEDULERS = (
 SD_MAX_STEPS = 1000  # SD's T: a scheduler takes at most as many steps as it was trained with
 SD_MAX_IMAGES = 1000
 MAX_BATCH = 256
+GUIDANCE_SCHEDULES = get_args(GuidanceSchedule)
 _ENOUGH_FOR_DIVERSITY = "need at least 2 samples per class (for diversity)"
 
 
@@ -66,6 +69,27 @@ def _set(obj: Any, **values: Any) -> None:
 
 def _maybe(value: Any, check, *args) -> Any:
     return None if value is None else check(value, *args)
+
+
+def _check_guidance_shape(opts: Any) -> None:
+    """The guidance interval, schedule and rescale fields of ``opts`` (None: the run's)."""
+    if opts.guidance_interval is not None:
+        iv = opts.guidance_interval
+        off = isinstance(iv, str) and iv.strip().lower() == "none"
+        _set(opts, guidance_interval="none" if off else parse_interval(iv))
+    schedule = _maybe(opts.guidance_schedule, check_choice, GUIDANCE_SCHEDULES, "--guidance-schedule", "schedule")  # fmt: skip
+    rescale = _maybe(opts.guidance_rescale, check_float, "--guidance-rescale", 0, 1)
+    _set(opts, guidance_schedule=schedule, guidance_rescale=rescale)
+
+
+def _guidance_shape_for_run(opts: Any, cfg: RunConfig) -> dict[str, Any]:
+    """The guidance interval (None: everywhere), schedule and rescale, the run's where None."""
+    sc, iv = cfg.sample, opts.guidance_interval
+    return {
+        "guidance_interval": sc.guidance_interval if iv is None else None if iv == "none" else iv,
+        "guidance_schedule": opts.guidance_schedule or sc.guidance_schedule,
+        "guidance_rescale": sc.guidance_rescale if opts.guidance_rescale is None else opts.guidance_rescale,
+    }  # fmt: skip
 
 
 class _Checked:
@@ -90,6 +114,10 @@ class SampleOptions(_Checked):
     steps: tuple[int, ...] | None = None
     sampler: str | None = None
     eta: float | None = None
+    # "LO:HI" noise levels or "none"; after for_run a tuple, or None for everywhere
+    guidance_interval: tuple[float, float] | str | None = None
+    guidance_schedule: str | None = None  # constant, linear or cosine
+    guidance_rescale: float | None = None  # phi in [0, 1]
     seed: int = 0
     precision: str = "auto"  # auto, fp32 or bf16 (autocast)
     rows: str = "class"  # grid rows: class, sample, guidance or steps
@@ -102,6 +130,7 @@ class SampleOptions(_Checked):
         _set(self, sampler=_maybe(self.sampler, check_choice, SAMPLERS, "--sampler", "sampler"))
         _set(self, eta=_maybe(self.eta, check_float, "--eta", 0, 1), seed=check_seed(self.seed))
         _set(self, precision=check_precision(self.precision))
+        _check_guidance_shape(self)
         sizes = {"guidance": len(g or (0,)), "steps": len(s or (0,)), "class": 2, "sample": 2}
         rows, cols = grid_axes(self.rows, self.cols, sizes)
         n = self.n_per_class
@@ -114,7 +143,7 @@ class SampleOptions(_Checked):
         opts = replace(
             self, classes=self.classes or tuple(range(k)), guidance=self.guidance or (sc.guidance,),
             steps=self.steps or (sc.steps,), sampler=self.sampler or sc.sampler,
-            eta=sc.eta if self.eta is None else self.eta,
+            eta=sc.eta if self.eta is None else self.eta, **_guidance_shape_for_run(self, cfg),
         )  # fmt: skip
         check_classes(opts.classes, k)
         for st in opts.steps:
@@ -130,6 +159,9 @@ class EvalOptions(_Checked):
     guidance: float | None = None
     steps: int | None = None
     sampler: str | None = None
+    guidance_interval: tuple[float, float] | str | None = None  # as SampleOptions
+    guidance_schedule: str | None = None
+    guidance_rescale: float | None = None
     seed: int = 0
     precision: str = "auto"
     inception: bool = False  # also Inception FID/KID (slow on a CPU)
@@ -140,12 +172,14 @@ class EvalOptions(_Checked):
         _set(self, steps=_maybe(self.steps, check_steps), seed=check_seed(self.seed))
         _set(self, sampler=_maybe(self.sampler, check_choice, SAMPLERS, "--sampler", "sampler"))
         _set(self, precision=check_precision(self.precision), inception=bool(self.inception))
+        _check_guidance_shape(self)
 
     def for_run(self, cfg: RunConfig) -> EvalOptions:
         sc = cfg.sample
         opts = replace(
             self, guidance=sc.guidance if self.guidance is None else self.guidance,
             steps=self.steps or sc.steps, sampler=self.sampler or sc.sampler,
+            **_guidance_shape_for_run(self, cfg),
         )  # fmt: skip
         check_steps(opts.steps, cfg.diffusion.timesteps)
         return opts
@@ -207,7 +241,9 @@ class ReverseOptions(_Checked):
 
 @dataclass(frozen=True)
 class DDPMSweepAxes(_Checked):
-    """``difflab sweep``: the axes of a guidance x steps x sampler x seed sweep (sorted)."""
+    """``difflab sweep``: the axes of a guidance x steps x sampler x seed sweep (sorted), and
+    of the guidance interval, schedule and rescale (default: plain guidance only, whatever
+    the run's ``sample`` config says, as for guidance itself)."""
 
     guidance: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0)
     steps: tuple[int, ...] = (10, 25, 50)
@@ -216,6 +252,9 @@ class DDPMSweepAxes(_Checked):
     n_per_class: int = 10  # samples per class per cell
     grid_class: int = 0  # the class shown in the image grid
     precision: str = "auto"
+    guidance_intervals: tuple[tuple[float, float] | None, ...] = (None,)  # None: everywhere
+    guidance_schedules: tuple[str, ...] = ("constant",)
+    guidance_rescales: tuple[float, ...] = (0.0,)
 
     def check(self) -> None:
         g = parse_list(self.guidance, float, "--guidance", "0,1,2,4", minimum=0)
@@ -231,6 +270,17 @@ class DDPMSweepAxes(_Checked):
         n = check_int(self.n_per_class, "--n", 2, MAX_SAMPLES, _ENOUGH_FOR_DIVERSITY)
         _set(self, n_per_class=n, grid_class=check_int(self.grid_class, "--grid-class", 0))
         _set(self, precision=check_precision(self.precision))
+        intervals = parse_intervals(self.guidance_intervals, "--guidance-interval")
+        schedules = parse_list(
+            self.guidance_schedules, str, "--guidance-schedule", "constant,cosine"
+        )
+        for x in schedules:
+            check_choice(x, GUIDANCE_SCHEDULES, "--guidance-schedule", "schedule")
+        rescales = parse_list(self.guidance_rescales, float, "--guidance-rescale", "0,0.7", 0)
+        for x in rescales:
+            check_float(x, "--guidance-rescale", 0, 1)
+        _set(self, guidance_intervals=intervals, guidance_schedules=tuple(sorted(schedules)))
+        _set(self, guidance_rescales=tuple(sorted(rescales)))
 
     def for_run(self, cfg: RunConfig) -> DDPMSweepAxes:
         for st in self.steps:

@@ -60,6 +60,17 @@ def add_precision(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_guidance_shape(p: argparse.ArgumentParser, several: str = "") -> None:
+    """Where and how strongly guidance acts (difflab.ddpm.guidance; default: the run's)."""
+    p.add_argument("--guidance-interval", metavar="LO:HI",
+                   help=f"guide only where the noise level sigma is in [LO, HI] (Kynkaenniemi et "
+                   f"al. 2024), conditional elsewhere; none: at every step{several}")  # fmt: skip
+    p.add_argument("--guidance-schedule", help=f"weight of s - 1 over the steps: constant, "
+                   f"linear or cosine (rising towards t = 0, mean 1){several}")  # fmt: skip
+    p.add_argument("--guidance-rescale", help=f"phi in [0, 1] of rescaled guidance (Lin et al. "
+                   f"2024, diffusers' guidance_rescale); 0: off{several}")  # fmt: skip
+
+
 def add_trust_pickle(p: argparse.ArgumentParser, what: str = "a pickle checkpoint") -> None:
     p.add_argument("--trust-pickle", action="store_true", default=False,
                    help=f"allow {what} (unsafe)")  # fmt: skip

@@ -10,7 +10,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from difflab.cli.args import add_device, add_precision, add_trust_pickle, build, command, default
+from difflab.cli.args import (
+    add_device,
+    add_guidance_shape,
+    add_precision,
+    add_trust_pickle,
+    build,
+    command,
+    default,
+)
 from difflab.devices import resolve_device
 from difflab.errors import UsageError
 from difflab.options import EvalOptions, ForwardOptions, ReverseOptions, SampleOptions
@@ -150,6 +158,7 @@ def _add_sampling(
                    f"convention){guidance_list} (default: the run's)")  # fmt: skip
     p.add_argument("--steps", help=f"sampling steps{steps_list} (default: the run's)")
     p.add_argument("--sampler", help="ddpm, ddim, dpm++, unipc or euler (default: the run's)")
+    add_guidance_shape(p)
     p.add_argument("--seed", type=int, help=f"default {default(SampleOptions, 'seed')}")
     add_device(p)
     add_precision(p)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from difflab.cli.args import add_device, add_precision, build, command, default
+from difflab.cli.args import (
+    add_device,
+    add_guidance_shape,
+    add_precision,
+    build,
+    command,
+    default,
+)
 from difflab.devices import resolve_device
 from difflab.options import DDPMSweepAxes
 
@@ -22,6 +29,7 @@ def add(sub) -> None:
                    help=f"samples per class per cell (default {default(DDPMSweepAxes, 'n_per_class')}; "
                    "--n-per-class under torchrun, whose own options --n... would swallow --n)")  # fmt: skip
     p.add_argument("--grid-class", help="class shown in the image grid (default 0)")
+    add_guidance_shape(p, "; a comma-separated list sweeps them (default: plain guidance)")
     add_device(p)
     add_precision(p)
     p.add_argument("--out", required=True, help="sweep folder; the same command resumes it")
@@ -42,7 +50,11 @@ def _sweep(args: argparse.Namespace) -> None:
     from difflab import distributed
     from difflab.experiments.ddpm_sweep import sweep_run
 
-    axes = build(DDPMSweepAxes, args, samplers="sampler", n_per_class="n")
+    axes = build(
+        DDPMSweepAxes, args, samplers="sampler", n_per_class="n",
+        guidance_intervals="guidance_interval", guidance_schedules="guidance_schedule",
+        guidance_rescales="guidance_rescale",
+    )  # fmt: skip
     r = sweep_run(args.run, axes, args.out, device=resolve_device(args.device))
     distributed.shutdown()
     if not distributed.is_main_process():  # under torchrun: one summary, from rank 0

@@ -68,6 +68,7 @@ def sample_labels(
     progress: bool = True,
     autocast: str | None = None,
     on_step: Callable[[Step], None] | None = None,
+    **shape,
 ) -> torch.Tensor:
     """Samples (B, C, H, W) in [-1, 1] for ``labels``, in batches of at most ``batch_size``.
 
@@ -75,6 +76,8 @@ def sample_labels(
     ``labels``) by the seeding rule (:mod:`difflab.seeds`), so it does not depend on the
     batch size, on how many images are asked for or on the other classes.
     ``on_step(step)`` sees every step of every batch (live previews, cancelling by raising).
+    ``shape`` holds :func:`~difflab.ddpm.sampling.sample_steps`'s
+    ``guidance_interval``, ``guidance_schedule`` and ``guidance_rescale``.
     """
     out = []
     indices = indices_within_class(labels)
@@ -86,7 +89,7 @@ def sample_labels(
         x = None
         for step in sample_steps(
             model, diffusion, chunk, guidance=guidance, steps=steps, sampler=sampler, eta=eta,
-            spacing=spacing, seed=seed, indices=chunk_indices, autocast=autocast,
+            spacing=spacing, seed=seed, indices=chunk_indices, autocast=autocast, **shape,
         ):  # fmt: skip
             x = step.x_prev
             bar.update(1)
@@ -138,7 +141,7 @@ def sample_run(
         cells[gi, si] = sample_labels(
             model, diffusion, labels, guidance=g, steps=st, sampler=opts.sampler, eta=opts.eta,
             spacing=sc.spacing, seed=opts.seed, progress=progress, on_step=on_step,
-            autocast=autocast,
+            autocast=autocast, **guidance_shape(opts),
         )  # fmt: skip
     seconds = time.perf_counter() - t0
     one = lambda v: v[0] if len(v) == 1 else v  # noqa: E731
@@ -147,6 +150,7 @@ def sample_run(
         "steps": one(s_list), "sampler": opts.sampler, "eta": opts.eta, "seed": opts.seed,
         "spacing": sc.spacing,
     }  # fmt: skip
+    settings.update(guidance_shape(opts, only_set=True))
     if autocast:
         settings["precision"] = autocast
     images = torch.cat(list(cells.values()))
@@ -166,6 +170,24 @@ def sample_run(
         grid = sample_grid(cells, values, row_axes, col_axis, opts.sampler, opts.seed)
         save_png(out, grid, settings)
     return SampleResult(images, all_labels, seconds, settings)
+
+
+def guidance_shape(opts, only_set: bool = False) -> dict:
+    """The guidance interval, schedule and rescale of resolved options (``for_run``), as the
+    keyword arguments of :func:`sample_labels`; ``only_set``: only those not at their default
+    (the settings written into a PNG, unchanged for plain guidance)."""
+    shape = {
+        "guidance_interval": opts.guidance_interval, "guidance_schedule": opts.guidance_schedule,
+        "guidance_rescale": opts.guidance_rescale,
+    }  # fmt: skip
+    if only_set:
+        plain = {
+            "guidance_interval": None,
+            "guidance_schedule": "constant",
+            "guidance_rescale": 0.0,
+        }
+        shape = {k: v for k, v in shape.items() if v != plain[k]}
+    return shape
 
 
 def save_npz(out: str | Path, images: torch.Tensor, labels: torch.Tensor) -> None:

@@ -22,6 +22,7 @@ from torch import nn
 
 from difflab.checks import SAMPLERS, check_trajectory
 from difflab.ddpm.diffusion import GaussianDiffusion
+from difflab.ddpm.guidance import guidance_weight, rescale_guidance, sigmas
 from difflab.errors import UsageError
 from difflab.seeds import ImageNoise, indices_within_class
 
@@ -125,7 +126,12 @@ def diffusers_scheduler(name: str, diffusion: GaussianDiffusion, spacing: str = 
 
 
 class GuidedModel:
-    """The network with classifier-free guidance and the conversion of its output to (eps, x0)."""
+    """The network with classifier-free guidance and the conversion of its output to (eps, x0).
+
+    ``interval``, ``schedule`` and ``rescale`` shape the guidance per step
+    (:mod:`difflab.ddpm.guidance`); their defaults (None, constant, 0) compute exactly what
+    plain guidance does.
+    """
 
     def __init__(
         self,
@@ -133,13 +139,23 @@ class GuidedModel:
         diffusion: GaussianDiffusion,
         guidance: float | torch.Tensor,
         autocast: str | None = None,
+        interval: tuple[float, float] | None = None,
+        schedule: str = "constant",
+        rescale: float = 0.0,
     ):
         """``guidance`` is one scale, or one per sample (B,) to batch several guidance values."""
         self.model, self.diffusion = model, diffusion
         self.guidance = guidance if isinstance(guidance, torch.Tensor) else float(guidance)
         self.autocast = autocast
+        self.interval, self.schedule, self.rescale = interval, schedule, float(rescale)
+        self._sigmas = None if interval is None else sigmas(diffusion.alphas_cumprod)
         self.null_label = model.num_classes
-        self._plan: tuple[torch.Tensor, ...] | None = None  # see _mixed
+        self._plans: dict[bool, tuple[torch.Tensor, ...]] = {}  # see _mixed
+
+    def weight(self, t: int) -> float:
+        """The weight of ``s - 1`` at timestep index ``t``: 0 outside the interval."""
+        sigma = 0.0 if self._sigmas is None else self._sigmas[t]
+        return guidance_weight(t, self.diffusion.num_timesteps, sigma, self.interval, self.schedule)
 
     @torch.no_grad()
     def __call__(
@@ -148,7 +164,12 @@ class GuidedModel:
         b = x.shape[0]
         tt = torch.full((b,), int(t), device=x.device, dtype=torch.long)
         null = torch.full_like(labels, self.null_label)
+        w = self.weight(int(t))
         s = self.guidance
+        if w == 0.0:  # outside the interval: plain conditional (s = 1) for every sample
+            s = 1.0
+        elif w != 1.0 and not isinstance(s, torch.Tensor):
+            s = 1.0 + (s - 1.0) * w
         ctx = (
             torch.autocast(x.device.type, dtype=torch.bfloat16)
             if self.autocast == "bf16"
@@ -156,7 +177,7 @@ class GuidedModel:
         )
         with ctx:
             if isinstance(s, torch.Tensor):
-                out = self._mixed(x, tt, labels, null)
+                out = self._mixed(x, tt, labels, null, w)
             elif s == 1.0:
                 out = self.model(x, tt, labels)
             elif s == 0.0:
@@ -165,6 +186,8 @@ class GuidedModel:
                 both = self.model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null]))
                 cond, uncond = both.float().chunk(2)
                 out = uncond + s * (cond - uncond)
+                if self.rescale > 0:
+                    out = rescale_guidance(out, cond, self.rescale)
         out = out.float()
         eps, x0 = self.diffusion.eps_x0_from_output(out, x, tt)
         if self.diffusion.cfg.clip_x0:
@@ -172,19 +195,24 @@ class GuidedModel:
             eps = self.diffusion.predict_eps_from_x0(x, tt, x0)
         return eps, x0
 
-    def _mixed(self, x, tt, labels, null) -> torch.Tensor:
+    def _mixed(self, x, tt, labels, null, w: float = 1.0) -> torch.Tensor:
         """One forward for a batch whose samples have different guidance scales (B,).
 
         Only the passes a sample needs are run: the conditional one unless s = 0, the
         unconditional one unless s = 1; all of them in a single batch. Which samples need
-        which pass is worked out on the first call only (``nonzero`` waits for the device).
+        which pass is worked out on the first call only (``nonzero`` waits for the device);
+        a schedule's weight w != 1 moves s = 0 off 0, so those steps have a second plan in
+        which every sample runs the conditional pass.
         """
-        if self._plan is None:
+        exact = w == 1.0
+        if exact not in self._plans:
             s = self.guidance.to(x.device)
-            need_c, need_u = s != 0, s != 1
+            need_c, need_u = (s != 0) if exact else torch.ones_like(s, dtype=torch.bool), s != 1
             ic, iu = need_c.nonzero().squeeze(1), need_u.nonzero().squeeze(1)
-            self._plan = (s, need_c, need_u, ic, iu)
-        s, need_c, need_u, ic, iu = self._plan
+            self._plans[exact] = (s, need_c, need_u, ic, iu)
+        s, need_c, need_u, ic, iu = self._plans[exact]
+        if not exact:
+            s = 1.0 + (s - 1.0) * w  # (B,) the step's scales; s = 1 stays 1
         both = self.model(
             torch.cat([x[ic], x[iu]]),
             torch.cat([tt[ic], tt[iu]]),
@@ -192,10 +220,12 @@ class GuidedModel:
         ).float()
         cond, uncond = torch.zeros_like(x), torch.zeros_like(x)
         cond[ic], uncond[iu] = both[: len(ic)], both[len(ic) :]
-        w = s.float().view(-1, *([1] * (x.dim() - 1)))
-        guided = uncond + w * (cond - uncond)
+        w_ = s.float().view(-1, *([1] * (x.dim() - 1)))
+        guided = uncond + w_ * (cond - uncond)
+        if self.rescale > 0:
+            guided = rescale_guidance(guided, cond, self.rescale)
         return torch.where(
-            ~need_u.view_as(w), cond, torch.where(~need_c.view_as(w), uncond, guided)
+            ~need_u.view_as(w_), cond, torch.where(~need_c.view_as(w_), uncond, guided)
         )
 
 
@@ -214,6 +244,9 @@ def sample_steps(
     x_T: torch.Tensor | None = None,
     autocast: str | None = None,
     groups: int = 1,
+    guidance_interval: tuple[float, float] | None = None,
+    guidance_schedule: str = "constant",
+    guidance_rescale: float = 0.0,
 ) -> Iterator[Step]:
     """Run the reverse process for ``labels`` (B,), yielding each :class:`Step`.
 
@@ -229,6 +262,9 @@ def sample_steps(
     G equal-sized blocks (one per guidance value, say) holding the same labels and indices:
     they share x_T and the step noise, so each block follows the trajectory it would follow
     if sampled on its own.
+
+    ``guidance_interval``, ``guidance_schedule`` and ``guidance_rescale`` shape the guidance
+    per step (:mod:`difflab.ddpm.guidance`; the defaults leave it as it is).
     """
     scales = guidance.tolist() if isinstance(guidance, torch.Tensor) else [guidance]
     for g in sorted(set(scales)):  # a cheap guard: callers pass options checked when built
@@ -266,7 +302,9 @@ def sample_steps(
         z = noise.step()
         return z if groups == 1 else z.repeat(groups, 1, 1, 1)
 
-    net = GuidedModel(model, diffusion, guidance, autocast)
+    net = GuidedModel(
+        model, diffusion, guidance, autocast, guidance_interval, guidance_schedule, guidance_rescale
+    )
     was_training = model.training
     model.eval()
     try:

@@ -88,7 +88,7 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """``difflab eval``: sample ``opts`` (default :class:`~difflab.options.EvalOptions`) from
     ``run``, measure the samples and write ``eval.json`` into the run folder."""
-    from difflab.ddpm.generate import sample_labels
+    from difflab.ddpm.generate import guidance_shape, sample_labels
     from difflab.devices import resolve_precision
 
     opts = EvalOptions() if opts is None else opts
@@ -105,6 +105,7 @@ def evaluate_run(
     images = sample_labels(
         model, diffusion, labels, guidance=opts.guidance, steps=opts.steps, sampler=opts.sampler,
         eta=sc.eta, spacing=sc.spacing, seed=opts.seed, progress=progress, autocast=autocast,
+        **guidance_shape(opts),
     )  # fmt: skip
     seconds = time.perf_counter() - t0
     metrics = evaluate_samples(images, labels, cfg.train.dataset, cfg.train.data_dir, device)
@@ -116,7 +117,7 @@ def evaluate_run(
         "run": str(run),
         "settings": {"n_per_class": opts.n_per_class, "guidance": opts.guidance, "steps": opts.steps,
                      "sampler": opts.sampler, "eta": sc.eta, "spacing": sc.spacing, "seed": opts.seed,
-                     "precision": autocast or "fp32"},
+                     "precision": autocast or "fp32", **guidance_shape(opts, only_set=True)},
         "sampling_seconds": seconds,
         "samples_per_s": labels.numel() / seconds,
         **metrics,

@@ -1,18 +1,18 @@
 """Resumable sweeps of a run over guidance × steps × sampler × seed, measured by the judge.
 
 :func:`sweep_run` (``difflab sweep``) takes :class:`~difflab.options.DDPMSweepAxes` (checked
-when built), checks them against the run before any work, then samples each
-cell (one setting of sampler, steps, guidance and seed; ``n_per_class`` samples of every
-class) from the same initial noise ``x_T`` per seed, so cells of a seed differ only by the
-swept parameter, and measures it with the reference classifier (accuracy, FD, KID,
-diversity). The sweep folder holds ``sweep.json`` (its identity: run, hash of the run's
-weights, axes, sample count), ``cells/KEY.npz`` + ``cells/KEY.json`` per finished cell (each
-written atomically, the JSON last, so it marks the cell complete), and the tables
-``metrics.csv`` / ``metrics.json`` / ``summary.csv`` rebuilt from the cell files after each
-cell. A killed sweep re-run with the same command skips the finished cells; another run or
-other settings into the same folder are refused. The folder itself (identity, lock, records,
-tables) is :mod:`difflab.experiments.core`'s; figures are drawn by
-:mod:`difflab.figures.sweeps`.
+when built), checks them against the run before any work, then samples each cell (one
+setting of sampler, steps, guidance and seed, and of the guidance interval, schedule and
+rescale when those are swept; ``n_per_class`` samples of every class) from the same initial
+noise ``x_T`` per seed, so cells of a seed differ only by the swept parameter, and measures
+it with the reference classifier (accuracy, FD, KID, diversity). The sweep folder holds
+``sweep.json`` (its identity: run, hash of the run's weights, axes, sample count),
+``cells/KEY.npz`` + ``cells/KEY.json`` per finished cell (each written atomically, the JSON
+last, so it marks the cell complete), and the tables ``metrics.csv`` / ``metrics.json`` /
+``summary.csv`` rebuilt from the cell files after each cell. A killed sweep re-run with the
+same command skips the finished cells; another run or other settings into the same folder
+are refused. The folder itself (identity, lock, records, tables) is
+:mod:`difflab.experiments.core`'s; figures are drawn by :mod:`difflab.figures.sweeps`.
 """
 
 from __future__ import annotations
@@ -50,26 +50,74 @@ SUMMARY_COLUMNS = (
     "sampler", "steps", "guidance", "seeds", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")),
 )  # fmt: skip
 OPTIONS = {"samplers": "--sampler", "steps": "--steps", "guidance": "--guidance", "seeds": "--seeds",
-           "n_per_class": "--n", "precision": "--precision"}  # fmt: skip
+           "n_per_class": "--n", "precision": "--precision", "guidance_intervals": "--guidance-interval",
+           "guidance_schedules": "--guidance-schedule", "guidance_rescales": "--guidance-rescale"}  # fmt: skip
 PRESENTATION = ("grid_class",)  # identity keys that may change without touching any cell
-IMPLIED = {"precision": "fp32"}  # what an identity without these keys means (not written)
+# The guidance-shape axes (difflab.ddpm.guidance): identity key -> (its plain value, the
+# column of a cell's row). An identity holds such a key only when the axis is not plain.
+SHAPE_AXES = {
+    "guidance_intervals": "guidance_interval",
+    "guidance_schedules": "guidance_schedule",
+    "guidance_rescales": "guidance_rescale",
+}
+PLAIN = {"guidance_intervals": ["none"], "guidance_schedules": ["constant"], "guidance_rescales": [0.0]}  # fmt: skip
+# what an identity without these keys means (not written): sweeps made before the option
+IMPLIED = {"precision": "fp32", **PLAIN}
+
+
+def interval_text(interval: list | tuple | None) -> str:
+    """``none`` or ``LO:HI`` (each number as it round-trips): a guidance interval as typed."""
+    return "none" if interval is None else f"{float(interval[0])!r}:{float(interval[1])!r}"
 
 
 @dataclass(frozen=True)
 class Cell:
+    """One cell. The guidance-shape fields are None when the sweep has no such axis (a cell
+    record without them then matches, as records made before the axes existed); else the
+    axis' value: the interval as :func:`interval_text`, the schedule's name, phi."""
+
     sampler: str
     steps: int
     guidance: float
     seed: int
+    guidance_interval: str | None = None
+    guidance_schedule: str | None = None
+    guidance_rescale: float | None = None
 
     @property
     def key(self) -> str:
-        return f"{self.sampler}_steps{self.steps}_g{self.guidance:g}_seed{self.seed}"
+        """A plain-guidance cell keeps the key it had before the guidance-shape axes existed."""
+        key = f"{self.sampler}_steps{self.steps}_g{self.guidance:g}"
+        shape = self.shape
+        if shape["guidance_interval"] is not None:
+            key += "_iv" + self.guidance_interval.replace(":", "-")
+        if shape["guidance_schedule"] != "constant":
+            key += f"_{self.guidance_schedule}"
+        if shape["guidance_rescale"] != 0.0:
+            key += f"_phi{self.guidance_rescale!r}"
+        return f"{key}_seed{self.seed}"
+
+    @property
+    def shape(self) -> dict[str, Any]:
+        """The keyword arguments of ``sample_steps`` that shape this cell's guidance."""
+        iv = self.guidance_interval
+        return {
+            "guidance_interval": None if iv in (None, "none") else tuple(map(float, iv.split(":"))),
+            "guidance_schedule": self.guidance_schedule or "constant",
+            "guidance_rescale": self.guidance_rescale or 0.0,
+        }  # fmt: skip
 
     @property
     def cost(self) -> int:
         """Network passes per sample: guided cells run the conditional and unconditional pass."""
         return self.steps * (1 if self.guidance in (0.0, 1.0) else 2)
+
+    def columns(self) -> dict[str, Any]:
+        """The guidance-shape fields the sweep has (the cell record's columns beside guidance)."""
+        return {k: v for k in SHAPE_FIELDS if (v := getattr(self, k)) is not None}
+
+
+SHAPE_FIELDS = tuple(SHAPE_AXES.values())  # of Cell, in the order of the tables' columns
 
 
 @dataclass
@@ -88,9 +136,16 @@ def sweep_identity(run: str | Path, axes: DDPMSweepAxes, device: str = "cpu") ->
     """The sweep's identity for ``sweep.json``: ``axes`` checked against the run (no work done).
 
     A bf16 sweep (``precision``, resolved for ``device``) has ``"precision": "bf16"``; an
-    fp32 sweep has no such key, as sweeps made before the option existed.
+    fp32 sweep has no such key, as sweeps made before the option existed; so has a sweep
+    whose guidance-shape axes (interval, schedule, rescale) are plain guidance only.
     """
     autocast = resolve_precision(axes.precision, device)
+    shape = {
+        "guidance_intervals": [interval_text(v) for v in axes.guidance_intervals],  # as typed
+        "guidance_schedules": list(axes.guidance_schedules),
+        "guidance_rescales": list(axes.guidance_rescales),
+    }
+    shape = {k: v for k, v in shape.items() if v != PLAIN[k]}
     run = check_run_dir(run)
     cfg = RunConfig.load(run / CONFIG)
     axes.for_run(cfg)
@@ -100,7 +155,7 @@ def sweep_identity(run: str | Path, axes: DDPMSweepAxes, device: str = "cpu") ->
         "dataset": cfg.train.dataset, "samplers": list(axes.samplers), "steps": list(axes.steps),
         "guidance": list(axes.guidance), "seeds": list(axes.seeds), "n_per_class": axes.n_per_class,
         "num_classes": cfg.model.num_classes, "eta": sc.eta, "spacing": sc.spacing,
-        "grid_class": axes.grid_class, **({"precision": autocast} if autocast else {}),
+        "grid_class": axes.grid_class, **({"precision": autocast} if autocast else {}), **shape,
     }  # fmt: skip
 
 
@@ -111,12 +166,17 @@ def check_folder(out: str | Path, identity: dict[str, Any]) -> bool:
 
 
 def all_cells(identity: dict[str, Any]) -> list[Cell]:
-    """Cells in run order: seed (one x_T each), then sampler, steps and guidance."""
+    """Cells in run order: seed (one x_T each), then sampler, steps, the guidance-shape axes
+    (interval, schedule, rescale; each only when the sweep has it) and guidance."""
     i = identity
+    shape = [
+        i.get("guidance_intervals", [None]), i.get("guidance_schedules", [None]),
+        i.get("guidance_rescales", [None]),
+    ]  # fmt: skip
     return [
-        Cell(smp, st, g, seed)
-        for seed, smp, st, g in itertools.product(
-            i["seeds"], i["samplers"], i["steps"], i["guidance"]
+        Cell(smp, st, g, seed, iv, sch, phi)
+        for seed, smp, st, iv, sch, phi, g in itertools.product(
+            i["seeds"], i["samplers"], i["steps"], *shape, i["guidance"]
         )
     ]
 
@@ -137,7 +197,9 @@ def sample_cells(
     """
     first = cells[0]
     assert all(
-        (c.seed, c.sampler, c.steps) == (first.seed, first.sampler, first.steps) for c in cells
+        (c.seed, c.sampler, c.steps, c.shape)
+        == (first.seed, first.sampler, first.steps, first.shape)
+        for c in cells
     )
     g = len(cells)
     scales = torch.tensor([c.guidance for c in cells])
@@ -155,7 +217,7 @@ def sample_cells(
             model, diffusion, labels[part].repeat(g), guidance=guidance, steps=first.steps,
             sampler=first.sampler, eta=identity["eta"], spacing=identity["spacing"],
             seed=first.seed, indices=indices[part].repeat(g), x_T=x_T[part].repeat(g, 1, 1, 1),
-            groups=g, autocast=identity.get("precision"),
+            groups=g, autocast=identity.get("precision"), **first.shape,
         ):  # fmt: skip
             x = step.x_prev
             if on_step is not None:
@@ -166,10 +228,11 @@ def sample_cells(
 
 
 def cell_groups(todo: list[Cell], max_cells: int) -> list[list[Cell]]:
-    """Cells sharing seed, sampler and step count, in groups of at most ``max_cells``."""
+    """Cells sharing seed, sampler, step count and guidance shape, in groups of at most
+    ``max_cells``."""
     groups: dict[tuple, list[Cell]] = {}
     for c in todo:
-        groups.setdefault((c.seed, c.sampler, c.steps), []).append(c)
+        groups.setdefault((c.seed, c.sampler, c.steps, *c.columns().values()), []).append(c)
     return [v[i : i + max_cells] for v in groups.values() for i in range(0, len(v), max_cells)]
 
 
@@ -228,7 +291,9 @@ def sweep_run(
             from difflab.figures.sweeps import write_sweep_figures
 
             names = RunConfig.load(Path(identity["run"]) / CONFIG).model.class_names
-            result.figures = write_sweep_figures(out, identity, rows, summary, names)
+            first = cells[0].columns()  # the figures show one guidance shape: the first
+            shown = [[r for r in t if all(r.get(k) == v for k, v in first.items())] for t in (rows, summary)]  # fmt: skip
+            result.figures = write_sweep_figures(out, identity, *shown, names)
     distributed.barrier(state)
     return result
 
@@ -282,7 +347,8 @@ def _run_cells(
                 share = seconds * cell.cost / sum(c.cost for c in group)
                 row = {
                     "key": cell.key, "sampler": cell.sampler, "steps": cell.steps,
-                    "guidance": cell.guidance, "seed": cell.seed, **m, "seconds": share,
+                    "guidance": cell.guidance, **cell.columns(), "seed": cell.seed, **m,
+                    "seconds": share,
                     "eval_seconds": time.perf_counter() - t2, "device": str(device),
                     "batched_cells": len(group), "process": 0 if state is None else state.process_index,
                 }  # fmt: skip
@@ -309,9 +375,26 @@ def _run_cells(
 
 
 # -- tables ---------------------------------------------------------------------------------
+def _shape_columns(identity: dict) -> tuple[str, ...]:
+    return tuple(col for key, col in SHAPE_AXES.items() if key in identity)
+
+
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean and standard deviation across seeds (None for one seed) per sampler/steps/guidance."""
-    return core.summarise(rows, ("sampler", "steps", "guidance"), METRICS)
+    """Mean and standard deviation across seeds (None for one seed) per sampler/steps/guidance
+    (and guidance shape, when the sweep has those axes)."""
+    shape = tuple(col for col in SHAPE_FIELDS if rows and col in rows[0])
+    return core.summarise(rows, ("sampler", "steps", *shape, "guidance"), METRICS)
+
+
+def _columns(identity: dict) -> tuple[str, ...]:
+    """``CSV_COLUMNS`` with a column per guidance-shape axis the sweep has (after guidance)."""
+    i = CSV_COLUMNS.index("guidance") + 1
+    return (*CSV_COLUMNS[:i], *_shape_columns(identity), *CSV_COLUMNS[i:])
+
+
+def _summary_columns(identity: dict) -> tuple[str, ...]:
+    i = SUMMARY_COLUMNS.index("guidance") + 1
+    return (*SUMMARY_COLUMNS[:i], *_shape_columns(identity), *SUMMARY_COLUMNS[i:])
 
 
 def _about(rows: list[dict]) -> dict[str, Any]:
@@ -343,7 +426,7 @@ def _weights_changed(old: dict, new: dict) -> str:
 
 FOLDER = SweepFolder(
     SWEEP_FILE, ".npz",
-    Tables(summarise, lambda identity: CSV_COLUMNS, lambda identity: SUMMARY_COLUMNS, _about),
+    Tables(summarise, _columns, _summary_columns, _about),
     options=OPTIONS, first={"format": _older_format, "run": _another_run, "weights_sha256": _weights_changed},
     implied=IMPLIED, presentation=PRESENTATION,
     changed=lambda key, old, new: (
