@@ -1,0 +1,153 @@
+"""mini-SD at tiny sizes: trained a few steps on scikit-learn's 8x8 digits through
+``difflab sd mini``, saved as a standard diffusers folder, loaded by a plain
+``StableDiffusionPipeline.from_pretrained`` and by difflab's loader, run through
+``difflab sd generate``, and its lab safety checker (SD's checker class on a chosen concept)
+returning a black image and the flag exactly as the real one, diagnosed by difflab unchanged."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from difflab.cli import main
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from diffusers import StableDiffusionPipeline  # noqa: E402
+from diffusers.pipelines.stable_diffusion.safety_checker import (  # noqa: E402
+    StableDiffusionSafetyChecker,
+)
+
+from difflab.options import MiniSDOptions, SDPipelineSpec  # noqa: E402
+from difflab.sd.load import load_pipeline  # noqa: E402
+from difflab.sd.mini import DIGIT_TEMPLATES, caption_templates, read_record, to_pixels  # noqa: E402
+from difflab.sd.mini_safety import clip_inputs, flags  # noqa: E402
+from difflab.sd.safety import FILTERED, diagnose  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mini") / "mini-digits"
+    args = ["sd", "mini", "--dataset", "digits", "--preset", "tiny", "--flag", "3", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    return out
+
+
+def test_folder_is_a_standard_pipeline_with_a_measured_scaling_factor(mini):
+    index = json.loads((mini / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["safety_checker"] == ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "safety_checker"):
+        assert (mini / part).is_dir(), part
+    assert not list(mini.rglob("*.bin"))  # safetensors only
+    record = read_record(mini)
+    vae = json.loads((mini / "vae" / "config.json").read_text())
+    assert vae["scaling_factor"] == pytest.approx(record["scaling_factor"])
+    assert vae["scaling_factor"] != pytest.approx(0.18215)  # measured, not SD's
+    assert record["flagged_concept"] == "3" and record["text_encoder"] == "trained with the UNet"
+    assert record["steps"] == {"vae": 3, "unet": 3, "safety": 3}
+    assert not any(p.name.endswith(".partial") for p in mini.parent.iterdir())
+
+
+def test_plain_diffusers_pipeline_loads_and_generates(mini):
+    pipe = StableDiffusionPipeline.from_pretrained(str(mini))
+    assert isinstance(pipe.safety_checker, StableDiffusionSafetyChecker)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    assert size == 16
+    g = torch.Generator().manual_seed(0)
+    out = pipe("a handwritten digit 3", num_inference_steps=2, height=size, width=size,
+               guidance_scale=3.0, generator=g, output_type="np")  # fmt: skip
+    assert out.images.shape == (1, 16, 16, 3) and np.isfinite(out.images).all()
+    assert len(out.nsfw_content_detected) == 1
+
+
+def test_difflab_loader_and_sd_generate(mini, tmp_path, capsys):
+    loaded = load_pipeline(SDPipelineSpec(model=str(mini), device="cpu", dtype="fp32"))
+    assert loaded.safety_checker and loaded.source.kind == "folder"
+    out = tmp_path / "gen"
+    args = ["sd", "generate", "--model", str(mini), "--size", "16x16", "--steps", "2",
+            "--prompt", "a handwritten digit 3", "--n", "2", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert "wrote 2 image(s)" in capsys.readouterr().out
+    assert len(list(out.glob("*.png"))) == 2
+
+
+def test_lab_checker_blacks_out_and_flags_exactly_as_the_real_one(mini):
+    pipe = StableDiffusionPipeline.from_pretrained(str(mini))
+    checker, extractor = pipe.safety_checker, pipe.feature_extractor
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0.2, 1.0, (6, 16, 16, 3)).astype(np.float32)  # (N, H, W, 3) in [0, 1]
+    clip = clip_inputs(extractor, torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1)
+    with torch.no_grad():  # put the threshold between the cosines, so some are flagged
+        e = torch.nn.functional.normalize(checker.visual_projection(checker.vision_model(clip)[1]))
+        cos = e @ torch.nn.functional.normalize(checker.concept_embeds[:1], dim=-1).T
+        checker.concept_embeds_weights.fill_(float(cos.median()) - 1e-3)
+    expected = flags(checker, clip)
+    assert expected.any() and not expected.all()
+    out, has_nsfw = checker(images=images.copy(), clip_input=clip)
+    assert has_nsfw == expected.tolist()
+    for img, before, flagged in zip(out, images, has_nsfw, strict=True):
+        if flagged:
+            assert np.all(img == 0)  # black, as the real checker returns it
+            d = diagnose(img, flagged)
+            assert d.nsfw is True and d.black and d.note == FILTERED
+        else:
+            assert np.array_equal(img, before)
+            assert diagnose(img, flagged).note is None
+    nan = np.full((16, 16, 3), np.nan, np.float32)  # a NaN image the checker did not flag
+    assert "NOT flagged by the safety checker" in diagnose(nan, False).note
+
+
+def test_sd_generate_reports_a_flagged_mini_sd_image(mini, tmp_path, capsys):
+    flagging = tmp_path / "mini-flags-all"
+    shutil.copytree(mini, flagging)
+    pipe = StableDiffusionPipeline.from_pretrained(str(flagging))
+    pipe.safety_checker.concept_embeds_weights.data.fill_(-10.0)  # every cosine is above
+    pipe.save_pretrained(flagging)
+    args = ["sd", "generate", "--model", str(flagging), "--size", "16x16", "--steps", "2",
+            "--prompt", "a handwritten digit 3", "--device", "cpu", "--out", str(tmp_path / "g")]  # fmt: skip
+    assert main(args) == 0
+    assert "1 of 1 flagged by the safety checker" in capsys.readouterr().out
+    sidecars = [json.loads(p.read_text()) for p in (tmp_path / "g").glob("*.json")]
+    assert [(s["nsfw"], s["black"], s["note"]) for s in sidecars if "nsfw" in s] == [
+        (True, True, FILTERED)
+    ]
+
+
+def test_captions_are_free_text_over_class_names():
+    assert "a handwritten digit {c}" in caption_templates("digits", tuple("0123456789"))
+    assert caption_templates("mnist5k", tuple("0123456789")) == DIGIT_TEMPLATES
+    assert "a photo of a {c}" in caption_templates("cifar10", ("airplane", "cat"))
+    x = to_pixels(np.zeros((2, 1, 8, 8), np.uint8), 16)
+    assert x.shape == (2, 3, 16, 16) and float(x.min()) == -1.0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset", "imagenet"], "--dataset 'imagenet': choose one of mnist5k"),
+        (["--minutes", "0"], "--minutes 0: must be a number > 0"),
+        (["--preset", "huge"], "--preset 'huge': choose one of small, tiny"),
+        (["--dataset", "digits", "--flag", "cat"], "--flag 'cat': not a class of digits"),
+        (["--dataset", "folder:"], "--dataset 'folder:': give a folder"),
+    ],
+)
+def test_bad_options_are_one_line_exit_2(args, message, tmp_path, capsys):
+    assert main(["sd", "mini", *args, "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "m").exists()
+
+
+def test_existing_out_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "x").write_text("keep")
+    assert main(["sd", "mini", "--dataset", "digits", "--out", str(tmp_path / "m")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert MiniSDOptions(flag="none").flag is None and MiniSDOptions().flag == "last"
