@@ -6,8 +6,11 @@ returning a black image and the flag exactly as the real one, diagnosed by diffl
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +28,12 @@ from diffusers.pipelines.stable_diffusion.safety_checker import (  # noqa: E402
 )
 
 from difflab.options import MiniSDOptions, SDPipelineSpec  # noqa: E402
+from difflab.runfolder import StopRequest, TrainingInterrupted  # noqa: E402
+from difflab.sd import mini_train  # noqa: E402
 from difflab.sd.load import load_pipeline  # noqa: E402
-from difflab.sd.mini import DIGIT_TEMPLATES, caption_templates, read_record, to_pixels  # noqa: E402
+from difflab.sd.mini import DIGIT_TEMPLATES, MiniSDConfig, caption_templates, read_record, to_pixels  # noqa: E402
 from difflab.sd.mini_safety import clip_inputs, flags  # noqa: E402
+from difflab.sd.mini_train import train_mini_sd  # noqa: E402
 from difflab.sd.safety import FILTERED, diagnose  # noqa: E402
 
 
@@ -151,3 +157,62 @@ def test_existing_out_is_refused_before_training(tmp_path, capsys):
     assert main(["sd", "mini", "--dataset", "digits", "--out", str(tmp_path / "m")]) == 2
     assert "already exists" in capsys.readouterr().err
     assert MiniSDOptions(flag="none").flag is None and MiniSDOptions().flag == "last"
+
+
+class _StopAfter(StopRequest):
+    """A SIGINT that arrives after ``n`` training steps."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def __bool__(self) -> bool:
+        self.n -= 1
+        if self.n <= 0:
+            self.signum = signal.SIGINT
+        return self.signum is not None
+
+
+def _train(out: Path, **kw):
+    from difflab.ddpm.data import load_dataset
+
+    d = load_dataset("digits")
+    cfg = dataclasses.replace(
+        MiniSDConfig.preset("tiny"), vae_steps=3, unet_steps=4, safety_steps=2
+    )
+    return train_mini_sd(
+        d.images.numpy()[:200], d.labels.numpy()[:200], d.class_names, out, "digits", cfg,
+        "3", seed=1, progress=False, checkpoint_every=2, **kw,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("stop_after", [2, 5])  # in the VAE phase, in the UNet phase
+def test_resume_after_a_stop_gives_the_weights_of_an_unstopped_run(
+    tmp_path, monkeypatch, stop_after
+):
+    from safetensors.torch import load_file
+
+    whole = _train(tmp_path / "whole")
+    monkeypatch.setattr(mini_train, "stop_on_signals", lambda: contextlib.nullcontext(_StopAfter(stop_after)))  # fmt: skip
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        _train(tmp_path / "stopped")
+    assert (tmp_path / "stopped" / "train_state.pt").is_file()
+    assert not (tmp_path / "stopped" / "model_index.json").exists()
+    monkeypatch.setattr(mini_train, "stop_on_signals", lambda: contextlib.nullcontext(StopRequest()))  # fmt: skip
+    resumed = _train(tmp_path / "stopped", resume=True)
+    assert resumed.steps == whole.steps == {"vae": 3, "unet": 4, "safety": 2}
+    assert resumed.scaling_factor == whole.scaling_factor
+    for part in ("unet", "vae", "text_encoder", "safety_checker"):
+        a = load_file(next((whole.out / part).glob("*.safetensors")))
+        b = load_file(next((resumed.out / part).glob("*.safetensors")))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    assert not (resumed.out / "train_state.pt").exists()
+
+
+def test_resume_refuses_other_options(tmp_path, capsys):
+    out = tmp_path / "m"
+    args = ["sd", "mini", "--dataset", "digits", "--preset", "tiny", "--out", str(out)]
+    out.mkdir()
+    torch.save({"step": 1, "options": {"dataset": "digits", "seed": 0, "flag": "last", "preset": "tiny"}}, out / "train_state.pt")  # fmt: skip
+    assert main([*args, "--seed", "4", "--resume"]) == 2
+    assert "--seed is 4 here but 0 in the run" in capsys.readouterr().err

@@ -161,6 +161,7 @@ def _add_mini(sd_sub) -> None:
     m.add_argument("--flag", help="the class the lab safety checker flags: a class name, last (default) or none")  # fmt: skip
     m.add_argument("--preset", help=f"model size: {', '.join(MINI_SD_PRESETS)} (default {default(MiniSDOptions, 'preset')})")  # fmt: skip
     m.add_argument("--out", required=True, help="the pipeline folder to write (must not exist yet)")  # fmt: skip
+    m.add_argument("--resume", action="store_true", default=False, help="continue the stopped training in --out exactly")  # fmt: skip
 
 
 def _mini(args: argparse.Namespace) -> None:
@@ -168,14 +169,20 @@ def _mini(args: argparse.Namespace) -> None:
 
     from difflab.ddpm.data import load_dataset
     from difflab.errors import UsageError
-    from difflab.sd.mini import MiniSDConfig, caption, caption_templates, train_mini_sd
+    from difflab.runfolder import check_same_options, load_train_state
+    from difflab.sd.mini import MiniSDConfig, caption, caption_templates
+    from difflab.sd.mini_train import train_mini_sd
 
     opts = build(MiniSDOptions, args)
     out = Path(args.out).expanduser()
     if not out.parent.is_dir():
         raise UsageError(f"--out {out}: folder {out.parent} does not exist")
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise UsageError(f"--out {out}: already exists; choose a new folder")
+    mine = {"dataset": opts.dataset, "seed": opts.seed, "flag": opts.flag, "preset": opts.preset}
+    if args.resume:
+        saved = load_train_state(out).get("options", {})
+        check_same_options(saved, mine, mine, out, "--minutes")
+    elif out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise UsageError(f"--out {out}: already exists; choose a new folder (or --resume)")
     data = load_dataset(opts.dataset, "train")
     names = data.class_names
     flag = names[-1] if opts.flag == "last" else opts.flag
@@ -187,7 +194,7 @@ def _mini(args: argparse.Namespace) -> None:
     cfg = MiniSDConfig.preset(opts.preset)
     r = train_mini_sd(
         data.images.numpy(), data.labels.numpy(), names, out, data.name, cfg, flag,
-        opts.minutes, opts.seed,
+        opts.minutes, opts.seed, resume=args.resume, options=mine,
     )  # fmt: skip
     prompt = caption(caption_templates(data.name, names)[0], names[0])
     steps = ", ".join(f"{k} {n} steps in {r.seconds[k]:.0f} s" for k, n in r.steps.items())

@@ -1,19 +1,18 @@
-"""mini-SD: a small latent text-to-image model in Stable Diffusion's structure, trained here.
+"""mini-SD: a small latent text-to-image model in Stable Diffusion's structure: its parts.
 
-:func:`train_mini_sd` trains, from scratch and in this order, the parts of a
-``StableDiffusionPipeline`` on a labelled image set handed over as arrays (the caller loads
-it): an ``AutoencoderKL`` (reconstruction + a small KL term, as in Rombach et al. 2022 without
-the perceptual and adversarial losses), whose ``scaling_factor`` is then set to 1 / the
-measured standard deviation of the latents, as SD's 0.18215 was; a ``CLIPTextModel`` on the
-byte-level ``CLIPTokenizer`` of :mod:`difflab.sd.tiny`, trained jointly with a
-``UNet2DConditionModel`` (eps-prediction on SD's scaled-linear schedule, cross-attention on
-the text's last hidden state, captions dropped to ``""`` with probability ``caption_dropout``
-so classifier-free guidance works); and the lab safety checker of :mod:`difflab.sd.mini_safety`.
-Captions are templates over the class names (:func:`caption_templates`). :func:`save_mini_sd`
-writes a standard diffusers folder (``model_index.json``, scheduler config, parts in
-safetensors) plus ``mini_sd.json``, the record of the data, the flagged concept and training.
-Each step's draws come from :func:`~difflab.runfolder.step_generator`; ``minutes`` caps the
-wall time, shared out between the phases.
+The parts of a ``StableDiffusionPipeline``, small, with fresh weights (:func:`build_parts`):
+an ``AutoencoderKL`` trained on reconstruction + a small KL term (:func:`vae_loss`; Rombach et
+al. 2022 without the perceptual and adversarial losses), whose ``scaling_factor`` is set to
+1 / the measured standard deviation of the latents (:func:`measured_scaling_factor`), as SD's
+0.18215 was; a ``CLIPTextModel`` on the byte-level ``CLIPTokenizer`` of :mod:`difflab.sd.tiny`;
+a ``UNet2DConditionModel`` with cross-attention on the text's last hidden state, trained on
+eps-prediction on SD's scaled-linear schedule with captions dropped to ``""`` (what the
+pipeline encodes for "no prompt") so classifier-free guidance works (:func:`unet_loss`).
+Captions are free text: templates over the class names (:func:`caption_templates`).
+:func:`save_mini_sd` writes a standard diffusers folder (``model_index.json``, scheduler
+config, parts in safetensors) plus ``mini_sd.json``, the record of the data, the flagged
+concept and the training. The training loop is :mod:`difflab.sd.mini_train`'s, the lab safety
+checker :mod:`difflab.sd.mini_safety`'s.
 """
 
 from __future__ import annotations
@@ -21,8 +20,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from difflab.runfolder import TrainingDiverged, progress_bar, step_generator
-from difflab.sd.tiny import _scheduler, tiny_tokenizer
+from difflab.runfolder import step_generator
 
 RECORD = "mini_sd.json"
 DIGIT_TEMPLATES = (
@@ -46,7 +43,6 @@ FASHION_TEMPLATES = (
     "a photo of a {c}", "a {c}", "a grayscale photo of a {c}", "a piece of clothing: {c}",
     "a product photo of a {c}", "{c}",
 )  # fmt: skip
-PHASE_SHARE = {"vae": 0.25, "unet": 0.65, "safety": 0.10}  # of --minutes
 
 
 @dataclass(frozen=True)
@@ -78,18 +74,6 @@ class MiniSDConfig:
                 attention_head_dim=4, vae_steps=3, unet_steps=3, safety_steps=3, batch_size=8,
             )  # fmt: skip
         return cls()
-
-
-@dataclass
-class MiniSDResult:
-    out: Path
-    steps: dict[str, int]  # phase -> steps run
-    seconds: dict[str, float]
-    losses: dict[str, float]  # phase -> mean of its last 20 losses
-    scaling_factor: float
-    flagged_concept: str | None
-    safety_accuracy: float | None
-    notes: list[str] = field(default_factory=list)
 
 
 def caption_templates(dataset: str, class_names: tuple[str, ...]) -> tuple[str, ...]:
@@ -147,50 +131,12 @@ def build_parts(cfg: MiniSDConfig, tokenizer: Any) -> dict[str, Any]:
     )  # fmt: skip
 
 
-class _Phase:
-    """Steps of one training phase: stops at ``steps`` or when its time share is spent."""
-
-    def __init__(self, name: str, steps: int, seconds: float | None, progress: bool) -> None:
-        self.name, self.steps, self.budget = name, steps, seconds
-        self.start, self.losses = time.monotonic(), []
-        self.bar = progress_bar(steps, 0, f"mini-sd {name}", "step", progress)
-
-    def __iter__(self):
-        for step in range(self.steps):
-            if self.budget is not None and step and time.monotonic() - self.start > self.budget:
-                break
-            yield step
-
-    def log(self, loss: float) -> None:
-        if not math.isfinite(loss):
-            raise TrainingDiverged(
-                f"mini-sd {self.name}: the loss became {loss}; nothing was saved"
-            )
-        self.losses.append(loss)
-        self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        self.bar.update(1)
-
-    def close(self) -> tuple[int, float, float]:
-        self.bar.close()
-        last = self.losses[-20:]
-        return len(self.losses), time.monotonic() - self.start, float(np.mean(last or [math.nan]))
-
-
-def train_vae(vae: Any, x: torch.Tensor, cfg: MiniSDConfig, seed: int, phase: _Phase) -> None:
-    """Reconstruction (MSE) + ``kl_weight`` x KL(q(z|x) || N(0, I)), one batch per step."""
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr)
-    vae.train()
-    for step in phase:
-        g = step_generator(seed, step)
-        batch = x[torch.randint(len(x), (cfg.batch_size,), generator=g)]
-        posterior = vae.encode(batch).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
-        loss = F.mse_loss(vae.decode(z).sample, batch) + cfg.kl_weight * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        phase.log(loss.item())
-    vae.eval().requires_grad_(False)
+def vae_loss(vae: Any, x: torch.Tensor, cfg: MiniSDConfig, g: torch.Generator) -> torch.Tensor:
+    """Reconstruction (MSE) + ``kl_weight`` x KL(q(z|x) || N(0, I)) on one batch."""
+    batch = x[torch.randint(len(x), (cfg.batch_size,), generator=g)]
+    posterior = vae.encode(batch).latent_dist
+    z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+    return F.mse_loss(vae.decode(z).sample, batch) + cfg.kl_weight * posterior.kl().mean()
 
 
 @torch.no_grad()
@@ -218,149 +164,62 @@ def tokenize(tokenizer: Any, texts: list[str]) -> torch.Tensor:
     ).input_ids  # fmt: skip
 
 
-def train_unet(
+def unet_loss(
     parts: dict[str, Any],
     latents: tuple[torch.Tensor, torch.Tensor],
     captions_of: list[list[str]],
     labels: torch.Tensor,
     cfg: MiniSDConfig,
-    seed: int,
-    phase: _Phase,
-) -> None:
-    """eps-prediction loss ||eps - eps_theta(z_t, t, tau(y))||^2 (LDM eq. 3) on z = f * E(x)."""
-    from diffusers import DDPMScheduler
-
+    g: torch.Generator,
+) -> torch.Tensor:
+    """||eps - eps_theta(z_t, t, tau(y))||^2 (LDM eq. 3) on z = f * E(x), one batch; a caption
+    is dropped to "" with probability ``caption_dropout``."""
     unet, text_encoder, tokenizer = parts["unet"], parts["text_encoder"], parts["tokenizer"]
-    noise_schedule = DDPMScheduler.from_config(parts["scheduler"].config)
+    schedule = parts["noise_schedule"]  # a DDPMScheduler with the pipeline's betas
     f = parts["vae"].config.scaling_factor
     mean, std = latents
-    params = list(unet.parameters())
-    if cfg.train_text_encoder:
-        params += list(text_encoder.parameters())
-    else:
-        text_encoder.requires_grad_(False)
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr)
-    unet.train()
-    text_encoder.train(cfg.train_text_encoder)
-    for step in phase:
-        g = step_generator(seed, step)
-        idx = torch.randint(len(mean), (cfg.batch_size,), generator=g)
-        z0 = f * (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g))
-        noise = torch.randn(z0.shape, generator=g)
-        t = torch.randint(noise_schedule.config.num_train_timesteps, (len(idx),), generator=g)
-        which = torch.randint(10_000, (len(idx),), generator=g).tolist()
-        drop = torch.rand(len(idx), generator=g) < cfg.caption_dropout
-        texts = [
-            "" if d else (c := captions_of[int(labels[i])])[w % len(c)]
-            for i, w, d in zip(idx.tolist(), which, drop.tolist(), strict=True)
-        ]
-        hidden = text_encoder(tokenize(tokenizer, texts))[0]  # (B, 77, width)
-        z_t = noise_schedule.add_noise(z0, noise, t)  # q_sample
-        loss = F.mse_loss(unet(z_t, t, encoder_hidden_states=hidden).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        phase.log(loss.item())
-    unet.eval().requires_grad_(False)
-    text_encoder.eval().requires_grad_(False)
-
-
-def train_mini_sd(
-    images: np.ndarray,
-    labels: np.ndarray,
-    class_names: tuple[str, ...],
-    out: str | Path,
-    dataset: str = "dataset",
-    cfg: MiniSDConfig | None = None,
-    flagged_concept: str | None = None,
-    minutes: float | None = None,
-    seed: int = 0,
-    progress: bool = True,
-) -> MiniSDResult:
-    """Train mini-SD on ``images`` (uint8 (N, C, H, W)) with int ``labels`` and save it to ``out``.
-
-    ``flagged_concept``: the class name the safety checker flags (None: no checker).
-    """
-    from difflab.sd.mini_safety import build_lab_checker
-
-    cfg = cfg or MiniSDConfig()
-    torch.manual_seed(seed)
-    x = to_pixels(images, cfg.resolution)
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
-    tokenizer = tiny_tokenizer()
-    parts = build_parts(cfg, tokenizer) | {"tokenizer": tokenizer, "scheduler": _scheduler()}
-    budget = None if minutes is None else 60.0 * minutes
-    share = {k: None if budget is None else v * budget for k, v in PHASE_SHARE.items()}
-    steps, seconds, losses = {}, {}, {}
-
-    phase = _Phase("vae", cfg.vae_steps, share["vae"], progress)
-    train_vae(parts["vae"], x, cfg, seed, phase)
-    steps["vae"], seconds["vae"], losses["vae"] = phase.close()
-    mean, std = encode_all(parts["vae"], x)
-    scaling_factor = measured_scaling_factor(mean, std, seed)
-    parts["vae"].register_to_config(scaling_factor=scaling_factor)
-
-    templates = caption_templates(dataset, class_names)
-    captions_of = [[caption(t, c) for t in templates] for c in class_names]
-    phase = _Phase("unet", cfg.unet_steps, share["unet"], progress)
-    train_unet(parts, (mean, std), captions_of, y, cfg, seed + 1, phase)
-    steps["unet"], seconds["unet"], losses["unet"] = phase.close()
-
-    checker, extractor, accuracy = None, None, None
-    if flagged_concept is not None:
-        concept = class_names.index(flagged_concept)
-        phase = _Phase("safety", cfg.safety_steps, share["safety"], progress)
-        checker, extractor, accuracy = build_lab_checker(
-            x, y == concept, cfg, seed + 2, phase, tokenizer
-        )
-        steps["safety"], seconds["safety"], losses["safety"] = phase.close()
-    record = {
-        "format": "difflab mini-sd 1",
-        "dataset": dataset,
-        "class_names": list(class_names),
-        "caption_templates": list(templates),
-        "flagged_concept": flagged_concept,
-        "safety_checker": "difflab lab stand-in: a StableDiffusionSafetyChecker whose concept "
-        "embedding was trained to recognise the flagged class (not SD's NSFW checker)",
-        "safety_accuracy_train": accuracy,
-        "scaling_factor": scaling_factor,
-        "text_encoder": "trained with the UNet" if cfg.train_text_encoder else "frozen (random)",
-        "seed": seed,
-        "minutes": minutes,
-        "steps": steps,
-        "seconds": {k: round(v, 2) for k, v in seconds.items()},
-        "final_loss": losses,
-        "config": asdict(cfg),
-    }
-    save_mini_sd(parts, checker, extractor, record, out)
-    return MiniSDResult(
-        Path(out), steps, seconds, losses, scaling_factor, flagged_concept, accuracy
-    )
+    idx = torch.randint(len(mean), (cfg.batch_size,), generator=g)
+    z0 = f * (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g))
+    noise = torch.randn(z0.shape, generator=g)
+    t = torch.randint(schedule.config.num_train_timesteps, (len(idx),), generator=g)
+    which = torch.randint(10_000, (len(idx),), generator=g).tolist()
+    drop = torch.rand(len(idx), generator=g) < cfg.caption_dropout
+    texts = [
+        "" if d else (c := captions_of[int(labels[i])])[w % len(c)]
+        for i, w, d in zip(idx.tolist(), which, drop.tolist(), strict=True)
+    ]
+    hidden = text_encoder(tokenize(tokenizer, texts))[0]  # (B, 77, width)
+    z_t = schedule.add_noise(z0, noise, t)  # q_sample
+    return F.mse_loss(unet(z_t, t, encoder_hidden_states=hidden).sample, noise)
 
 
 def save_mini_sd(
     parts: dict[str, Any], checker: Any, extractor: Any, record: dict[str, Any], out: str | Path
 ) -> Path:
-    """Save a standard ``StableDiffusionPipeline`` folder plus ``mini_sd.json``; the folder is
-    written beside ``out`` and renamed into place, so ``out`` is never half-written."""
+    """Save a standard ``StableDiffusionPipeline`` folder plus ``mini_sd.json`` into ``out``:
+    written in a hidden folder inside it, then moved up part by part, ``model_index.json``
+    last, so a folder with ``model_index.json`` is complete."""
     from diffusers import StableDiffusionPipeline
 
     from difflab.sd.load import quiet_loading
 
     out = Path(out)
+    keep = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
     pipe = StableDiffusionPipeline(
-        **parts, safety_checker=checker, feature_extractor=extractor, image_encoder=None,
-        requires_safety_checker=checker is not None,
+        **{k: parts[k] for k in keep}, safety_checker=checker, feature_extractor=extractor,
+        image_encoder=None, requires_safety_checker=checker is not None,
     )  # fmt: skip
-    tmp = out.with_name(f".{out.name}.partial")
+    tmp = out / ".pipeline.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     with quiet_loading():
         pipe.save_pretrained(tmp, safe_serialization=True)
     (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    tmp.rename(out)
+    for entry in sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json"):
+        target = out / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        entry.replace(target)
+    tmp.rmdir()
     return out
 
 

@@ -20,8 +20,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from difflab.runfolder import step_generator
-
 CHECKER_SIZE = 32  # the feature extractor's square input
 LOGIT_SCALE = 10.0
 NEVER = 10.0  # a threshold above every cosine similarity
@@ -70,43 +68,49 @@ def image_embeds(checker: Any, clip_input: torch.Tensor) -> torch.Tensor:
     return checker.visual_projection(checker.vision_model(clip_input)[1])
 
 
-def build_lab_checker(
-    x: torch.Tensor, flagged: torch.Tensor, cfg: Any, seed: int, phase: Any, tokenizer: Any
-) -> tuple[Any, Any, float]:
-    """Train the checker to flag the images where ``flagged`` is true; returns the checker,
-    its feature extractor and its accuracy on ``x`` (balanced over the two kinds)."""
+class Concept(torch.nn.Module):
+    """The concept embedding ``c`` and threshold ``b`` being learned."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.c = torch.nn.Parameter(torch.randn(dim) * 0.1)
+        self.b = torch.nn.Parameter(torch.tensor(0.5))
+
+
+def new_checker(tokenizer: Any) -> tuple[Any, Concept]:
+    """A fresh checker (on the current torch seed) and the concept it will learn."""
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
-    torch.manual_seed(seed)
-    extractor = feature_extractor()
     checker = StableDiffusionSafetyChecker(checker_config(tokenizer))
-    inputs = clip_inputs(extractor, x)
+    return checker, Concept(checker.concept_embeds.shape[1])
+
+
+def checker_loss(
+    checker: Any, concept: Concept, inputs: torch.Tensor, flagged: torch.Tensor, cfg: Any,
+    g: torch.Generator,
+) -> torch.Tensor:  # fmt: skip
+    """Logistic loss of ``scale * (cos(embed(x), c) - b)`` on one batch, the flagged class
+    weighted up to balance the two kinds."""
     target = flagged.float()
     pos = max(float(target.sum()), 1.0)
     pos_weight = torch.tensor((len(target) - pos) / pos)
-    c = torch.nn.Parameter(torch.randn(checker.concept_embeds.shape[1]) * 0.1)
-    b = torch.nn.Parameter(torch.tensor(0.5))
-    params = [*checker.vision_model.parameters(), *checker.visual_projection.parameters(), c, b]
-    opt = torch.optim.AdamW(params, lr=cfg.lr)
-    checker.train()
-    for step in phase:
-        g = step_generator(seed, step)
-        idx = torch.randint(len(inputs), (cfg.batch_size,), generator=g)
-        cos = F.cosine_similarity(image_embeds(checker, inputs[idx]), c[None], dim=-1)
-        loss = F.binary_cross_entropy_with_logits(
-            LOGIT_SCALE * (cos - b), target[idx], pos_weight=pos_weight
-        )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        phase.log(loss.item())
+    idx = torch.randint(len(inputs), (cfg.batch_size,), generator=g)
+    cos = F.cosine_similarity(image_embeds(checker, inputs[idx]), concept.c[None], dim=-1)
+    return F.binary_cross_entropy_with_logits(
+        LOGIT_SCALE * (cos - concept.b), target[idx], pos_weight=pos_weight
+    )
+
+
+@torch.no_grad()
+def finish_checker(checker: Any, concept: Concept) -> Any:
+    """Write the learned concept into the checker's own embeddings and thresholds."""
     checker.eval().requires_grad_(False)
-    with torch.no_grad():
-        checker.concept_embeds.copy_(c.detach().expand_as(checker.concept_embeds))
-        checker.concept_embeds_weights.fill_(float(b))
-        checker.special_care_embeds.copy_(c.detach().expand_as(checker.special_care_embeds))
-        checker.special_care_embeds_weights.fill_(NEVER)
-    return checker, extractor, checker_accuracy(checker, inputs, flagged)
+    c = concept.c.detach()
+    checker.concept_embeds.copy_(c.expand_as(checker.concept_embeds))
+    checker.concept_embeds_weights.fill_(float(concept.b))
+    checker.special_care_embeds.copy_(c.expand_as(checker.special_care_embeds))
+    checker.special_care_embeds_weights.fill_(NEVER)
+    return checker
 
 
 @torch.no_grad()
