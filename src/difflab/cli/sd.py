@@ -177,7 +177,8 @@ def _mini(args: argparse.Namespace) -> None:
     out = Path(args.out).expanduser()
     if not out.parent.is_dir():
         raise UsageError(f"--out {out}: folder {out.parent} does not exist")
-    mine = {"dataset": opts.dataset, "seed": opts.seed, "flag": opts.flag, "preset": opts.preset}
+    flag_given = "none" if opts.flag is None else opts.flag
+    mine = {"dataset": opts.dataset, "seed": opts.seed, "flag": flag_given, "preset": opts.preset}
     if args.resume:
         saved = load_train_state(out).get("options", {})
         check_same_options(saved, mine, mine, out, "--minutes")
