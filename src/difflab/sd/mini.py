@@ -188,7 +188,9 @@ def unet_loss(
         "" if d else (c := captions_of[int(labels[i])])[w % len(c)]
         for i, w, d in zip(idx.tolist(), which, drop.tolist(), strict=True)
     ]
-    hidden = text_encoder(tokenize(tokenizer, texts))[0]  # (B, 77, width)
+    unique = sorted(set(texts))  # a few dozen distinct captions: encode each once
+    hidden = text_encoder(tokenize(tokenizer, unique))[0]  # (U, 77, width)
+    hidden = hidden[torch.tensor([unique.index(t) for t in texts])]  # (B, 77, width)
     z_t = schedule.add_noise(z0, noise, t)  # q_sample
     return F.mse_loss(unet(z_t, t, encoder_hidden_states=hidden).sample, noise)
 
