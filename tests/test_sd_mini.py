@@ -216,3 +216,17 @@ def test_resume_refuses_other_options(tmp_path, capsys):
     torch.save({"step": 1, "options": {"dataset": "digits", "seed": 0, "flag": "last", "preset": "tiny"}}, out / "train_state.pt")  # fmt: skip
     assert main([*args, "--seed", "4", "--resume"]) == 2
     assert "--seed is 4 here but 0 in the run" in capsys.readouterr().err
+
+
+def test_minutes_cap_every_phase_and_keep_one_step_each(tmp_path):
+    from difflab.ddpm.data import load_dataset
+
+    d = load_dataset("digits")
+    cfg = dataclasses.replace(MiniSDConfig.preset("tiny"), vae_steps=10**6, unet_steps=10**6, safety_steps=10**6)  # fmt: skip
+    r = train_mini_sd(
+        d.images.numpy()[:100], d.labels.numpy()[:100], d.class_names, tmp_path / "m",
+        "digits", cfg, None, minutes=1e-4, progress=False,
+    )  # fmt: skip
+    assert r.steps == {"vae": 1, "unet": 1} and r.flagged_concept is None
+    pipe = StableDiffusionPipeline.from_pretrained(str(r.out))
+    assert pipe.safety_checker is None  # --flag none: no checker, as a pipeline saved without one
