@@ -84,6 +84,16 @@ def test_difflab_loader_and_sd_generate(mini, tmp_path, capsys):
     assert len(list(out.glob("*.png"))) == 2
 
 
+def test_sd_sweep_runs_on_mini_sd(mini, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["sd", "sweep", "--model", str(mini), "--prompts", "a handwritten digit 3", "the digit 7",
+            "--guidance", "1,3", "--steps", "2", "--seeds", "0", "--size", "16x16",
+            "--clip-model", "none", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert "4 cells computed" in capsys.readouterr().out
+    assert (out / "metrics.csv").is_file()
+
+
 def test_lab_checker_blacks_out_and_flags_exactly_as_the_real_one(mini):
     pipe = StableDiffusionPipeline.from_pretrained(str(mini))
     checker, extractor = pipe.safety_checker, pipe.feature_extractor
