@@ -428,3 +428,35 @@ class SDSweepAxes(_Checked):
                 f"--lora {spec.lora[0]}: give the scales in --lora-scales or after the file, not both"
             )
         return file, self.lora_scales
+
+
+@dataclass(frozen=True)
+class MiniSDOptions(_Checked):
+    """``difflab sd mini``: train mini-SD (a small SD-structured model) on a lab dataset."""
+
+    dataset: str = "mnist5k"  # mnist5k, digits, mnist, fashion-mnist, cifar10 or folder:PATH
+    minutes: float | None = None  # wall-time cap of the whole training; None: the step counts
+    seed: int = 0
+    flag: str | None = "last"  # the class the lab safety checker flags: a class name, last, none
+    preset: str = "small"  # small (the model) or tiny (tests: seconds)
+
+    def check(self) -> None:
+        dataset = str(self.dataset).strip()
+        if dataset.startswith("folder:"):
+            if not dataset[len("folder:") :].strip():
+                raise UsageError("--dataset 'folder:': give a folder, e.g. folder:my_images/")
+        else:
+            dataset = check_choice(dataset.lower(), MINI_SD_DATASETS, "--dataset")
+        _set(self, dataset=dataset, seed=check_seed(self.seed))
+        _set(self, minutes=_maybe(self.minutes, check_float, "--minutes", 0.0))
+        if self.minutes is not None and self.minutes <= 0:
+            raise UsageError(f"--minutes {self.minutes:g}: must be a number > 0")
+        flag = None if self.flag is None else str(self.flag).strip()
+        if flag == "":
+            raise UsageError("--flag is empty: give a class name of the dataset, last or none")
+        _set(self, flag=None if flag == "none" else flag)
+        _set(self, preset=check_choice(self.preset, MINI_SD_PRESETS, "--preset"))
+
+
+MINI_SD_DATASETS = ("mnist5k", "digits", "mnist", "fashion-mnist", "cifar10")  # or folder:PATH
+MINI_SD_PRESETS = ("small", "tiny")

@@ -1,4 +1,4 @@
-"""``difflab sd generate``, ``sd sweep`` and ``sd finetune``: the Stable Diffusion lab.
+"""``difflab sd generate``, ``sd sweep``, ``sd finetune`` and ``sd mini``: the Stable Diffusion lab.
 
 ``generate`` and ``sweep`` share the pipeline's arguments (one :class:`SDPipelineSpec`);
 each builds its options object, calls one library function and prints its summary.
@@ -13,7 +13,9 @@ from difflab.cli.args import Parser, add_device, add_trust_pickle, build, comman
 from difflab.options import (
     DEFAULT_CLIP_MODEL,
     DEFAULT_SD_MODEL,
+    MINI_SD_PRESETS,
     SD_SCHEDULERS,
+    MiniSDOptions,
     SDGeneration,
     SDPipelineSpec,
     SDSweepAxes,
@@ -22,7 +24,8 @@ from difflab.options import (
 
 def add(sub) -> None:
     sd = sub.add_parser(
-        "sd", help="Stable Diffusion: generate images, sweep guidance x steps, LoRA fine-tuning"
+        "sd",
+        help="Stable Diffusion: generate images, sweep guidance x steps, LoRA fine-tuning, mini-SD",
     )
     sd_sub = sd.add_subparsers(dest="sd_command", required=True, parser_class=Parser)
     g = command(sd_sub, "generate", "images from a prompt, settings in every PNG", _generate)
@@ -43,6 +46,7 @@ def add(sub) -> None:
     for p in (g, s):
         _add_pipeline(p)
     _add_finetune(sd_sub)
+    _add_mini(sd_sub)
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -145,4 +149,63 @@ def _finetune(args: argparse.Namespace) -> None:
         f"trained {r.steps_run} steps in {r.seconds:.0f} s ({r.seconds_per_step:.3f} s/step; "
         f"loss {r.final_loss:.4f}, mean of the last 10 steps); run folder {r.out}, "
         f"LoRA {r.lora}" + (f", {len(r.validation)} validation grid(s)" if r.validation else "")
+    )
+
+
+# -- mini -----------------------------------------------------------------------------------
+def _add_mini(sd_sub) -> None:
+    m = command(sd_sub, "mini", "train mini-SD: a small SD-structured text-to-image model, offline", _mini)  # fmt: skip
+    m.add_argument("--dataset", help="mnist5k (default), digits, mnist, fashion-mnist, cifar10 or folder:PATH")  # fmt: skip
+    m.add_argument("--minutes", help="wall-time cap of the whole training (default: the step counts)")  # fmt: skip
+    m.add_argument("--seed", type=int, help="seed of the weights, data order and noise (default 0)")  # fmt: skip
+    m.add_argument("--flag", help="the class the lab safety checker flags: a class name, last (default) or none")  # fmt: skip
+    m.add_argument("--preset", help=f"model size: {', '.join(MINI_SD_PRESETS)} (default {default(MiniSDOptions, 'preset')})")  # fmt: skip
+    m.add_argument("--out", required=True, help="the pipeline folder to write (must not exist yet)")  # fmt: skip
+    m.add_argument("--resume", action="store_true", default=False, help="continue the stopped training in --out exactly")  # fmt: skip
+
+
+def _mini(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from difflab.ddpm.data import load_dataset
+    from difflab.errors import UsageError
+    from difflab.runfolder import check_same_options, load_train_state
+    from difflab.sd.mini import MiniSDConfig, caption, caption_templates
+    from difflab.sd.mini_train import train_mini_sd
+
+    opts = build(MiniSDOptions, args)
+    out = Path(args.out).expanduser()
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {out}: folder {out.parent} does not exist")
+    flag_given = "none" if opts.flag is None else opts.flag
+    mine = {"dataset": opts.dataset, "seed": opts.seed, "flag": flag_given, "preset": opts.preset}
+    if args.resume:
+        saved = load_train_state(out).get("options", {})
+        check_same_options(saved, mine, mine, out, "--minutes")
+    elif out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise UsageError(f"--out {out}: already exists; choose a new folder (or --resume)")
+    data = load_dataset(opts.dataset, "train")
+    names = data.class_names
+    flag = names[-1] if opts.flag == "last" else opts.flag
+    if flag is not None and flag not in names:
+        raise UsageError(
+            f"--flag {flag!r}: not a class of {opts.dataset}; choose one of "
+            f"{', '.join(names)}, last or none"
+        )
+    cfg = MiniSDConfig.preset(opts.preset)
+    r = train_mini_sd(
+        data.images.numpy(), data.labels.numpy(), names, out, data.name, cfg, flag,
+        opts.minutes, opts.seed, resume=args.resume, options=mine,
+    )  # fmt: skip
+    prompt = caption(caption_templates(data.name, names)[0], names[0])
+    steps = ", ".join(f"{k} {n} steps in {r.seconds[k]:.0f} s" for k, n in r.steps.items())
+    checker = (
+        f"; the lab safety checker flags {r.flagged_concept!r} "
+        f"(balanced accuracy {r.safety_accuracy:.0%} on the training images)"
+        if r.flagged_concept is not None else "; no safety checker"
+    )  # fmt: skip
+    print(
+        f"mini-SD in {r.out}: {steps}; VAE scaling_factor {r.scaling_factor:.4f}{checker}; "
+        f"try: difflab sd generate --model {r.out} --size {cfg.resolution}x{cfg.resolution} "
+        f"--prompt {prompt!r} --out OUT"
     )
