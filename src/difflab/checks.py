@@ -351,3 +351,24 @@ def parse_prompts(prompts: Any) -> tuple[str, ...]:
     if dup is not None:
         raise UsageError(f"--prompts: {dup!r} is given twice")
     return tuple(items)
+
+
+# -- building options objects (difflab.options, difflab.sd_options) ----------------------
+def set_fields(obj: Any, **values: Any) -> None:
+    for name, value in values.items():
+        object.__setattr__(obj, name, value)
+
+
+def maybe(value: Any, check, *args) -> Any:
+    return None if value is None else check(value, *args)
+
+
+class Checked:
+    """Options are built checked: the constructor (and ``dataclasses.replace``) runs
+    ``check()``, which parses every field into the value it holds or raises one line."""
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        raise NotImplementedError
