@@ -122,20 +122,20 @@ def test_conclusions_say_when_two_cells_cannot_be_told_apart():
     assert "cannot be told apart" in text and "samples per cell would be needed" in text
 
 
-def test_memorisation_through_the_judge(tmp_path, monkeypatch):
-    """Training images are near-copies of themselves; uniform noise is not."""
+def test_memorisation_through_the_judge():
+    """Training images are near-copies of themselves; uniform noise is not (an untrained
+    judge's features are enough to tell)."""
     from difflab.ddpm.data import load_dataset
-    from difflab.evaluation import judge as judge_mod
     from difflab.evaluation.evaluate import evaluate_samples
+    from difflab.evaluation.judge import Judge, JudgeNet
 
-    real = judge_mod.train_judge
-    monkeypatch.setattr(judge_mod, "train_judge", lambda *a, **k: real(*a, **{**k, "epochs": 1}))
-    judge = judge_mod.get_judge("digits", cache_dir=tmp_path, progress=False)
+    torch.manual_seed(0)
+    judge = Judge(JudgeNet(1, 10).eval(), {"dataset": "digits", "height": 8, "width": 8})
     train = load_dataset("digits", "train")
     images = train.images[:40].float() / 127.5 - 1
     m = evaluate_samples(images, train.labels[:40], "digits", judge=judge, memorisation=True)
     assert m["copy_rate"] == 1.0 and set(m["ci95"]) == {"accuracy", "fd", "kid", "diversity"}
-    assert len(m["correct"]) == 40
+    assert len(m["correct"]) == 40 and m["nearest_train"]["index"][:3] == [0, 1, 2]
     noise = torch.rand_like(images) * 2 - 1
     m = evaluate_samples(noise, train.labels[:40], "digits", judge=judge, memorisation=True)
     assert m["copy_rate"] <= 0.05

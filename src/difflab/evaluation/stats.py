@@ -87,22 +87,38 @@ def seed_interval(values: Sequence[float], level: float = LEVEL) -> list[float] 
 
 
 # -- the sample metrics -----------------------------------------------------------------------
-def _fd_resampled(a: np.ndarray, ref: np.ndarray, counts: np.ndarray) -> list[float]:
+def _fd_resampled(
+    a: np.ndarray, ref: np.ndarray, counts: np.ndarray, chunk: int = 25
+) -> list[float]:
     """The Fréchet distance against ``ref`` (fixed) of each resample of ``a``, given by its
-    row counts (a row of ``counts``): mean ``wᵀa / n``, covariance ``(aᵀ diag(w) a − n μμᵀ) / (n − 1)``."""
+    row counts ``w`` (a row of ``counts``), ``chunk`` resamples at a time.
+
+    A resample's covariance is ``S = YᵀY / (n − 1)`` with rows ``Y_i = √w_i (a_i − μ)``, ``μ
+    = wᵀa / n``. The trace of ``(S_r^½ S S_r^½)^½`` needs the eigenvalues of that D × D
+    matrix, or, when there are fewer samples than dimensions, those of the N × N matrix
+    ``Y S_r Yᵀ / (n − 1)``, which has the same non-zero eigenvalues (and is much cheaper).
+    """
     mu_r, s_r = ref.mean(0), np.atleast_2d(np.cov(ref, rowvar=False))
     w, v = np.linalg.eigh(s_r)
     root_r = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # S_r^½, once
-    tr_r = np.trace(s_r)
-    n = len(a)
+    n, dim = a.shape
     out = []
-    for wt in counts:
-        mu = wt @ a / n
-        s = ((a * wt[:, None]).T @ a - n * np.outer(mu, mu)) / (n - 1)
-        m = root_r @ s @ root_r  # similar to S_r S: the same trace of the square root
-        tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    for start in range(0, len(counts), chunk):
+        wt = counts[start : start + chunk]  # (B, N)
+        mu = wt @ a / n  # (B, D)
+        y = np.sqrt(wt)[:, :, None] * (a[None] - mu[:, None, :])  # (B, N, D)
+        if n < dim:
+            m = (y @ s_r) @ np.swapaxes(y, 1, 2) / (n - 1)  # (B, N, N)
+            tr_s = (y * y).sum((1, 2)) / (n - 1)
+        else:
+            s = np.swapaxes(y, 1, 2) @ y / (n - 1)  # (B, D, D)
+            m = root_r @ s @ root_r
+            tr_s = np.trace(s, axis1=1, axis2=2)
+        m = (m + np.swapaxes(m, 1, 2)) / 2
+        tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(m), 0, None)).sum(1)
         d = mu - mu_r
-        out.append(float(max(d @ d + np.trace(s) + tr_r - 2 * tr_covmean, 0.0)))
+        fd = (d * d).sum(1) + tr_s + np.trace(s_r) - 2 * tr_covmean
+        out += np.maximum(fd, 0.0).tolist()
     return out
 
 
