@@ -175,7 +175,9 @@ def write_nearest_figure(
     table = nearest_train_figure(
         to_uint8(images[order]), neighbours.permute(0, 2, 3, 1).numpy(), dist[order].tolist(),
         result["copy_threshold"], result["copy_rate"], [names[int(c)] for c in labels[order]],
+        result["copy_quantile"],
     )  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_png(path, table.image, {"run": result["run"], "copy_rate": result["copy_rate"]})
 
 

@@ -285,9 +285,11 @@ def eval_conclusions(ev: dict[str, Any]) -> list[str]:
     ci = ev.get("ci95") or {}
     span = lambda m, f: f" (95% CI {f(ci[m][0])}–{f(ci[m][1])})" if m in ci else ""  # noqa: E731
     how = f"{s.get('sampler')}, {s.get('steps')} steps, guidance s = {s.get('guidance', 0):g}"
-    text = f"At the run's evaluation settings ({how}), the reference classifier recognises {_pct(ev['accuracy'])} of the samples{span('accuracy', _pct)}"  # fmt: skip
+    text = f"At the run's evaluation settings ({how}), the reference classifier recognises {_pct(ev['accuracy'])} of the samples"  # fmt: skip
     if ev.get("judge_test_accuracy") is not None:
         text += f" (on real test images it scores {_pct(ev['judge_test_accuracy'])})"
+    if "accuracy" in ci:
+        text += f"; the 95% interval of this share is {_pct(ci['accuracy'][0])}–{_pct(ci['accuracy'][1])}"
     out = [text + "."]
     names = ev.get("class_names") or [str(i) for i in range(len(ev["accuracy_per_class"]))]
     per = [(a, n) for a, n in zip(ev["accuracy_per_class"], names, strict=False) if a is not None]

@@ -19,7 +19,7 @@ ROWS = 8
 
 def nearest_train_figure(
     samples: np.ndarray, neighbours: np.ndarray, distances: Sequence[float],
-    threshold: float, copy_rate: float, names: Sequence[str] | None = None,
+    threshold: float, copy_rate: float, names: Sequence[str] | None = None, quantile: float = 0.01,
 ) -> Table:  # fmt: skip
     """``samples`` and their ``neighbours`` as (R, H, W, C) uint8, one row each."""
     images = np.stack([samples, neighbours], axis=1)  # (R, 2, H, W, C)
@@ -33,6 +33,6 @@ def nearest_train_figure(
         row_labels=labels,
         title=f"Samples nearest to the training set\nnear-copies: {copy_rate:.1%} of the samples",
         note=f"distance in the judge's features; near-copy: d <= {threshold:.2f} "
-        "(1st percentile of held-out test images' nearest-training distances)",
+        f"({quantile:.0%} quantile of held-out test images' nearest-training distances)",
         scale=auto_scale(h, w),
     )
