@@ -126,7 +126,14 @@ def test_sample_and_eval_precision(run, tmp_path, capsys):
     assert main(["sample", str(run), *args, "--out", str(tmp_path / "fp32.png")]) == 0
     assert "precision" not in png_settings(tmp_path / "fp32.png")
     assert main(["eval", str(run), "--n", "2", "--steps", "3", "--precision", "bf16"]) == 0
-    assert json.loads((run / "eval.json").read_text())["settings"]["precision"] == "bf16"
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["settings"]["precision"] == "bf16"
+    assert set(ev["ci95"]) == {"accuracy", "fd", "kid", "diversity"}
+    for m, (low, high) in ev["ci95"].items():
+        assert low <= ev[m] <= high, m
+    assert 0 <= ev["copy_rate"] <= 1 and ev["copy_threshold"] >= 0 and len(ev["correct"]) == ev["n"]
+    assert (run / "figures" / "nearest_train.png").is_file()
+    assert "95% CI [" in capsys.readouterr().out
     capsys.readouterr()
     assert (
         main(["sample", str(run), *args, "--precision", "half", "--out", str(tmp_path / "h.png")])

@@ -160,6 +160,16 @@ def test_tables_summary_and_figures(run, tmp_path):
     assert len(r.rows) == 12 and len(r.summary) == 6
     head = (out / "metrics.csv").read_text().splitlines()[0].split(",")
     assert head[:4] == ["sampler", "steps", "guidance", "seed"] and "kid" in head
+    ci_columns = [f"{m}_ci_{e}" for m in ("accuracy", "fd", "kid", "diversity") for e in ("low", "high")]  # fmt: skip
+    assert head[-8:] == ci_columns
+    summary_head = (out / "summary.csv").read_text().splitlines()[0].split(",")
+    assert summary_head[-8:] == ci_columns
+    for m in ("accuracy", "fd", "kid", "diversity"):
+        for x in r.rows:
+            assert x[f"{m}_ci_low"] <= x[m] + 1e-12 <= x[f"{m}_ci_high"] + 2e-12, (m, x["key"])
+        for s in r.summary:
+            assert s[f"{m}_ci_low"] <= s[f"{m}_mean"] + 1e-12 <= s[f"{m}_ci_high"] + 2e-12, m
+    assert all(len(x["correct"]) == x["n"] and set(x["correct"]) <= {0, 1} for x in r.rows)
     for s in r.summary:
         same = [
             x["accuracy"]

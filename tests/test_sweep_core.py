@@ -283,4 +283,16 @@ def test_tables_are_byte_for_byte_the_ones_before_the_core(tmp_path, kind):
     header = (out / "metrics.csv").read_text().splitlines()[0]
     assert header == ",".join(ddpm_sweep.CSV_COLUMNS if kind == "ddpm" else sd_sweep._columns(identity))  # fmt: skip
     for name, digest in BEFORE[kind].items():
-        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest, name
+        data = (out / name).read_bytes()
+        if kind == "ddpm" and name.endswith(".csv"):  # the 8 interval columns come last
+            tail = "," + ",".join(ddpm_sweep.CI_COLUMNS)
+            lines = data.decode().splitlines()
+            assert lines[0].endswith(tail)
+            data = "".join(x.rsplit(",", 8)[0] + "\n" for x in lines).encode()
+        if kind == "ddpm" and name == "metrics.json":  # the summary's intervals are new
+            doc = json.loads(data)
+            doc["summary"] = [
+                {k: v for k, v in r.items() if "_ci_" not in k} for r in doc["summary"]
+            ]
+            data = (json.dumps(doc, indent=2) + "\n").encode()
+        assert hashlib.sha256(data).hexdigest() == digest, name

@@ -2,7 +2,9 @@
 cached, and the metrics computed with it: conditional accuracy, the Fréchet distance and KID
 on the judge's features beside the real-vs-real floor, and within-class diversity. The
 Fréchet distance and KID have one implementation (:mod:`.distances`) for every feature
-extractor, the judge's and Inception-v3's alike.
+extractor, the judge's and Inception-v3's alike. :mod:`.stats` says how sure each number is
+(bootstrap intervals, paired comparisons, sample sizes); :mod:`.memorisation` counts the
+samples that are near-copies of training images.
 """
 
 from difflab.evaluation.distances import frechet_distance, kid

@@ -38,7 +38,7 @@ def conditional_accuracy(judge: Any, images: Any, labels: Any) -> dict[str, Any]
 
     Returns ``overall`` (float), ``per_class`` (one float per class, None for a class with
     no samples), ``counts`` (samples per class), ``confusion`` (rows: intended class,
-    columns: judged class) and ``n``.
+    columns: judged class), ``correct`` (per sample, 1 when recognised, else 0) and ``n``.
     """
     y = _labels(labels, int(images.shape[0]))
     k = judge.num_classes
@@ -60,6 +60,7 @@ def conditional_accuracy(judge: Any, images: Any, labels: Any) -> dict[str, Any]
         "per_class": per_class,
         "counts": counts.tolist(),
         "confusion": confusion.tolist(),
+        "correct": (pred == y).to(torch.int64).tolist(),
         "n": int(y.numel()),
     }
 

@@ -6,6 +6,10 @@ best conditional accuracy, how accuracy moves with guidance, from how many steps
 Fréchet distance stops improving, where within-class diversity collapses (below
 :data:`COLLAPSE` of the real test images' diversity), and whether too much guidance drives
 the Fréchet distance back up (samples leave the data distribution: artifacts).
+When the sweep's cells kept their per-sample correctness (``cells``), two settings are
+compared paired, sample by sample (:func:`difflab.evaluation.stats.compare_paired`), and the
+sentence says the difference ± half its 95 % interval with McNemar's p, or that the two
+cannot be told apart with this many samples and about how many would be needed.
 :func:`eval_conclusions` summarises one ``eval.json``. Every number in a sentence is taken
 from the input, so the conclusions change when the measurements do.
 """
@@ -15,6 +19,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
+from difflab.evaluation.stats import compare_paired
 
 COLLAPSE = 0.8  # diversity below this share of the real images' counts as collapsed
 SATURATED = 0.05  # FD within this share of its best counts as "no longer improving"
@@ -31,6 +37,62 @@ def _pm(r: dict, metric: str, fmt) -> str:
     return fmt(r[f"{metric}_mean"]) + ("" if std is None else f" ± {fmt(std)}")
 
 
+def _ci(r: dict, metric: str, fmt) -> str:
+    """`` (95 % CI low–high)`` from a summary row's interval columns, or ""."""
+    low, high = r.get(f"{metric}_ci_low"), r.get(f"{metric}_ci_high")
+    return "" if low is None or high is None else f" (95% CI {fmt(low)}–{fmt(high)})"
+
+
+def _overlap(a: dict, b: dict, metric: str) -> bool | None:
+    """Whether two summary rows' intervals of ``metric`` overlap (None: no intervals)."""
+    ends = [r.get(f"{metric}_ci_{e}") for r in (a, b) for e in ("low", "high")]
+    return None if None in ends else ends[0] <= ends[3] and ends[2] <= ends[1]
+
+
+def _setting(r: dict) -> tuple:
+    return (r["sampler"], r["steps"], r["guidance"])
+
+
+def paired_correct(cells: list[dict] | None, a: dict, b: dict) -> tuple[list, list] | None:
+    """The per-sample correctness of settings ``a`` and ``b`` (summary rows) over the seeds
+    both have, in the same order; None when the cells did not keep it."""
+    if not cells:
+        return None
+    by: dict[tuple, dict] = {}
+    for c in cells:
+        if c.get("correct"):
+            by.setdefault(_setting(c), {})[c["seed"]] = c["correct"]
+    sa, sb = by.get(_setting(a), {}), by.get(_setting(b), {})
+    seeds = sorted(set(sa) & set(sb))
+    if not seeds or any(len(sa[s]) != len(sb[s]) for s in seeds):
+        return None
+    return [v for s in seeds for v in sa[s]], [v for s in seeds for v in sb[s]]
+
+
+def compare_sentence(name_a: str, name_b: str, correct_a: list, correct_b: list) -> str:
+    """Whether setting b's accuracy differs from a's, paired sample by sample."""
+    p = compare_paired(correct_a, correct_b)
+    d, half = 100 * p.difference, 100 * (p.interval[1] - p.interval[0]) / 2
+    acc_a, acc_b = float(np.mean(correct_a)), float(np.mean(correct_b))
+    if p.distinguishable:
+        hi, lo = (name_b, name_a) if d > 0 else (name_a, name_b)
+        return (
+            f"{hi} beats {lo} in accuracy by {abs(d):.1f} ± {half:.1f} points "
+            f"({_pct(max(acc_a, acc_b))} against {_pct(min(acc_a, acc_b))}; paired over {p.n} "
+            f"samples, McNemar p = {p.p_value:.2g})"
+        )
+    text = (
+        f"{name_a} and {name_b} cannot be told apart in accuracy with {p.n} samples "
+        f"({_pct(acc_a)} against {_pct(acc_b)}, difference {d:+.1f} ± {half:.1f} points, "
+        f"paired McNemar p = {p.p_value:.2g})"
+    )
+    if p.needed is None:
+        return text + "; they agree on every sample"
+    return (
+        text + f"; about {p.needed} samples per cell would be needed to tell a difference this size"
+    )
+
+
 def _by_guidance(rows: list[dict], metric: str) -> dict[float, float]:
     """Seed means of ``metric`` averaged over step counts, per guidance."""
     out: dict[float, list[float]] = {}
@@ -39,27 +101,46 @@ def _by_guidance(rows: list[dict], metric: str) -> dict[float, float]:
     return {g: float(np.mean(v)) for g, v in sorted(out.items())}
 
 
-def sweep_conclusions(summary: list[dict], refs: dict[str, Any] | None = None) -> list[str]:
-    """Plain sentences about one sweep (per sampler when it has several)."""
+def sweep_conclusions(
+    summary: list[dict], refs: dict[str, Any] | None = None, cells: list[dict] | None = None
+) -> list[str]:
+    """Plain sentences about one sweep (per sampler when it has several); ``cells`` (the
+    cell records, with per-sample ``correct``) make the comparisons paired."""
     refs = refs or {}
     samplers = list(dict.fromkeys(r["sampler"] for r in summary))
     out = []
     for smp in samplers:
         rows = [r for r in summary if r["sampler"] == smp]
         tag = f" ({smp})" if len(samplers) > 1 else ""
-        out += _sampler_conclusions(rows, refs, tag)
+        out += _sampler_conclusions(rows, refs, tag, cells)
     return out
 
 
-def _sampler_conclusions(rows: list[dict], refs: dict, tag: str) -> list[str]:
+def _name(r: dict, steps: bool = True) -> str:
+    return f"s = {r['guidance']:g}" + (f" at {r['steps']} steps" if steps else "")
+
+
+def _sampler_conclusions(
+    rows: list[dict], refs: dict, tag: str, cells: list[dict] | None = None
+) -> list[str]:
     out = []
     # highest accuracy; ties go to the smaller guidance, then to fewer steps
-    best = max(rows, key=lambda r: (round(r["accuracy_mean"], 6), -r["guidance"], -r["steps"]))
+    order = sorted(rows, key=lambda r: (round(r["accuracy_mean"], 6), -r["guidance"], -r["steps"]))
+    best = order[-1]
     g_best, st_best = best["guidance"], best["steps"]
-    out.append(
+    text = (
         f"The best conditional accuracy{tag}, {_pm(best, 'accuracy', _pct)}, came with guidance "
         f"s = {g_best:g} at {st_best} steps."
     )
+    if best.get("accuracy_ci_low") is not None:
+        text += f" Its 95% interval is {_pct(best['accuracy_ci_low'])}–{_pct(best['accuracy_ci_high'])}."
+    several = len({r["steps"] for r in rows}) > 1
+    runner_up = order[-2] if len(order) > 1 else None
+    pair = paired_correct(cells, runner_up, best) if runner_up is not None else None
+    if pair is not None:
+        said = compare_sentence(_name(runner_up, several), _name(best, several), *pair)
+        text += f" Against the runner-up: {said}."
+    out.append(text)
     at_steps = sorted((r for r in rows if r["steps"] == st_best), key=lambda r: r["guidance"])
     if len(at_steps) > 1:
         lo, hi = at_steps[0], at_steps[-1]
@@ -77,8 +158,16 @@ def _sampler_conclusions(rows: list[dict], refs: dict, tag: str) -> list[str]:
         spread = max(r["accuracy_mean"] for r in at_steps) - min(
             r["accuracy_mean"] for r in at_steps
         )
-        strength = "strongly" if spread >= 0.15 else "moderately" if spread >= 0.05 else "hardly"
-        out.append(text + f": accuracy depends {strength} on guidance.")
+        pair = paired_correct(cells, lo, best) if lo is not best else None
+        if pair is not None and lo is runner_up:
+            pass  # said above
+        elif pair is not None:
+            name = lambda r: _name(r, steps=False)  # noqa: E731
+            said = compare_sentence(name(lo) + chance, name(best), *pair)
+            out.append(f"At {st_best} steps, {said}.")
+        else:
+            strength = "strongly" if spread >= 0.15 else "moderately" if spread >= 0.05 else "hardly"  # fmt: skip
+            out.append(text + f": accuracy depends {strength} on guidance.")
     steps = sorted({r["steps"] for r in rows})
     if len(steps) > 1:
         per_best = {r["steps"]: r["guidance"] for r in _best_per_steps(rows)}
@@ -96,17 +185,39 @@ def _sampler_conclusions(rows: list[dict], refs: dict, tag: str) -> list[str]:
         strength = (
             "strongly" if change >= 0.15 else "moderately" if change >= 0.05 else "only slightly"
         )
-        text = (
-            f"At s = {g_best:g}, going from {first['steps']} to {last['steps']} steps moves accuracy "
-            f"from {_pct(first['accuracy_mean'])} to {_pct(last['accuracy_mean'])} and the Fréchet "
-            f"distance from {first['fd_mean']:.2f} to {last['fd_mean']:.2f} (quality depends "
-            f"{strength} on the step count), while the time per cell grows from "
-            f"{first['seconds_mean']:.1f} s to {last['seconds_mean']:.1f} s."
+        pair = paired_correct(cells, first, last)
+        f2 = lambda v: f"{v:.2f}"  # noqa: E731
+        fd_text = (
+            f"the Fréchet distance from {first['fd_mean']:.2f}{_ci(first, 'fd', f2)} to "
+            f"{last['fd_mean']:.2f}{_ci(last, 'fd', f2)}"
         )
+        overlap = _overlap(first, last, "fd")
+        if overlap is not None:
+            fd_text += " (the intervals overlap)" if overlap else " (the intervals do not overlap)"
+        if pair is not None:
+            steps_of = lambda r: f"{r['steps']} steps"  # noqa: E731
+            text = (
+                f"At s = {g_best:g}, {compare_sentence(steps_of(first), steps_of(last), *pair)}; "
+                f"going from {first['steps']} to {last['steps']} steps moves {fd_text}, while the "
+                f"time per cell grows from {first['seconds_mean']:.1f} s to {last['seconds_mean']:.1f} s."
+            )
+        else:
+            text = (
+                f"At s = {g_best:g}, going from {first['steps']} to {last['steps']} steps moves accuracy "
+                f"from {_pct(first['accuracy_mean'])} to {_pct(last['accuracy_mean'])} and {fd_text} "
+                f"(quality depends {strength} on the step count), while the time per cell grows from "
+                f"{first['seconds_mean']:.1f} s to {last['seconds_mean']:.1f} s."
+            )
+        if all(r.get("fd_ci_low") is not None for r in line):
+            top = min(line, key=lambda r: r["fd_mean"])
+            enough = next(r["steps"] for r in line if _overlap(r, top, "fd"))
         if enough < last["steps"]:
             text += (
-                f" The Fréchet distance is within {SATURATED:.0%} of its best from {enough} steps "
-                "on: more steps buy little beyond that."
+                f" From {enough} steps on, the Fréchet distance's 95% interval overlaps that of its "
+                "best: more steps buy little beyond that."
+                if line[0].get("fd_ci_low") is not None
+                else f" The Fréchet distance is within {SATURATED:.0%} of its best from {enough} "
+                "steps on: more steps buy little beyond that."
             )
         else:
             text += " The Fréchet distance is still improving at the largest step count."
@@ -171,10 +282,14 @@ def _guidance_side_effects(rows: list[dict], refs: dict, tag: str) -> list[str]:
 def eval_conclusions(ev: dict[str, Any]) -> list[str]:
     """Sentences about one ``eval.json``."""
     s = ev.get("settings", {})
+    ci = ev.get("ci95") or {}
+    span = lambda m, f: f" (95% CI {f(ci[m][0])}–{f(ci[m][1])})" if m in ci else ""  # noqa: E731
     how = f"{s.get('sampler')}, {s.get('steps')} steps, guidance s = {s.get('guidance', 0):g}"
-    text = f"At the run's evaluation settings ({how}), the reference classifier recognises {_pct(ev['accuracy'])} of the samples"
+    text = f"At the run's evaluation settings ({how}), the reference classifier recognises {_pct(ev['accuracy'])} of the samples"  # fmt: skip
     if ev.get("judge_test_accuracy") is not None:
         text += f" (on real test images it scores {_pct(ev['judge_test_accuracy'])})"
+    if "accuracy" in ci:
+        text += f"; the 95% interval of this share is {_pct(ci['accuracy'][0])}–{_pct(ci['accuracy'][1])}"
     out = [text + "."]
     names = ev.get("class_names") or [str(i) for i in range(len(ev["accuracy_per_class"]))]
     per = [(a, n) for a, n in zip(ev["accuracy_per_class"], names, strict=False) if a is not None]
@@ -185,10 +300,19 @@ def eval_conclusions(ev: dict[str, Any]) -> list[str]:
                 f"The hardest class is {worst[1]} ({_pct(worst[0])}), the easiest {best[1]} ({_pct(best[0])})."
             )
     if ev.get("fd_floor"):
+        f2 = lambda v: f"{v:.2f}"  # noqa: E731
         out.append(
-            f"Its Fréchet distance is {ev['fd']:.2f}, {ev['fd'] / ev['fd_floor']:.1f}× the "
+            f"Its Fréchet distance is {ev['fd']:.2f}{span('fd', f2)}, {ev['fd'] / ev['fd_floor']:.1f}× the "
             f"real-vs-real floor of {ev['fd_floor']:.2f}."
         )
+    if "copy_rate" in ev:
+        out.append(
+            f"{_pct(ev['copy_rate'])} of the samples are near-copies of training images (closer to "
+            f"their nearest training image than {_pct(ev.get('copy_quantile', 0.01))} of held-out "
+            "test images are): "
+            + ("the model draws new images." if ev["copy_rate"] <= 2 * ev.get("copy_quantile", 0.01)
+               else "more than real unseen images, a sign of memorisation.")
+        )  # fmt: skip
     return out
 
 

@@ -10,7 +10,7 @@ folder's lock before anything in the folder is touched, then removes the tempora
 killed write and writes the identity, so a second process into the same folder is refused
 with nothing changed; another sweep's folder is refused with one line naming the first
 setting that differs (:meth:`SweepFolder.differs`). A torn record or one of another cell
-counts as missing: the cell is made again. :func:`summarise` gives mean ± std over seeds,
+counts as missing: the cell is made again. :func:`summarise` gives mean ± std over seeds and 95 % intervals,
 :meth:`SweepFolder.write_tables` the three tables, :func:`file_sha256` the hash of a file
 that an identity pins.
 """
@@ -76,15 +76,36 @@ def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None
     return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None)
 
 
+def interval_columns(ci95: Mapping[str, Sequence[float]] | None) -> dict[str, float]:
+    """``METRIC_ci_low`` / ``METRIC_ci_high`` columns of a ``ci95`` mapping (empty for None)."""
+    out: dict[str, float] = {}
+    for m, (low, high) in (ci95 or {}).items():
+        out[f"{m}_ci_low"], out[f"{m}_ci_high"] = low, high
+    return out
+
+
 def summarise(
-    rows: list[dict], by: Sequence[str], metrics: Sequence[str], count: str = "seeds"
-) -> list[dict]:
-    """Per value of ``by``: how many rows (``count``) and ``METRIC_mean`` / ``METRIC_std``."""
+    rows: list[dict], by: Sequence[str], metrics: Sequence[str], count: str = "seeds",
+    intervals: Sequence[str] = (),
+) -> list[dict]:  # fmt: skip
+    """Per value of ``by``: how many rows (``count``) and ``METRIC_mean`` / ``METRIC_std``,
+    and for the ``intervals`` metrics ``METRIC_ci_low`` / ``METRIC_ci_high``: the one row's
+    own interval (a bootstrap over its samples), or Student's t over the rows (seeds)."""
+    from difflab.evaluation.stats import seed_interval
+
     out = []
     for key, rs in group_rows(rows, by).items():
         entry = dict(zip(by, key, strict=True)) | {count: len(rs)}
         for m in metrics:
             entry[f"{m}_mean"], entry[f"{m}_std"] = mean_std([r.get(m) for r in rs])
+        for m in intervals:
+            ci = (
+                [rs[0].get(f"{m}_ci_low"), rs[0].get(f"{m}_ci_high")]
+                if len(rs) == 1
+                else seed_interval([r.get(m) for r in rs])
+            )
+            if ci is not None and None not in ci:
+                entry |= interval_columns({m: ci})
         out.append(entry)
     return out
 

@@ -5,7 +5,9 @@ when built), checks them against the run before any work, then samples each cell
 setting of sampler, steps, guidance and seed, and of the guidance interval, schedule and
 rescale when those are swept; ``n_per_class`` samples of every class) from the same initial
 noise ``x_T`` per seed, so cells of a seed differ only by the swept parameter, and measures
-it with the reference classifier (accuracy, FD, KID, diversity). The sweep folder holds
+it with the reference classifier (accuracy, FD, KID, diversity,
+each with its 95 % interval, and the per-sample correctness kept for paired comparisons of
+cells). The sweep folder holds
 ``sweep.json`` (its identity: run, hash of the run's weights, axes, sample count),
 ``cells/KEY.npz`` + ``cells/KEY.json`` per finished cell (each written atomically, the JSON
 last, so it marks the cell complete), and the tables ``metrics.csv`` / ``metrics.json`` /
@@ -42,12 +44,15 @@ from difflab.seeds import indices_within_class, initial_noise
 SWEEP_FILE = "sweep.json"
 FORMAT = 2  # 2: each image has its own seed (difflab.seeds); 1 seeded whole batches
 METRICS = ("accuracy", "fd", "kid", "diversity", "seconds")  # summarised as mean ± std
+INTERVALS = ("accuracy", "fd", "kid", "diversity")  # with 95 % intervals (added last)
+CI_COLUMNS = tuple(f"{m}_ci_{end}" for m in INTERVALS for end in ("low", "high"))
 CSV_COLUMNS = (
     "sampler", "steps", "guidance", "seed", "n", "accuracy", "fd", "fd_ratio", "kid",
-    "kid_std", "diversity", "seconds", "eval_seconds",
+    "kid_std", "diversity", "seconds", "eval_seconds", *CI_COLUMNS,
 )  # fmt: skip
 SUMMARY_COLUMNS = (
     "sampler", "steps", "guidance", "seeds", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")),
+    *CI_COLUMNS,
 )  # fmt: skip
 OPTIONS = {"samplers": "--sampler", "steps": "--steps", "guidance": "--guidance", "seeds": "--seeds",
            "n_per_class": "--n", "precision": "--precision", "guidance_intervals": "--guidance-interval",
@@ -342,13 +347,14 @@ def _run_cells(
             for cell, cell_images in zip(group, images, strict=True):
                 t2 = time.perf_counter()
                 m = evaluate_samples(
-                    cell_images, labels, cfg.train.dataset, cfg.train.data_dir, device, judge=judge
-                )
+                    cell_images, labels, cfg.train.dataset, cfg.train.data_dir, device,
+                    judge=judge, seed=cell.seed,
+                )  # fmt: skip
                 share = seconds * cell.cost / sum(c.cost for c in group)
                 row = {
                     "key": cell.key, "sampler": cell.sampler, "steps": cell.steps,
                     "guidance": cell.guidance, **cell.columns(), "seed": cell.seed, **m,
-                    "seconds": share,
+                    **core.interval_columns(m["ci95"]), "seconds": share,
                     "eval_seconds": time.perf_counter() - t2, "device": str(device),
                     "batched_cells": len(group), "process": 0 if state is None else state.process_index,
                 }  # fmt: skip
@@ -381,9 +387,21 @@ def _shape_columns(identity: dict) -> tuple[str, ...]:
 
 def summarise(rows: list[dict]) -> list[dict]:
     """Mean and standard deviation across seeds (None for one seed) per sampler/steps/guidance
-    (and guidance shape, when the sweep has those axes)."""
+    (and guidance shape, when the sweep has those axes), with 95 % intervals: a cell's own
+    bootstrap for one seed, Student's t over the seeds for several; accuracy's over several
+    seeds is a bootstrap over all their samples together (each image has its own seed, so the
+    seeds' samples are one larger sample)."""
+    from difflab.evaluation.stats import bootstrap_interval
+
     shape = tuple(col for col in SHAPE_FIELDS if rows and col in rows[0])
-    return core.summarise(rows, ("sampler", "steps", *shape, "guidance"), METRICS)
+    keys = ("sampler", "steps", *shape, "guidance")
+    out = core.summarise(rows, keys, METRICS, intervals=INTERVALS)
+    groups = core.group_rows(rows, keys)
+    for entry, rs in zip(out, groups.values(), strict=True):
+        if len(rs) > 1 and all(r.get("correct") for r in rs):
+            pooled = [c for r in rs for c in r["correct"]]
+            entry |= core.interval_columns({"accuracy": bootstrap_interval(pooled)})
+    return out
 
 
 def _columns(identity: dict) -> tuple[str, ...]:

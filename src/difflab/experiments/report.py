@@ -39,6 +39,7 @@ RUN_FIGURES = (  # (file in RUN/figures, heading, what to run when it is missing
     ("samples.png", "Samples of every class", "difflab sample RUN --out RUN/figures/samples.png"),
     ("guidance.png", "Samples against guidance",
      "difflab sample RUN --guidance 0,1,3 --cols guidance --out RUN/figures/guidance.png"),
+    ("nearest_train.png", "Samples beside their nearest training images", "difflab eval RUN"),
 )  # fmt: skip
 
 
@@ -178,20 +179,26 @@ def run_blocks(run: Path, slug: str) -> tuple[list[Block], list[str]]:
     return blocks, conclusions
 
 
+def _span(ev: dict, metric: str, fmt: str) -> str:
+    ci = (ev.get("ci95") or {}).get(metric)
+    return f", 95% CI [{format(ci[0], fmt)}, {format(ci[1], fmt)}]" if ci else ""
+
+
 def eval_blocks(ev: dict) -> list[Block]:
     s = ev["settings"]
     rows = [
         ["measure", "value"],
         ["samples", f"{ev['n']} ({s['n_per_class']} per class; {s['sampler']}, {s['steps']} steps, guidance {s['guidance']:g}, seed {s['seed']}{'; bf16' if s.get('precision') == 'bf16' else ''})"],
-        ["conditional accuracy", f"{ev['accuracy']:.1%}"],
+        ["conditional accuracy", f"{ev['accuracy']:.1%}{_span(ev, 'accuracy', '.1%')}"],
         ["judge's accuracy on real test images", "" if ev.get("judge_test_accuracy") is None else f"{ev['judge_test_accuracy']:.1%}"],
-        ["Fréchet distance (judge features)", f"{ev['fd']:.3f}"],
+        ["Fréchet distance (judge features)", f"{ev['fd']:.3f}{_span(ev, 'fd', '.3f')}"],
         ["real-vs-real floor (train vs test)", f"{ev['fd_floor']:.3f} (ratio {ev['fd_ratio']:.1f}×)"],
     ]  # fmt: skip
     if "kid" in ev:
-        rows.append(["KID (judge features)", f"{ev['kid']:.4f} ± {ev['kid_std']:.4f}"])
+        rows.append(["KID (judge features)", f"{ev['kid']:.4f} ± {ev['kid_std']:.4f}{_span(ev, 'kid', '.4f')}"])  # fmt: skip
     rows += [
-        ["within-class diversity", f"{ev['diversity']:.3f} (real test images {ev['diversity_real']:.3f})"],
+        ["within-class diversity", f"{ev['diversity']:.3f}{_span(ev, 'diversity', '.3f')} (real test images {ev['diversity_real']:.3f})"],
+        *([["near-copies of training images", f"{ev['copy_rate']:.1%} (threshold {ev['copy_threshold']:.3f})"]] if "copy_rate" in ev else []),
         ["sampling speed", f"{ev['samples_per_s']:.1f} samples/s"],
     ]  # fmt: skip
     names = ev.get("class_names") or [str(i) for i in range(len(ev["accuracy_per_class"]))]
@@ -251,7 +258,7 @@ def sweep_blocks(sweep: Path, slug: str) -> tuple[list[Block], list[str]]:
                 blocks.append(Block("h3", f"{heading} ({smp})"))
                 blocks.append(Block("image", heading, png=_png(path), name=f"{slug}_{path.name}"))
     refs_num = {"diversity": doc.get("diversity_real"), "num_classes": ident.get("num_classes")}
-    return blocks, sweep_conclusions(summary, refs_num) if summary else []
+    return blocks, sweep_conclusions(summary, refs_num, doc.get("cells")) if summary else []
 
 
 def sd_sweep_blocks(sweep: Path, slug: str) -> tuple[list[Block], list[str]]:
