@@ -404,15 +404,10 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _columns(identity: dict) -> tuple[str, ...]:
-    """``CSV_COLUMNS`` with a column per guidance-shape axis the sweep has (after guidance)."""
-    i = CSV_COLUMNS.index("guidance") + 1
-    return (*CSV_COLUMNS[:i], *_shape_columns(identity), *CSV_COLUMNS[i:])
-
-
-def _summary_columns(identity: dict) -> tuple[str, ...]:
-    i = SUMMARY_COLUMNS.index("guidance") + 1
-    return (*SUMMARY_COLUMNS[:i], *_shape_columns(identity), *SUMMARY_COLUMNS[i:])
+def _with_shape(columns: tuple[str, ...]):
+    """``columns`` with a column per guidance-shape axis the sweep has (after guidance)."""
+    i = columns.index("guidance") + 1
+    return lambda identity: (*columns[:i], *_shape_columns(identity), *columns[i:])
 
 
 def _about(rows: list[dict]) -> dict[str, Any]:
@@ -444,7 +439,7 @@ def _weights_changed(old: dict, new: dict) -> str:
 
 FOLDER = SweepFolder(
     SWEEP_FILE, ".npz",
-    Tables(summarise, _columns, _summary_columns, _about),
+    Tables(summarise, _with_shape(CSV_COLUMNS), _with_shape(SUMMARY_COLUMNS), _about),
     options=OPTIONS, first={"format": _older_format, "run": _another_run, "weights_sha256": _weights_changed},
     implied=IMPLIED, presentation=PRESENTATION,
     changed=lambda key, old, new: (
