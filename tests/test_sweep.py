@@ -14,9 +14,9 @@ from difflab.checks import parse_list
 from difflab.cli import main
 from difflab.evaluation import judge as judge_mod
 from difflab.experiments import ddpm_sweep as sweep_mod
-from difflab.experiments.core import file_sha256
 from difflab.experiments.ddpm_sweep import sweep_run
 from difflab.figures.images import png_settings
+from difflab.files import file_sha256
 from difflab.options import DDPMSweepAxes
 from helpers import tiny_run
 

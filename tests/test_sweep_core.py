@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from difflab import files
 from difflab.errors import UsageError
 from difflab.experiments import core, ddpm_sweep, sd_sweep
 from difflab.files import folder_lock
@@ -152,7 +153,7 @@ def test_the_sweeps_name_their_own_keys():
 def test_file_sha256_is_the_whole_files_hash(tmp_path):
     data = bytes(range(256)) * 5000  # over one 1 MiB block
     (tmp_path / "w").write_bytes(data)
-    assert core.file_sha256(tmp_path / "w") == hashlib.sha256(data).hexdigest()
+    assert files.file_sha256(tmp_path / "w") == hashlib.sha256(data).hexdigest()
 
 
 # -- cell records ----------------------------------------------------------------------------

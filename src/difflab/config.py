@@ -33,17 +33,20 @@ MAX_SEED = 2**63 - 1
 FLAGS = {  # options with their own command-line flag; the rest are --set SECTION.KEY=VALUE
     ("train", "batch_size"): "--batch-size", ("train", "lr"): "--lr", ("train", "seed"): "--seed",
     ("train", "epochs"): "--epochs", ("train", "minutes"): "--minutes",
+    ("train", "dataset"): "--dataset", ("train", "data_dir"): "--data-dir",
+    ("train", "init_from"): "--init-from",
 }  # fmt: skip
 
 
-def _name(section: str, key: str) -> str:
+def option_name(section: str, key: str) -> str:
+    """How the command line names a config key: its own flag, else ``--set SECTION.KEY``."""
     return FLAGS.get((section, key), f"--set {section}.{key}")
 
 
 def _check_int(section: str, key: str, value: int, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise UsageError(
-            f"{_name(section, key)} {value!r}: must be a whole number from {low} to {high:,}"
+            f"{option_name(section, key)} {value!r}: must be a whole number from {low} to {high:,}"
         )
 
 
@@ -66,9 +69,13 @@ def _check_float(
     if not ok:
         if open_low and low == 0:
             hi = f"below {high:g}" if open_high else f"at most {high:g}"
-            raise UsageError(f"{_name(section, key)} {value!r}: must be positive and finite, {hi}")
+            raise UsageError(
+                f"{option_name(section, key)} {value!r}: must be positive and finite, {hi}"
+            )
         lo, hi = ("(" if open_low else "[") + f"{low:g}", f"{high:g}" + (")" if open_high else "]")
-        raise UsageError(f"{_name(section, key)} {value!r}: must be a finite number in {lo}, {hi}")
+        raise UsageError(
+            f"{option_name(section, key)} {value!r}: must be a finite number in {lo}, {hi}"
+        )
 
 
 @dataclass(frozen=True)
@@ -190,11 +197,11 @@ class SampleConfig:
         if self.guidance_interval is not None:
             from difflab.checks import check_interval  # checks imports this module
 
-            check_interval(self.guidance_interval, _name("sample", "guidance_interval"))
+            check_interval(self.guidance_interval, option_name("sample", "guidance_interval"))
         if self.guidance_schedule not in get_args(GuidanceSchedule):
             allowed = ", ".join(get_args(GuidanceSchedule))
             raise UsageError(
-                f"{_name('sample', 'guidance_schedule')} {self.guidance_schedule!r}: "
+                f"{option_name('sample', 'guidance_schedule')} {self.guidance_schedule!r}: "
                 f"unknown schedule; choose one of {allowed}"
             )
         _check_float("sample", "guidance_rescale", self.guidance_rescale, 0, 1)

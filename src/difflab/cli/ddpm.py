@@ -97,6 +97,8 @@ def _fitted_to_data(key: str, saved, wanted) -> bool:
 
 def check_same_run(saved, wanted, where: Path) -> None:
     """Refuse, with one line, options given with ``--resume`` that differ from the run's."""
+    from difflab.config import option_name
+
     old, new = saved.to_dict(), wanted.to_dict()
     for section, values in new.items():
         if not isinstance(values, dict):
@@ -106,9 +108,7 @@ def check_same_run(saved, wanted, where: Path) -> None:
             if section == "model" and _fitted_to_data(key, was, value):
                 continue
             if was != value:
-                flag = {"batch_size": "--batch-size", "data_dir": "--data-dir", "init_from": "--init-from"}.get(
-                    key, f"--{key}" if section == "train" and key in ("dataset", "lr", "seed") else f"--set {section}.{key}"
-                )  # fmt: skip
+                flag = option_name(section, key)
                 raise UsageError(
                     f"--resume: {flag} {value!r} differs from the run's {old[section].get(key)!r} "
                     f"({where}); a resumed run keeps its settings, only --epochs, --minutes and "

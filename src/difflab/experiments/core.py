@@ -11,7 +11,7 @@ killed write and writes the identity, so a second process into the same folder i
 with nothing changed; another sweep's folder is refused with one line naming the first
 setting that differs (:meth:`SweepFolder.differs`). A torn record or one of another cell
 counts as missing: the cell is made again. :func:`summarise` gives mean ± std over seeds and 95 % intervals,
-:meth:`SweepFolder.write_tables` the three tables, :func:`file_sha256` the hash of a file
+:meth:`SweepFolder.write_tables` the three tables, :func:`difflab.files.file_sha256` the hash of a file
 that an identity pins.
 """
 
@@ -32,8 +32,8 @@ from difflab import distributed
 from difflab.errors import UsageError
 from difflab.files import (
     LOCK_FILE,
+    TEMP_GLOB,
     csv_text,
-    file_sha256,  # noqa: F401  (the sweeps' one file hash)
     folder_lock,
     write_json,
     write_text,
@@ -41,7 +41,6 @@ from difflab.files import (
 
 RESUME_HINT = "re-run the command that started it to resume, or choose another --out"
 CELLS_DIR = "cells"
-TEMPORARY = ".*.tmp*"  # what files.atomic_path leaves behind when its process is killed
 
 
 def show(value: Any) -> str:
@@ -149,12 +148,12 @@ def read_identity(out: Path, name: str) -> dict[str, Any] | None:
 
 def _ours(name: str) -> bool:
     """The lock, or a temporary file of a write killed before the identity was written."""
-    return name == LOCK_FILE or fnmatch.fnmatch(name, TEMPORARY)
+    return name == LOCK_FILE or fnmatch.fnmatch(name, TEMP_GLOB)
 
 
 def remove_temporary(out: Path) -> None:
     """Delete the temporary files that killed writes left anywhere in ``out``."""
-    for p in out.rglob(TEMPORARY):
+    for p in out.rglob(TEMP_GLOB):
         if p.is_file():
             p.unlink(missing_ok=True)
 

@@ -37,7 +37,8 @@ from difflab.ddpm.runs import CONFIG, WEIGHTS, check_run_dir, load_run
 from difflab.ddpm.sampling import sample_steps
 from difflab.devices import resolve_precision
 from difflab.experiments import core
-from difflab.experiments.core import RESUME_HINT, SweepFolder, Tables, file_sha256
+from difflab.experiments.core import RESUME_HINT, SweepFolder, Tables
+from difflab.files import file_sha256
 from difflab.options import DDPMSweepAxes
 from difflab.seeds import indices_within_class, initial_noise
 

@@ -44,10 +44,10 @@ from difflab.experiments.core import (
     RESUME_HINT,
     SweepFolder,
     Tables,
-    file_sha256,
     group_rows,
     mean_std,
 )
+from difflab.files import file_sha256
 from difflab.options import SDPipelineSpec, SDSweepAxes
 from difflab.sd.generate import encode, image_settings, run_pipeline, truncation_note
 from difflab.sd.load import load_pipeline, model_fingerprint, resolve_model

@@ -14,7 +14,6 @@ other images or a damaged train state is refused with one line.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
@@ -27,7 +26,7 @@ import torch
 from difflab import __version__, runfolder
 from difflab.checks import check_count, check_seed
 from difflab.errors import UsageError
-from difflab.files import LOCK_FILE, atomic_path, read_jsonl
+from difflab.files import LOCK_FILE, atomic_path, read_json, read_jsonl
 from difflab.runfolder import CONFIG, TRAIN_STATE
 from difflab.sd import DEFAULT_MODEL
 from difflab.sd.dataset import ImageFolder
@@ -166,12 +165,7 @@ def open_run(
             f"--resume: {out} holds no checkpoint ({TRAIN_STATE}) to resume; "
             "start the run in an empty --out"
         )
-    try:
-        saved = json.loads((out / CONFIG).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise UsageError(f"--resume: {out / CONFIG} is unreadable") from None
-    if not isinstance(saved, dict):
-        raise UsageError(f"--resume: {out / CONFIG} is not a fine-tuning run's config")
+    saved = read_json(out / CONFIG)  # one line naming the file when it is not a JSON object
     names = [f.name for f in fields(FinetuneConfig) if f.name not in CHANGEABLE_ON_RESUME]
     mine = recorded_options(cfg, source)
     runfolder.check_same_options(saved, mine, names, out, "--steps and --device")
