@@ -30,12 +30,13 @@ from difflab.files import atomic_path, write_text
 from difflab.runfolder import CONFIG, METRICS, TRAIN_STATE
 
 __all__ = [
-    "CONFIG", "METRICS", "TRAIN_STATE", "WEIGHTS", "check_run_dir", "init_from_run", "load_run",
-    "load_train_state",
+    "CONFIG", "METRICS", "SNAPSHOTS", "TRAIN_STATE", "WEIGHTS", "check_run_dir", "init_from_run",
+    "load_run", "load_train_state", "snapshot_path", "snapshot_steps",
     "load_weights", "save_checkpoint", "save_config", "save_weights", "weights_metadata",
 ]  # fmt: skip
 
 WEIGHTS = "model.safetensors"
+SNAPSHOTS = "snapshots"  # EMA weights kept at chosen steps: snapshots/step-0001000.safetensors
 
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # raw pickle protocol >= 2, or a torch zip archive
 
@@ -92,19 +93,51 @@ def check_run_dir(run: str | Path, need_weights: bool = True) -> Path:
     return run
 
 
+def snapshot_path(run: str | Path, step: int) -> Path:
+    """Where the EMA weights kept at ``step`` live (``train --snapshot-every``)."""
+    return Path(run) / SNAPSHOTS / f"step-{int(step):07d}.safetensors"
+
+
+def snapshot_steps(run: str | Path) -> list[int]:
+    """The steps a run kept snapshots of, ascending (empty when it kept none)."""
+    folder = Path(run) / SNAPSHOTS
+    if not folder.is_dir():
+        return []
+    steps = []
+    for p in folder.glob("step-*.safetensors"):
+        digits = p.name[len("step-") : -len(".safetensors")]
+        if digits.isdigit():
+            steps.append(int(digits))
+    return sorted(steps)
+
+
 def load_run(
-    run: str | Path, device: str | torch.device = "cpu", trust_pickle: bool = False
+    run: str | Path,
+    device: str | torch.device = "cpu",
+    trust_pickle: bool = False,
+    step: int | None = None,
 ) -> tuple[ContextUnet, GaussianDiffusion, RunConfig]:
-    """Everything needed to sample from a run folder: the EMA model, its diffusion, its config."""
+    """Everything needed to sample from a run folder: the EMA model, its diffusion, its config.
+
+    ``step`` picks a snapshot kept by ``train --snapshot-every`` instead of the last weights.
+    """
     run = check_run_dir(run)
     cfg = RunConfig.load(run / CONFIG)
     model = ContextUnet(cfg.model)
-    state = load_weights(run / WEIGHTS, trust_pickle=trust_pickle)
+    path = run / WEIGHTS
+    if step is not None:
+        path = snapshot_path(run, step)
+        if not path.is_file():
+            kept = ", ".join(map(str, snapshot_steps(run))) or "none"
+            raise UsageError(
+                f"--checkpoints {step}: {run} kept no snapshot of that step (kept: {kept})"
+            )
+    state = load_weights(path, trust_pickle=trust_pickle)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         key = (missing or unexpected)[0]
         raise UsageError(
-            f"{run / WEIGHTS}: weights do not fit config.json's model ({'missing' if missing else 'unexpected'} {key!r})"
+            f"{path}: weights do not fit config.json's model ({'missing' if missing else 'unexpected'} {key!r})"
         )
     model.to(device).eval()
     return model, GaussianDiffusion(cfg.diffusion), cfg
