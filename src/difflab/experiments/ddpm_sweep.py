@@ -38,34 +38,25 @@ from difflab.ddpm.sampling import sample_steps
 from difflab.devices import resolve_precision
 from difflab.experiments import core
 from difflab.experiments.core import RESUME_HINT, SweepFolder, Tables
+from difflab.experiments.ddpm_tables import (  # noqa: F401 (summarise: for the callers)
+    CSV_COLUMNS,
+    SHAPE_AXES,
+    SHAPE_FIELDS,
+    SUMMARY_COLUMNS,
+    about,
+    summarise,
+    with_shape,
+)
 from difflab.files import file_sha256
 from difflab.options import DDPMSweepAxes
 from difflab.seeds import indices_within_class, initial_noise
 
 SWEEP_FILE = "sweep.json"
 FORMAT = 2  # 2: each image has its own seed (difflab.seeds); 1 seeded whole batches
-METRICS = ("accuracy", "fd", "kid", "diversity", "seconds")  # summarised as mean ± std
-INTERVALS = ("accuracy", "fd", "kid", "diversity")  # with 95 % intervals (added last)
-CI_COLUMNS = tuple(f"{m}_ci_{end}" for m in INTERVALS for end in ("low", "high"))
-CSV_COLUMNS = (
-    "sampler", "steps", "guidance", "seed", "n", "accuracy", "fd", "fd_ratio", "kid",
-    "kid_std", "diversity", "seconds", "eval_seconds", *CI_COLUMNS,
-)  # fmt: skip
-SUMMARY_COLUMNS = (
-    "sampler", "steps", "guidance", "seeds", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")),
-    *CI_COLUMNS,
-)  # fmt: skip
 OPTIONS = {"samplers": "--sampler", "steps": "--steps", "guidance": "--guidance", "seeds": "--seeds",
            "n_per_class": "--n", "precision": "--precision", "guidance_intervals": "--guidance-interval",
            "guidance_schedules": "--guidance-schedule", "guidance_rescales": "--guidance-rescale"}  # fmt: skip
 PRESENTATION = ("grid_class",)  # identity keys that may change without touching any cell
-# The guidance-shape axes (difflab.ddpm.guidance): identity key -> (its plain value, the
-# column of a cell's row). An identity holds such a key only when the axis is not plain.
-SHAPE_AXES = {
-    "guidance_intervals": "guidance_interval",
-    "guidance_schedules": "guidance_schedule",
-    "guidance_rescales": "guidance_rescale",
-}
 PLAIN = {"guidance_intervals": ["none"], "guidance_schedules": ["constant"], "guidance_rescales": [0.0]}  # fmt: skip
 # what an identity without these keys means (not written): sweeps made before the option
 IMPLIED = {"precision": "fp32", **PLAIN}
@@ -121,9 +112,6 @@ class Cell:
     def columns(self) -> dict[str, Any]:
         """The guidance-shape fields the sweep has (the cell record's columns beside guidance)."""
         return {k: v for k in SHAPE_FIELDS if (v := getattr(self, k)) is not None}
-
-
-SHAPE_FIELDS = tuple(SHAPE_AXES.values())  # of Cell, in the order of the tables' columns
 
 
 @dataclass
@@ -381,45 +369,6 @@ def _run_cells(
     bar.close()
 
 
-# -- tables ---------------------------------------------------------------------------------
-def _shape_columns(identity: dict) -> tuple[str, ...]:
-    return tuple(col for key, col in SHAPE_AXES.items() if key in identity)
-
-
-def summarise(rows: list[dict]) -> list[dict]:
-    """Mean and standard deviation across seeds (None for one seed) per sampler/steps/guidance
-    (and guidance shape, when the sweep has those axes), with 95 % intervals: a cell's own
-    bootstrap for one seed, Student's t over the seeds for several; accuracy's over several
-    seeds is a bootstrap over all their samples together (each image has its own seed, so the
-    seeds' samples are one larger sample)."""
-    from difflab.evaluation.stats import bootstrap_interval
-
-    shape = tuple(col for col in SHAPE_FIELDS if rows and col in rows[0])
-    keys = ("sampler", "steps", *shape, "guidance")
-    out = core.summarise(rows, keys, METRICS, intervals=INTERVALS)
-    groups = core.group_rows(rows, keys)
-    for entry, rs in zip(out, groups.values(), strict=True):
-        if len(rs) > 1 and all(r.get("correct") for r in rs):
-            pooled = [c for r in rs for c in r["correct"]]
-            entry |= core.interval_columns({"accuracy": bootstrap_interval(pooled)})
-    return out
-
-
-def _with_shape(columns: tuple[str, ...]):
-    """``columns`` with a column per guidance-shape axis the sweep has (after guidance)."""
-    i = columns.index("guidance") + 1
-    return lambda identity: (*columns[:i], *_shape_columns(identity), *columns[i:])
-
-
-def _about(rows: list[dict]) -> dict[str, Any]:
-    first = rows[0] if rows else {}
-    return {
-        **{k: first.get(k) for k in ("fd_floor", "diversity_real", "judge_test_accuracy")},
-        "note": "fd, kid and diversity are on the reference classifier's features; "
-        "not comparable with Inception FID/KID",
-    }
-
-
 def _another_run(old: dict, new: dict) -> str:
     return f"holds a sweep of another run ({old.get('run')}); {RESUME_HINT}"
 
@@ -440,7 +389,7 @@ def _weights_changed(old: dict, new: dict) -> str:
 
 FOLDER = SweepFolder(
     SWEEP_FILE, ".npz",
-    Tables(summarise, _with_shape(CSV_COLUMNS), _with_shape(SUMMARY_COLUMNS), _about),
+    Tables(summarise, with_shape(CSV_COLUMNS), with_shape(SUMMARY_COLUMNS), about),
     options=OPTIONS, first={"format": _older_format, "run": _another_run, "weights_sha256": _weights_changed},
     implied=IMPLIED, presentation=PRESENTATION,
     changed=lambda key, old, new: (
