@@ -4,8 +4,9 @@ A cell record (:mod:`difflab.experiments.ddpm_sweep`) holds the cell's settings,
 and their 95 % intervals; :func:`summarise` turns the records into one row per setting (mean ±
 std over seeds, and intervals: a cell's own bootstrap for one seed, Student's t over seeds or
 a pooled bootstrap of accuracy for several). The columns grow by one per optional axis the
-sweep has (the guidance-shape axes beside guidance), so a sweep without them keeps the
-columns it always had.
+sweep has (the guidance-shape axes beside guidance; the checkpoint axis adds ``checkpoint``,
+the training step, and ``images_seen`` first), so a sweep without them keeps the columns it
+always had.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ SHAPE_AXES = {
     "guidance_rescales": "guidance_rescale",
 }
 SHAPE_FIELDS = tuple(SHAPE_AXES.values())  # of Cell, in the order of the tables' columns
+CHECKPOINT_COLUMNS = ("checkpoint", "images_seen")  # the checkpoint axis (training step)
 
 
 def shape_columns(identity: dict) -> tuple[str, ...]:
@@ -41,14 +43,15 @@ def shape_columns(identity: dict) -> tuple[str, ...]:
 
 def summarise(rows: list[dict]) -> list[dict]:
     """Mean and standard deviation across seeds (None for one seed) per sampler/steps/guidance
-    (and guidance shape, when the sweep has those axes), with 95 % intervals: a cell's own
+    (and guidance shape and checkpoint, when the sweep has those axes), with 95 % intervals: a cell's own
     bootstrap for one seed, Student's t over the seeds for several; accuracy's over several
     seeds is a bootstrap over all their samples together (each image has its own seed, so the
     seeds' samples are one larger sample)."""
     from difflab.evaluation.stats import bootstrap_interval
 
     shape = tuple(col for col in SHAPE_FIELDS if rows and col in rows[0])
-    keys = ("sampler", "steps", *shape, "guidance")
+    along = CHECKPOINT_COLUMNS if rows and "checkpoint" in rows[0] else ()
+    keys = (*along, "sampler", "steps", *shape, "guidance")
     out = core.summarise(rows, keys, METRICS, intervals=INTERVALS)
     groups = core.group_rows(rows, keys)
     for entry, rs in zip(out, groups.values(), strict=True):
@@ -58,10 +61,16 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def with_shape(columns: tuple[str, ...]):
-    """``columns`` with a column per guidance-shape axis the sweep has (after guidance)."""
+def with_axes(columns: tuple[str, ...]):
+    """``columns`` with a column per guidance-shape axis the sweep has (after guidance), and
+    ``checkpoint`` and ``images_seen`` first when it has the checkpoint axis."""
     i = columns.index("guidance") + 1
-    return lambda identity: (*columns[:i], *shape_columns(identity), *columns[i:])
+
+    def of(identity: dict) -> tuple[str, ...]:
+        along = CHECKPOINT_COLUMNS if "checkpoints" in identity else ()
+        return (*along, *columns[:i], *shape_columns(identity), *columns[i:])
+
+    return of
 
 
 def about(rows: list[dict]) -> dict[str, Any]:
