@@ -65,9 +65,12 @@ def compare_sentence(name_a: str, name_b: str, correct_a: list, correct_b: list)
     )
 
 
-def distance_sentence(name_a: str, name_b: str, d: dict[str, PairedDistance] | None) -> str:
+def distance_sentence(
+    name_a: str, name_b: str, d: dict[str, PairedDistance] | None, short: bool = False
+) -> str:
     """Whether setting b's Fréchet distance (and KID) differs from a's, paired sample by sample
-    (:func:`difflab.evaluation.stats.compare_paired_distances`); "" without the comparison."""
+    (:func:`difflab.evaluation.stats.compare_paired_distances`); "" without the comparison.
+    ``short``: the two are named already (after :func:`compare_sentence`)."""
     if not d or "fd" not in d:
         return ""
     fd = d["fd"]
@@ -75,7 +78,7 @@ def distance_sentence(name_a: str, name_b: str, d: dict[str, PairedDistance] | N
     kid = d.get("kid")
     kid_text = "" if kid is None else (
         f"; KID {kid.difference:+.4f} ± {(kid.interval[1] - kid.interval[0]) / 2:.4f}"
-        + (", also told apart" if kid.distinguishable else ", not told apart")
+        + (", an interval that excludes 0" if kid.distinguishable else ", an interval that holds 0")
     )  # fmt: skip
     if fd.distinguishable:
         (lo, lo_v), (hi, hi_v) = sorted([(name_a, fd.a), (name_b, fd.b)], key=lambda t: t[1])
@@ -83,17 +86,18 @@ def distance_sentence(name_a: str, name_b: str, d: dict[str, PairedDistance] | N
             f"{lo} has FD {abs(fd.difference):.2f} ± {half:.2f} lower than {hi} ({lo_v:.2f} "
             f"against {hi_v:.2f}; paired bootstrap over {fd.n} samples{kid_text})"
         )
+    who = "in FD they" if short else f"{name_a} and {name_b}"
     text = (
-        f"{name_a} and {name_b} cannot be told apart in FD with {fd.n} samples (difference "
+        f"{who} cannot be told apart{'' if short else ' in FD'} with {fd.n} samples (FD difference "
         f"{fd.difference:+.2f} ± {half:.2f}, paired bootstrap{kid_text})"
     )
     if fd.needed is None:
         return text
-    return text + f"; about {fd.needed} samples per cell would be needed to tell a difference this size"  # fmt: skip
+    return text + f"; about {fd.needed} samples per cell would be needed to tell an FD difference this size"  # fmt: skip
 
 
 def compare_both(name_a: str, name_b: str, pair, a: dict, b: dict, distances) -> str:
     """Accuracy (McNemar) and, when the folder kept features, FD compared paired."""
     said = compare_sentence(name_a, name_b, *pair)
-    fd = distance_sentence(name_a, name_b, distances(a, b) if distances else None)
+    fd = distance_sentence(name_a, name_b, distances(a, b) if distances else None, short=True)
     return said + (f"; {fd}" if fd else "")

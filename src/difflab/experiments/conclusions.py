@@ -78,11 +78,11 @@ def sweep_conclusions(
         at_last = [r for r in rows if r.get("checkpoint") == last]
         out += _sampler_conclusions(at_last, refs, tag, cells, distances)
         if len({r.get("checkpoint") for r in rows}) > 1:
-            out += _training_conclusions(rows, at_last, tag, cells, distances)
+            out += _training_conclusions(rows, at_last, refs, tag, cells, distances)
     return out
 
 
-def _training_conclusions(rows, at_last, tag, cells, distances) -> list[str]:
+def _training_conclusions(rows, at_last, refs, tag, cells, distances) -> list[str]:
     """The best setting of the last checkpoint, followed from the first checkpoint to the last."""
     best = max(at_last, key=lambda r: (round(r["accuracy_mean"], 6), -r["guidance"], -r["steps"]))
     line = sorted((r for r in rows if _setting(r)[:3] == _setting(best)[:3]), key=lambda r: r["checkpoint"])  # fmt: skip
@@ -94,7 +94,7 @@ def _training_conclusions(rows, at_last, tag, cells, distances) -> list[str]:
         f"{name(first)} to {_pct(end['accuracy_mean'])} at {name(end)}, and the Fréchet distance "
         f"from {first['fd_mean']:.2f} to {end['fd_mean']:.2f}"
     )
-    floor = line[0].get("fd_floor")
+    floor = refs.get("fd_floor")
     if floor:
         text += f" ({first['fd_mean'] / floor:.1f}× to {end['fd_mean'] / floor:.1f}× the floor)"
     out = [text + "."]

@@ -261,7 +261,7 @@ def sweep_blocks(sweep: Path, slug: str) -> tuple[list[Block], list[str]]:
             if path.is_file():
                 blocks.append(Block("h3", f"{heading} ({smp})"))
                 blocks.append(Block("image", heading, png=_png(path), name=f"{slug}_{path.name}"))
-    refs_num = {"diversity": doc.get("diversity_real"), "num_classes": ident.get("num_classes")}
+    refs_num = {"diversity": doc.get("diversity_real"), "num_classes": ident.get("num_classes"), "fd_floor": doc.get("fd_floor")}  # fmt: skip
     distances = distance_comparer(sweep, doc.get("cells") or [])
     return blocks, sweep_conclusions(
         summary, refs_num, doc.get("cells"), distances

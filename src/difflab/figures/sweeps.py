@@ -159,7 +159,10 @@ def vs_checkpoint(summary: list[dict], sampler: str, refs: dict, title: str):
     axes[1].set_ylabel(
         "FD / real-vs-real floor (lower is better)" if refs.get("fd") else "Fréchet distance"
     )
+    seen = [r["images_seen"] for r in rows if r["images_seen"] > 0]
     for ax in axes:
+        if seen and max(seen) > 20 * min(seen):  # snapshots spread over decades of training
+            ax.set_xscale("log")
         ax.set_xlabel("images seen in training (step × batch size)")
         ax.grid(True, alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
