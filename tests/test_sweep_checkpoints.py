@@ -136,11 +136,12 @@ def test_bad_checkpoints_one_line_exit_2(run, tmp_path, capsys, value, match):
     assert not out.exists()
 
 
-def test_all_on_a_run_without_snapshots_sweeps_the_final_weights(run, tmp_path):
+def test_all_on_a_run_without_snapshots_sweeps_the_final_weights(run, tmp_path, capsys):
     bare = tmp_path / "bare"
     shutil.copytree(run, bare, ignore=shutil.ignore_patterns("snapshots"))
-    with pytest.warns(UserWarning, match="kept no snapshots.*--snapshot-every"):
-        ident = sweep_identity(bare, DDPMSweepAxes(**AXES, checkpoints="all"))
+    ident = sweep_identity(bare, DDPMSweepAxes(**AXES, checkpoints="all"))
+    err = capsys.readouterr().err
+    assert "kept no snapshots (train with --snapshot-every N" in err and "final weights" in err
     assert ident["checkpoints"] == [final(bare)]
     assert ident["checkpoint_files"] == {str(final(bare)): "model.safetensors"}
     with pytest.raises(UsageError, match="kept no weights of step 1 .kept: " + str(final(bare))):

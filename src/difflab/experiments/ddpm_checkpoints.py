@@ -6,7 +6,7 @@ training steps (``train --snapshot-every``: ``RUN/snapshots/step-0001000.safeten
 labelled by the training step they were written at, from their metadata or
 ``train_state.pt``), so quality against training compute is one more axis. :func:`resolve`
 turns the option into {step: weights file}: ``all`` is every kept snapshot and the final
-weights (the final weights only, with a note, for a run that kept none); a step the run did
+weights (for a run that kept none, its final weights only, with a note on stderr); a step the run did
 not keep is refused with one line listing the kept ones. :func:`identity` pins the chosen
 steps and the SHA-256 of each file, so a re-trained snapshot is never mixed into a resumed
 sweep. A checkpoint's ``images_seen`` is its step times the run's (global) batch size.
@@ -14,7 +14,7 @@ sweep. A checkpoint's ``images_seen`` is its step times the run's (global) batch
 
 from __future__ import annotations
 
-import warnings
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +60,10 @@ def resolve(run: Path, checkpoints: tuple[int, ...] | str) -> dict[int, str]:
                 "step in its metadata, no train_state.pt); give the snapshot steps instead"
             )
         if not snapshot_steps(run):
-            warnings.warn(
-                f"--checkpoints all: {run} kept no snapshots (train with --snapshot-every N "
-                f"to keep some); sweeping its final weights (step {final}) only",
-                stacklevel=3,
+            print(
+                f"note: --checkpoints all: {run} kept no snapshots (train with --snapshot-every "
+                f"N to keep some); sweeping its final weights (step {final}) only",
+                file=sys.stderr,
             )
         return kept
     missing = [s for s in checkpoints if s not in kept]
