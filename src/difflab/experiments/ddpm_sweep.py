@@ -7,11 +7,15 @@ rescale when those are swept; ``n_per_class`` samples of every class) from the s
 noise ``x_T`` per seed, so cells of a seed differ only by the swept parameter, and measures
 it with the reference classifier (accuracy, FD, KID, diversity,
 each with its 95 % interval, and the per-sample correctness kept for paired comparisons of
-cells). The sweep folder holds
-``sweep.json`` (its identity: run, hash of the run's weights, axes, sample count),
-``cells/KEY.npz`` + ``cells/KEY.json`` per finished cell (each written atomically, the JSON
-last, so it marks the cell complete), and the tables ``metrics.csv`` / ``metrics.json`` /
-``summary.csv`` rebuilt from the cell files after each cell. A killed sweep re-run with the
+cells). With ``checkpoints`` the run's kept snapshots are one more axis
+(:mod:`.ddpm_checkpoints`): each checkpoint's cells are sampled from its weights and the same
+noise. The sweep folder holds
+``sweep.json`` (its identity: run, hash of the run's weights, axes, sample count, and the
+checkpoints' files and hashes), ``reference.npz`` (the real features, :mod:`.paired`),
+``cells/KEY.npz`` (images, labels and judge features) + ``cells/KEY.json`` per finished cell
+(each written atomically, the JSON last, so it marks the cell complete), and the tables
+``metrics.csv`` / ``metrics.json`` / ``summary.csv`` (:mod:`.ddpm_tables`) rebuilt from the
+cell files after each cell. A killed sweep re-run with the
 same command skips the finished cells; another run or other settings into the same folder
 are refused. The folder itself (identity, lock, records, tables) is
 :mod:`difflab.experiments.core`'s; figures are drawn by :mod:`difflab.figures.sweeps`.

@@ -55,7 +55,8 @@ def distance_comparer(
     ref_path = out / REFERENCE_FILE
     by: dict[tuple, dict[int, str]] = {}
     for c in cells or []:
-        by.setdefault(_setting(c), {})[c["seed"]] = c["key"]
+        if c.get("key") is not None:
+            by.setdefault(_setting(c), {})[c.get("seed")] = c["key"]
 
     def features(key: str) -> tuple[np.ndarray, np.ndarray] | None:
         path = out / "cells" / f"{key}.npz"

@@ -238,7 +238,7 @@ def sweep_blocks(sweep: Path, slug: str) -> tuple[list[Block], list[str]]:
     along = "checkpoints" in ident  # the checkpoint axis: training step and images seen first
     header = ["checkpoint", "images seen"] * along + ["sampler", "steps", "guidance", "accuracy", "FD", "KID", "diversity", "s / cell"]  # fmt: skip
     table = [header] + [
-        [str(r["checkpoint"]), f"{r['images_seen']:,}"] * along + [r["sampler"], str(r["steps"]), f"{r['guidance']:g}", mean_std_text(r, "accuracy", ".1%"),
+        ([str(r["checkpoint"]), f"{r['images_seen']:,}"] if along else []) + [r["sampler"], str(r["steps"]), f"{r['guidance']:g}", mean_std_text(r, "accuracy", ".1%"),
          mean_std_text(r, "fd", ".2f"), mean_std_text(r, "kid", ".4f"), mean_std_text(r, "diversity", ".2f"), mean_std_text(r, "seconds", ".1f")]
         for r in sorted(summary, key=lambda r: (r.get("checkpoint") or 0, r["sampler"], r["steps"], r["guidance"]))
     ]  # fmt: skip
