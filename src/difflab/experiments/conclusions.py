@@ -87,7 +87,12 @@ def _training_conclusions(rows, at_last, refs, tag, cells, distances) -> list[st
     best = max(at_last, key=lambda r: (round(r["accuracy_mean"], 6), -r["guidance"], -r["steps"]))
     line = sorted((r for r in rows if _setting(r)[:3] == _setting(best)[:3]), key=lambda r: r["checkpoint"])  # fmt: skip
     first, end = line[0], line[-1]
-    name = lambda r: f"step {r['checkpoint']} ({r['images_seen']:,} images seen)"  # noqa: E731
+    final = refs.get("final_checkpoint")  # the step of the run's final weights
+
+    def name(r: dict) -> str:
+        which = "final weights, " if r["checkpoint"] == final else ""
+        return f"step {r['checkpoint']} ({which}{r['images_seen']:,} images seen)"
+
     how = f"s = {best['guidance']:g} at {best['steps']} steps"
     text = (
         f"Over training{tag} ({how}), accuracy goes from {_pct(first['accuracy_mean'])} at "

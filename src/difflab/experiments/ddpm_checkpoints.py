@@ -95,12 +95,6 @@ def snapshot_step(identity: dict, checkpoint: int | None) -> int | None:
     return checkpoint if file.startswith(SNAPSHOTS + "/") else None
 
 
-def label(identity: dict, checkpoint: int) -> str:
-    """``step 1000`` or ``step 3000 (final)``."""
-    final = identity["checkpoint_files"][str(checkpoint)] == WEIGHTS
-    return f"step {checkpoint}" + (" (final)" if final else "")
-
-
 def changed(key: str) -> str | None:
     """The message for a changed identity key of this axis (None: not one of its keys)."""
     if key in ("checkpoint_files", "checkpoint_sha256"):

@@ -236,9 +236,10 @@ def sweep_blocks(sweep: Path, slug: str) -> tuple[list[Block], list[str]]:
     blocks.append(Block("p", text))
     spread = "mean ± std over seeds" if len(seeds) > 1 else "one seed"
     along = "checkpoints" in ident  # the checkpoint axis: training step and images seen first
+    final = next((int(k) for k, f in ident.get("checkpoint_files", {}).items() if f == "model.safetensors"), None)  # fmt: skip
     header = ["checkpoint", "images seen"] * along + ["sampler", "steps", "guidance", "accuracy", "FD", "KID", "diversity", "s / cell"]  # fmt: skip
     table = [header] + [
-        ([str(r["checkpoint"]), f"{r['images_seen']:,}"] if along else []) + [r["sampler"], str(r["steps"]), f"{r['guidance']:g}", mean_std_text(r, "accuracy", ".1%"),
+        ([f"{r['checkpoint']}{' (final)' * (r['checkpoint'] == final)}", f"{r['images_seen']:,}"] if along else []) + [r["sampler"], str(r["steps"]), f"{r['guidance']:g}", mean_std_text(r, "accuracy", ".1%"),
          mean_std_text(r, "fd", ".2f"), mean_std_text(r, "kid", ".4f"), mean_std_text(r, "diversity", ".2f"), mean_std_text(r, "seconds", ".1f")]
         for r in sorted(summary, key=lambda r: (r.get("checkpoint") or 0, r["sampler"], r["steps"], r["guidance"]))
     ]  # fmt: skip
@@ -261,7 +262,7 @@ def sweep_blocks(sweep: Path, slug: str) -> tuple[list[Block], list[str]]:
             if path.is_file():
                 blocks.append(Block("h3", f"{heading} ({smp})"))
                 blocks.append(Block("image", heading, png=_png(path), name=f"{slug}_{path.name}"))
-    refs_num = {"diversity": doc.get("diversity_real"), "num_classes": ident.get("num_classes"), "fd_floor": doc.get("fd_floor")}  # fmt: skip
+    refs_num = {"diversity": doc.get("diversity_real"), "num_classes": ident.get("num_classes"), "fd_floor": doc.get("fd_floor"), "final_checkpoint": final}  # fmt: skip
     distances = distance_comparer(sweep, doc.get("cells") or [])
     return blocks, sweep_conclusions(
         summary, refs_num, doc.get("cells"), distances
