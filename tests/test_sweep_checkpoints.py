@@ -89,10 +89,14 @@ def test_all_checkpoints_are_an_axis_with_shared_noise(run, tmp_path, monkeypatc
     # the report follows the best setting through training, paired in accuracy and FD
     rep = write_report([out], tmp_path / "r.html")
     text = " ".join(rep.conclusions)
-    assert "Over training" in text and f"step {last}" in text
+    assert (
+        "Over training" in text
+        and f"step {last} (final weights, {last * 32:,} images seen)" in text
+    )
     assert "From the first checkpoint to the last" in text
     assert " in FD " in text or "has FD" in text
-    assert "images seen" in (tmp_path / "r.md").read_text()
+    assert "| checkpoint | images seen |" in (md := (tmp_path / "r.md").read_text())
+    assert f"| {last} (final) | {last * 32:,} |" in md
 
 
 def test_default_tables_have_no_checkpoint_column(run, tmp_path):

@@ -44,8 +44,11 @@ from difflab.devices import resolve_precision
 from difflab.experiments import core, paired
 from difflab.experiments import ddpm_checkpoints as ckpt
 from difflab.experiments.core import RESUME_HINT, SweepFolder, Tables
-from difflab.experiments.ddpm_tables import (  # noqa: F401 (summarise: for the callers)
+from difflab.experiments.ddpm_tables import (  # noqa: F401 (CI_COLUMNS, METRICS: for the callers)
+    CI_COLUMNS,
     CSV_COLUMNS,
+    INTERVALS,
+    METRICS,
     SHAPE_AXES,
     SHAPE_FIELDS,
     SUMMARY_COLUMNS,
