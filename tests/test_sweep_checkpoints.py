@@ -150,3 +150,15 @@ def test_all_on_a_run_without_snapshots_sweeps_the_final_weights(run, tmp_path, 
     assert ident["checkpoint_files"] == {str(final(bare)): "model.safetensors"}
     with pytest.raises(UsageError, match="kept no weights of step 1 .kept: " + str(final(bare))):
         sweep_identity(bare, DDPMSweepAxes(**AXES, checkpoints="1"))
+
+
+def test_the_sweep_tab_takes_checkpoints():
+    from difflab.ui.tabs.sweep import sweep_axes
+
+    assert sweep_axes("0", "2", "ddim", "0", 2).checkpoints is None  # blank: as the CLI
+    assert sweep_axes("0", "2", "ddim", "0", 2, " ").checkpoints is None
+    assert sweep_axes("0", "2", "ddim", "0", 2, "2,1").checkpoints == (1, 2)
+    assert sweep_axes("0", "2", "ddim", "0", 2, "all").checkpoints == "all"
+    many = ",".join(map(str, range(20)))
+    with pytest.raises(UsageError, match=r"cells \(guidance x steps x samplers x seeds x checkpoints\) 300"):  # fmt: skip
+        sweep_axes(many, "1,2,3,4,5", "ddim", "0", 2, "1,2,3")

@@ -39,7 +39,8 @@ def _cap_cells(axes: DDPMSweepAxes, checkpoints: int) -> None:
     cells = (
         len(axes.guidance) * len(axes.steps) * len(axes.samplers) * len(axes.seeds) * checkpoints
     )
-    limits.at_most(cells, limits.SWEEP_CELLS, "cells (guidance x steps x samplers x seeds x checkpoints)")  # fmt: skip
+    axes_named = "guidance x steps x samplers x seeds" + " x checkpoints" * (axes.checkpoints is not None)  # fmt: skip
+    limits.at_most(cells, limits.SWEEP_CELLS, f"cells ({axes_named})")
 
 
 def start_sweep(
