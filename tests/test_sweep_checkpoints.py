@@ -162,3 +162,20 @@ def test_the_sweep_tab_takes_checkpoints():
     many = ",".join(map(str, range(20)))
     with pytest.raises(UsageError, match=r"cells \(guidance x steps x samplers x seeds x checkpoints\) 300"):  # fmt: skip
         sweep_axes(many, "1,2,3,4,5", "ddim", "0", 2, "1,2,3")
+
+
+def test_a_checkpoint_sweep_resumes_only_its_missing_cells(run, tmp_path, monkeypatch):
+    out = tmp_path / "sw"
+    axes = DDPMSweepAxes(**AXES, checkpoints="1,2")
+    first = sweep_run(run, axes, out, **QUIET)
+    victim = next((out / "cells").glob("*_ckpt2.json"))
+    victim.unlink()  # as if killed while writing that cell
+    calls, real = [], sweep_mod.sample_cells
+    monkeypatch.setattr(
+        sweep_mod,
+        "sample_cells",
+        lambda *a, **k: calls.extend(c.key for c in a[4]) or real(*a, **k),
+    )
+    again = sweep_run(run, axes, out, **QUIET)
+    assert calls == [victim.stem] and again.cells_run == 1
+    assert [r["fd"] for r in again.rows] == [r["fd"] for r in first.rows]  # made again, the same

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from difflab.ddpm.runs import (
-    SNAPSHOTS,
     WEIGHTS,
     load_train_state,
     snapshot_path,
@@ -47,7 +46,7 @@ def final_step(run: Path) -> int | None:
 
 def resolve(run: Path, checkpoints: tuple[int, ...] | str) -> dict[int, str]:
     """{training step: weights file relative to ``run``}, ascending, for ``--checkpoints``."""
-    kept = {s: str(snapshot_path(run, s).relative_to(run)) for s in snapshot_steps(run)}
+    kept = {s: snapshot_path(run, s).relative_to(run).as_posix() for s in snapshot_steps(run)}
     final = final_step(run)
     if final is not None:
         kept[final] = WEIGHTS  # the final weights stand for a snapshot of the same step
@@ -91,8 +90,7 @@ def snapshot_step(identity: dict, checkpoint: int | None) -> int | None:
     """``load_run``'s ``step`` for a cell's checkpoint (None: the final weights)."""
     if checkpoint is None:
         return None
-    file = identity["checkpoint_files"][str(checkpoint)]
-    return checkpoint if file.startswith(SNAPSHOTS + "/") else None
+    return None if identity["checkpoint_files"][str(checkpoint)] == WEIGHTS else checkpoint
 
 
 def changed(key: str) -> str | None:
