@@ -216,3 +216,32 @@ def test_every_option_refuses_hostile_values(bench, command, monkeypatch):
         check_one(bench, command.split() + replace_option(base, option, value))
 
     check()
+
+
+BAD_CHECKPOINTS = [
+    "-1", "-9999999999999999999", "1.5", "1e3", "abc", "al", "", " ", ",", "1,,2", "3,3", "999",
+    str(2**64), "1e999", "nan", NON_UTF8,
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("i", range(len(BAD_CHECKPOINTS)))
+def test_checkpoints_refuses_bad_steps(bench, i, monkeypatch):
+    """``sweep --checkpoints``: negative, non-integer, empty, repeated, not kept (the bench
+    run kept no snapshots) and huge steps are one line naming the option, nothing written."""
+    monkeypatch.chdir(bench["root"])
+    base = fresh_base(bench, "sweep", f"checkpoints{i}")
+    argv = ["sweep", *replace_option(base, "--checkpoints", BAD_CHECKPOINTS[i])]
+    before = snapshot(bench["root"])
+    code, err = run_cli(argv)
+    assert code == 2, f"{argv}: exit {code}\n{err}"
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--checkpoints" in lines[0], err
+    assert snapshot(bench["root"]) == before
+
+
+def test_checkpoints_all_of_a_run_without_snapshots_is_its_final_weights(bench, monkeypatch):
+    monkeypatch.chdir(bench["root"])
+    base = fresh_base(bench, "sweep", "checkpoints-all")
+    code, err = run_cli(["sweep", *replace_option(base, "--checkpoints", "all")])
+    assert code == 0, err
+    assert "kept no snapshots" in err and "--snapshot-every" in err

@@ -102,7 +102,8 @@ def sweep(
 ) -> Any:
     """``difflab sweep``: measure every cell of the grid into the resumable folder ``out``.
     ``axes`` are the fields of :class:`~difflab.options.DDPMSweepAxes` (``guidance``,
-    ``steps``, ``samplers``, ``seeds``, ``n_per_class``, ...)."""
+    ``steps``, ``samplers``, ``seeds``, ``n_per_class``, ``checkpoints="all"`` or
+    ``checkpoints=[1000, 2000]`` for the run's snapshots as an axis, ...)."""
     from difflab.experiments.ddpm_sweep import sweep_run
     from difflab.options import DDPMSweepAxes
 

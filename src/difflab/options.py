@@ -208,9 +208,10 @@ class ReverseOptions(_Checked):
 
 @dataclass(frozen=True)
 class DDPMSweepAxes(_Checked):
-    """``difflab sweep``: the axes of a guidance x steps x sampler x seed sweep (sorted), and
-    of the guidance interval, schedule and rescale (default: plain guidance only, whatever
-    the run's ``sample`` config says, as for guidance itself)."""
+    """``difflab sweep``: the axes of a guidance x steps x sampler x seed sweep (sorted), of
+    the guidance interval, schedule and rescale (default: plain guidance only, whatever the
+    run's ``sample`` config says, as for guidance itself) and of the run's checkpoints (which
+    of them the run kept is checked against its folder when the sweep starts)."""
 
     guidance: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0)
     steps: tuple[int, ...] = (10, 25, 50)
@@ -222,8 +223,17 @@ class DDPMSweepAxes(_Checked):
     guidance_intervals: tuple[tuple[float, float] | None, ...] = (None,)  # None: everywhere
     guidance_schedules: tuple[str, ...] = ("constant",)
     guidance_rescales: tuple[float, ...] = (0.0,)
+    # training steps whose weights are swept (train --snapshot-every), sorted, or "all" (every
+    # snapshot and the final weights); None: the final weights only, and no checkpoint axis
+    checkpoints: tuple[int, ...] | str | None = None
 
     def check(self) -> None:
+        ck = self.checkpoints
+        if isinstance(ck, str) and ck.strip().lower() == "all":
+            ck = "all"
+        elif ck is not None:
+            ck = tuple(sorted(parse_list(ck, int, "--checkpoints", "all or 1000,2000", 0)))
+        _set(self, checkpoints=ck)
         g = parse_list(self.guidance, float, "--guidance", "0,1,2,4", minimum=0)
         s = parse_list(self.steps, int, "--steps", "10,25,50", minimum=1)
         samplers = parse_list(self.samplers, str, "--sampler", "ddim,ddpm")

@@ -17,7 +17,7 @@ from difflab.options import DDPMSweepAxes
 
 
 def add(sub) -> None:
-    p = command(sub, "sweep", "resumable sweep of a run over guidance x steps (x sampler x seed), measured", _sweep)  # fmt: skip
+    p = command(sub, "sweep", "resumable sweep of a run over guidance x steps (x sampler x seed x checkpoint), measured", _sweep)  # fmt: skip
     p.add_argument("run")
     for option, name, what in (
         ("--guidance", "guidance", "guidance scales"), ("--steps", "steps", "step counts"),
@@ -29,6 +29,9 @@ def add(sub) -> None:
                    help=f"samples per class per cell (default {default(DDPMSweepAxes, 'n_per_class')}; "
                    "--n-per-class under torchrun, whose own options --n... would swallow --n)")  # fmt: skip
     p.add_argument("--grid-class", help="class shown in the image grid (default 0)")
+    p.add_argument("--checkpoints", help="the run's weights as an axis: training steps it kept "
+                   "(train --snapshot-every), e.g. 1000,2000, or all (every snapshot and the final "
+                   "weights); default: the final weights only, no checkpoint column")  # fmt: skip
     add_guidance_shape(p, "; a comma-separated list sweeps them (default: plain guidance)")
     add_device(p)
     add_precision(p)

@@ -190,11 +190,16 @@ def guidance_shape(opts, only_set: bool = False) -> dict:
     return shape
 
 
-def save_npz(out: str | Path, images: torch.Tensor, labels: torch.Tensor) -> None:
-    """``images`` uint8 (N, H, W, C) and ``labels`` int64 (N,), written atomically."""
+def save_npz(
+    out: str | Path, images: torch.Tensor, labels: torch.Tensor, **arrays: np.ndarray
+) -> None:
+    """``images`` uint8 (N, H, W, C) and ``labels`` int64 (N,) (and ``arrays`` by their
+    names), written atomically."""
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
-            np.savez_compressed(f, images=to_uint8(images), labels=labels.numpy().astype(np.int64))
+            np.savez_compressed(
+                f, images=to_uint8(images), labels=labels.numpy().astype(np.int64), **arrays
+            )
 
 
 def sample_grid(

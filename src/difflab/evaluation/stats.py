@@ -14,7 +14,9 @@ paired bootstrap and McNemar's exact test (a binomial test on the samples where 
 of the two cells is right), and :func:`samples_needed` says how many samples per cell would
 show the observed difference at 5 % significance with 80 % power (the normal approximation
 ``n = ((z_0.975 + z_0.8) · sd_d / d)²`` for a paired mean difference ``d`` with per-sample
-standard deviation ``sd_d``).
+standard deviation ``sd_d``). :func:`compare_paired_distances` does the same for the FD and
+KID of two cells: a paired bootstrap that resamples the same sample indices in both cells,
+and a sample size from the bootstrap's standard error.
 """
 
 from __future__ import annotations
@@ -87,18 +89,27 @@ def seed_interval(values: Sequence[float], level: float = LEVEL) -> list[float] 
 
 
 # -- the sample metrics -----------------------------------------------------------------------
+def gaussian(features: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The mean (D,) and covariance (D, D) of (N, D) features, in float64: all the Fréchet
+    distance needs of a fixed reference set."""
+    f = as_features(features, "reference")
+    return f.mean(0), np.atleast_2d(np.cov(f, rowvar=False))
+
+
 def _fd_resampled(
-    a: np.ndarray, ref: np.ndarray, counts: np.ndarray, chunk: int = 25
-) -> list[float]:
-    """The Fréchet distance against ``ref`` (fixed) of each resample of ``a``, given by its
-    row counts ``w`` (a row of ``counts``), ``chunk`` resamples at a time.
+    a: np.ndarray, ref: np.ndarray | tuple[np.ndarray, np.ndarray], counts: np.ndarray,
+    chunk: int = 25,
+) -> list[float]:  # fmt: skip
+    """The Fréchet distance against ``ref`` (fixed: features, or their :func:`gaussian`) of
+    each resample of ``a``, given by its row counts ``w`` (a row of ``counts``), ``chunk``
+    resamples at a time.
 
     A resample's covariance is ``S = YᵀY / (n − 1)`` with rows ``Y_i = √w_i (a_i − μ)``, ``μ
     = wᵀa / n``. The trace of ``(S_r^½ S S_r^½)^½`` needs the eigenvalues of that D × D
     matrix, or, when there are fewer samples than dimensions, those of the N × N matrix
     ``Y S_r Yᵀ / (n − 1)``, which has the same non-zero eigenvalues (and is much cheaper).
     """
-    mu_r, s_r = ref.mean(0), np.atleast_2d(np.cov(ref, rowvar=False))
+    mu_r, s_r = ref if isinstance(ref, tuple) else gaussian(ref)
     w, v = np.linalg.eigh(s_r)
     root_r = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # S_r^½, once
     n, dim = a.shape
@@ -168,10 +179,7 @@ def sample_intervals(
     y = np.asarray(labels).reshape(-1)
     ok = np.asarray(correct, dtype=np.float64).reshape(-1)
     f, ref = as_features(features, "features"), as_features(reference, "reference")
-    if len(ref) > KID_REFERENCE:
-        ref_kid = ref[np.random.default_rng(seed).choice(len(ref), KID_REFERENCE, replace=False)]
-    else:
-        ref_kid = ref
+    ref_kid = reference_for_kid(ref, seed)
     idx = resample_indices(y, max(resamples, fd_resamples), seed)
     counts = np.stack([np.bincount(i, minlength=len(y)) for i in idx]).astype(np.float64)
     out = {"accuracy": percentile_interval(ok[idx].mean(1))}
@@ -236,3 +244,75 @@ def compare_paired(
         len(d), float(d.mean()), interval, mcnemar_exact(only_a, only_b), only_a, only_b,
         samples_needed(float(d.mean()), sd),
     )  # fmt: skip
+
+
+# -- paired distances -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PairedDistance:
+    """A distance to the real features (FD or KID) of cell b minus cell a, on paired samples."""
+
+    metric: str  # "fd" or "kid"
+    n: int  # pairs
+    a: float  # measured on cell a's samples
+    b: float
+    difference: float  # b - a
+    interval: list[float]  # paired bootstrap 95 % interval of the difference
+    needed: int | None  # samples per cell to tell a difference this size (None: none seen)
+
+    @property
+    def distinguishable(self) -> bool:
+        """The interval excludes 0."""
+        return not self.interval[0] <= 0.0 <= self.interval[1]
+
+
+def reference_for_kid(reference: Any, seed: int = 0) -> np.ndarray:
+    """At most :data:`KID_REFERENCE` rows of the real features (a fixed random subset)."""
+    ref = as_features(reference, "reference")
+    if len(ref) <= KID_REFERENCE:
+        return ref
+    return ref[np.random.default_rng(seed).choice(len(ref), KID_REFERENCE, replace=False)]
+
+
+def _distance_needed(n: int, difference: float, interval: Sequence[float]) -> int | None:
+    """Samples per cell for the paired difference to be found at 5 % with 80 % power, from
+    the bootstrap's standard error (which shrinks as 1/√n): ``n (z sd / |d|)²``."""
+    if difference == 0 or not math.isfinite(difference):
+        return None
+    se = (interval[1] - interval[0]) / (2 * sps.norm.ppf(1 - ALPHA / 2))
+    z = sps.norm.ppf(1 - ALPHA / 2) + sps.norm.ppf(POWER)
+    return max(2, math.ceil(n * (z * se / abs(difference)) ** 2))
+
+
+def compare_paired_distances(
+    a: Any, b: Any, labels: Any, fd_reference: Any, kid_reference: Any | None = None,
+    resamples: int = FD_RESAMPLES, seed: int = 0,
+) -> dict[str, PairedDistance]:  # fmt: skip
+    """Paired bootstrap of FD (and KID) between two cells whose samples come in pairs.
+
+    ``a`` and ``b`` (N, D) are the judge features of the two cells' samples, row i of both
+    drawn from the same noise; ``labels`` (N,) their classes. Each resample draws the same
+    row indices (within each class) from both cells, recomputes both distances to the fixed
+    reference (``fd_reference``: real features or their :func:`gaussian`; ``kid_reference``:
+    real features, KID's unbiased MMD² on all of them) and takes their difference; the 95 %
+    interval of the differences is bias-corrected around the measured difference. The noise
+    the two cells share then cancels out of the comparison.
+    """
+    fa, fb = as_features(a, "features a"), as_features(b, "features b")
+    if fa.shape != fb.shape or len(fa) < 2:
+        raise ValueError(f"paired distances need two equal sets of 2+ samples ({fa.shape}, {fb.shape})")  # fmt: skip
+    idx = resample_indices(labels, resamples, seed)
+    counts = np.stack([np.bincount(i, minlength=len(fa)) for i in idx]).astype(np.float64)
+    ones = np.ones((1, len(fa)))
+    ref = fd_reference if isinstance(fd_reference, tuple) else gaussian(fd_reference)
+    pairs = {"fd": lambda f, w: _fd_resampled(f, ref, w)}
+    if kid_reference is not None:
+        ref_kid = as_features(kid_reference, "reference")
+        pairs["kid"] = lambda f, w: _kid_resampled(f, ref_kid, w)
+    out = {}
+    for metric, distance in pairs.items():
+        va, vb = float(distance(fa, ones)[0]), float(distance(fb, ones)[0])
+        d = np.asarray(distance(fb, counts)) - np.asarray(distance(fa, counts))
+        interval = percentile_interval(d, centre=vb - va)
+        needed = _distance_needed(len(fa), vb - va, interval)
+        out[metric] = PairedDistance(metric, len(fa), va, vb, vb - va, interval, needed)
+    return out

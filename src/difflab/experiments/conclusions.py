@@ -7,29 +7,31 @@ Fréchet distance stops improving, where within-class diversity collapses (below
 :data:`COLLAPSE` of the real test images' diversity), and whether too much guidance drives
 the Fréchet distance back up (samples leave the data distribution: artifacts).
 When the sweep's cells kept their per-sample correctness (``cells``), two settings are
-compared paired, sample by sample (:func:`difflab.evaluation.stats.compare_paired`), and the
-sentence says the difference ± half its 95 % interval with McNemar's p, or that the two
-cannot be told apart with this many samples and about how many would be needed.
+compared paired, sample by sample (:mod:`difflab.experiments.comparisons`): accuracy with
+McNemar's test, the Fréchet distance and KID with a paired bootstrap when the folder kept the
+samples' features; the sentence says the difference ± half its 95 % interval, or that the two
+cannot be told apart with this many samples and about how many would be needed. With a checkpoint axis (training steps), the best setting is
+followed through training: how far accuracy and FD moved, paired between the first and last
+checkpoints, and from which checkpoint on more training bought little.
 :func:`eval_conclusions` summarises one ``eval.json``. Every number in a sentence is taken
 from the input, so the conclusions change when the measurements do.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from difflab.evaluation.stats import compare_paired
+from difflab.evaluation.stats import PairedDistance
+from difflab.experiments.comparisons import compare_both, compare_sentence, paired_correct
+from difflab.experiments.comparisons import pct as _pct
+from difflab.experiments.comparisons import setting as _setting
 
 COLLAPSE = 0.8  # diversity below this share of the real images' counts as collapsed
 SATURATED = 0.05  # FD within this share of its best counts as "no longer improving"
 OVERGUIDED = 0.10  # FD this much above its minimum at the largest guidance: over-guidance
-
-
-def _pct(v: float) -> str:
-    """Whole percent, or one decimal when rounding would hide the difference (99.5 % ≠ 100 %)."""
-    return f"{v:.0%}" if abs(v * 100 - round(v * 100)) < 0.05 else f"{v:.1%}"
 
 
 def _pm(r: dict, metric: str, fmt) -> str:
@@ -49,50 +51,6 @@ def _overlap(a: dict, b: dict, metric: str) -> bool | None:
     return None if None in ends else ends[0] <= ends[3] and ends[2] <= ends[1]
 
 
-def _setting(r: dict) -> tuple:
-    return (r["sampler"], r["steps"], r["guidance"])
-
-
-def paired_correct(cells: list[dict] | None, a: dict, b: dict) -> tuple[list, list] | None:
-    """The per-sample correctness of settings ``a`` and ``b`` (summary rows) over the seeds
-    both have, in the same order; None when the cells did not keep it."""
-    if not cells:
-        return None
-    by: dict[tuple, dict] = {}
-    for c in cells:
-        if c.get("correct"):
-            by.setdefault(_setting(c), {})[c["seed"]] = c["correct"]
-    sa, sb = by.get(_setting(a), {}), by.get(_setting(b), {})
-    seeds = sorted(set(sa) & set(sb))
-    if not seeds or any(len(sa[s]) != len(sb[s]) for s in seeds):
-        return None
-    return [v for s in seeds for v in sa[s]], [v for s in seeds for v in sb[s]]
-
-
-def compare_sentence(name_a: str, name_b: str, correct_a: list, correct_b: list) -> str:
-    """Whether setting b's accuracy differs from a's, paired sample by sample."""
-    p = compare_paired(correct_a, correct_b)
-    d, half = 100 * p.difference, 100 * (p.interval[1] - p.interval[0]) / 2
-    acc_a, acc_b = float(np.mean(correct_a)), float(np.mean(correct_b))
-    if p.distinguishable:
-        hi, lo = (name_b, name_a) if d > 0 else (name_a, name_b)
-        return (
-            f"{hi} beats {lo} in accuracy by {abs(d):.1f} ± {half:.1f} points "
-            f"({_pct(max(acc_a, acc_b))} against {_pct(min(acc_a, acc_b))}; paired over {p.n} "
-            f"samples, McNemar p = {p.p_value:.2g})"
-        )
-    text = (
-        f"{name_a} and {name_b} cannot be told apart in accuracy with {p.n} samples "
-        f"({_pct(acc_a)} against {_pct(acc_b)}, difference {d:+.1f} ± {half:.1f} points, "
-        f"paired McNemar p = {p.p_value:.2g})"
-    )
-    if p.needed is None:
-        return text + "; they agree on every sample"
-    return (
-        text + f"; about {p.needed} samples per cell would be needed to tell a difference this size"
-    )
-
-
 def _by_guidance(rows: list[dict], metric: str) -> dict[float, float]:
     """Seed means of ``metric`` averaged over step counts, per guidance."""
     out: dict[float, list[float]] = {}
@@ -102,17 +60,63 @@ def _by_guidance(rows: list[dict], metric: str) -> dict[float, float]:
 
 
 def sweep_conclusions(
-    summary: list[dict], refs: dict[str, Any] | None = None, cells: list[dict] | None = None
-) -> list[str]:
+    summary: list[dict], refs: dict[str, Any] | None = None, cells: list[dict] | None = None,
+    distances: Callable[[dict, dict], dict[str, PairedDistance] | None] | None = None,
+) -> list[str]:  # fmt: skip
     """Plain sentences about one sweep (per sampler when it has several); ``cells`` (the
-    cell records, with per-sample ``correct``) make the comparisons paired."""
+    cell records, with per-sample ``correct``) make the comparisons paired, ``distances(a,
+    b)`` (:func:`difflab.experiments.paired.distance_comparer`) adds paired FD and KID. With
+    a checkpoint axis, the settings are compared at the last checkpoint and the best setting
+    is followed through training."""
     refs = refs or {}
     samplers = list(dict.fromkeys(r["sampler"] for r in summary))
+    last = max((r["checkpoint"] for r in summary if r.get("checkpoint") is not None), default=None)
     out = []
     for smp in samplers:
         rows = [r for r in summary if r["sampler"] == smp]
         tag = f" ({smp})" if len(samplers) > 1 else ""
-        out += _sampler_conclusions(rows, refs, tag, cells)
+        at_last = [r for r in rows if r.get("checkpoint") == last]
+        out += _sampler_conclusions(at_last, refs, tag, cells, distances)
+        if len({r.get("checkpoint") for r in rows}) > 1:
+            out += _training_conclusions(rows, at_last, refs, tag, cells, distances)
+    return out
+
+
+def _training_conclusions(rows, at_last, refs, tag, cells, distances) -> list[str]:
+    """The best setting of the last checkpoint, followed from the first checkpoint to the last."""
+    best = max(at_last, key=lambda r: (round(r["accuracy_mean"], 6), -r["guidance"], -r["steps"]))
+    line = sorted((r for r in rows if _setting(r)[:3] == _setting(best)[:3]), key=lambda r: r["checkpoint"])  # fmt: skip
+    first, end = line[0], line[-1]
+    final = refs.get("final_checkpoint")  # the step of the run's final weights
+
+    def name(r: dict) -> str:
+        which = "final weights, " if r["checkpoint"] == final else ""
+        return f"step {r['checkpoint']} ({which}{r['images_seen']:,} images seen)"
+
+    how = f"s = {best['guidance']:g} at {best['steps']} steps"
+    text = (
+        f"Over training{tag} ({how}), accuracy goes from {_pct(first['accuracy_mean'])} at "
+        f"{name(first)} to {_pct(end['accuracy_mean'])} at {name(end)}, and the Fréchet distance "
+        f"from {first['fd_mean']:.2f} to {end['fd_mean']:.2f}"
+    )
+    floor = refs.get("fd_floor")
+    if floor:
+        text += f" ({first['fd_mean'] / floor:.1f}× to {end['fd_mean'] / floor:.1f}× the floor)"
+    out = [text + "."]
+    pair = paired_correct(cells, first, end)
+    if pair is not None:
+        out.append(f"From the first checkpoint to the last{tag}: {compare_both(name(first), name(end), pair, first, end, distances)}.")  # fmt: skip
+    if len(line) > 2 and (pair := paired_correct(cells, line[-2], end)) is not None:
+        said = compare_both(name(line[-2]), name(end), pair, line[-2], end, distances)
+        out.append(f"Between the last two checkpoints{tag}: {said}.")
+    if all(r.get("fd_ci_low") is not None for r in line):
+        enough = next(r for r in line if _overlap(r, end, "fd"))
+        out.append(
+            f"The Fréchet distance{tag} is still improving at the last checkpoint: more training should help."
+            if enough is end
+            else f"From {name(enough)} on, the Fréchet distance's 95% interval overlaps that of the "
+            f"last checkpoint{tag}: more training bought little beyond that."
+        )  # fmt: skip
     return out
 
 
@@ -121,7 +125,7 @@ def _name(r: dict, steps: bool = True) -> str:
 
 
 def _sampler_conclusions(
-    rows: list[dict], refs: dict, tag: str, cells: list[dict] | None = None
+    rows: list[dict], refs: dict, tag: str, cells: list[dict] | None = None, distances=None
 ) -> list[str]:
     out = []
     # highest accuracy; ties go to the smaller guidance, then to fewer steps
@@ -138,7 +142,9 @@ def _sampler_conclusions(
     runner_up = order[-2] if len(order) > 1 else None
     pair = paired_correct(cells, runner_up, best) if runner_up is not None else None
     if pair is not None:
-        said = compare_sentence(_name(runner_up, several), _name(best, several), *pair)
+        said = compare_both(
+            _name(runner_up, several), _name(best, several), pair, runner_up, best, distances
+        )
         text += f" Against the runner-up: {said}."
     out.append(text)
     at_steps = sorted((r for r in rows if r["steps"] == st_best), key=lambda r: r["guidance"])
@@ -197,7 +203,7 @@ def _sampler_conclusions(
         if pair is not None:
             steps_of = lambda r: f"{r['steps']} steps"  # noqa: E731
             text = (
-                f"At s = {g_best:g}, {compare_sentence(steps_of(first), steps_of(last), *pair)}; "
+                f"At s = {g_best:g}, {compare_both(steps_of(first), steps_of(last), pair, first, last, distances)}; "
                 f"going from {first['steps']} to {last['steps']} steps moves {fd_text}, while the "
                 f"time per cell grows from {first['seconds_mean']:.1f} s to {last['seconds_mean']:.1f} s."
             )

@@ -7,11 +7,15 @@ rescale when those are swept; ``n_per_class`` samples of every class) from the s
 noise ``x_T`` per seed, so cells of a seed differ only by the swept parameter, and measures
 it with the reference classifier (accuracy, FD, KID, diversity,
 each with its 95 % interval, and the per-sample correctness kept for paired comparisons of
-cells). The sweep folder holds
-``sweep.json`` (its identity: run, hash of the run's weights, axes, sample count),
-``cells/KEY.npz`` + ``cells/KEY.json`` per finished cell (each written atomically, the JSON
-last, so it marks the cell complete), and the tables ``metrics.csv`` / ``metrics.json`` /
-``summary.csv`` rebuilt from the cell files after each cell. A killed sweep re-run with the
+cells). With ``checkpoints`` the run's kept snapshots are one more axis
+(:mod:`.ddpm_checkpoints`): each checkpoint's cells are sampled from its weights and the same
+noise. The sweep folder holds
+``sweep.json`` (its identity: run, hash of the run's weights, axes, sample count, and the
+checkpoints' files and hashes), ``reference.npz`` (the real features, :mod:`.paired`),
+``cells/KEY.npz`` (images, labels and judge features) + ``cells/KEY.json`` per finished cell
+(each written atomically, the JSON last, so it marks the cell complete), and the tables
+``metrics.csv`` / ``metrics.json`` / ``summary.csv`` (:mod:`.ddpm_tables`) rebuilt from the
+cell files after each cell. A killed sweep re-run with the
 same command skips the finished cells; another run or other settings into the same folder
 are refused. The folder itself (identity, lock, records, tables) is
 :mod:`difflab.experiments.core`'s; figures are drawn by :mod:`difflab.figures.sweeps`.
@@ -32,40 +36,37 @@ from tqdm.auto import tqdm
 
 from difflab import distributed
 from difflab.config import RunConfig
+from difflab.ddpm.data import load_dataset
 from difflab.ddpm.generate import save_npz
 from difflab.ddpm.runs import CONFIG, WEIGHTS, check_run_dir, load_run
 from difflab.ddpm.sampling import sample_steps
 from difflab.devices import resolve_precision
-from difflab.experiments import core
+from difflab.experiments import core, paired
+from difflab.experiments import ddpm_checkpoints as ckpt
 from difflab.experiments.core import RESUME_HINT, SweepFolder, Tables
+from difflab.experiments.ddpm_tables import (  # noqa: F401 (CI_COLUMNS, METRICS: for the callers)
+    CI_COLUMNS,
+    CSV_COLUMNS,
+    INTERVALS,
+    METRICS,
+    SHAPE_AXES,
+    SHAPE_FIELDS,
+    SUMMARY_COLUMNS,
+    about,
+    summarise,
+    with_axes,
+)
 from difflab.files import file_sha256
 from difflab.options import DDPMSweepAxes
 from difflab.seeds import indices_within_class, initial_noise
 
 SWEEP_FILE = "sweep.json"
 FORMAT = 2  # 2: each image has its own seed (difflab.seeds); 1 seeded whole batches
-METRICS = ("accuracy", "fd", "kid", "diversity", "seconds")  # summarised as mean ± std
-INTERVALS = ("accuracy", "fd", "kid", "diversity")  # with 95 % intervals (added last)
-CI_COLUMNS = tuple(f"{m}_ci_{end}" for m in INTERVALS for end in ("low", "high"))
-CSV_COLUMNS = (
-    "sampler", "steps", "guidance", "seed", "n", "accuracy", "fd", "fd_ratio", "kid",
-    "kid_std", "diversity", "seconds", "eval_seconds", *CI_COLUMNS,
-)  # fmt: skip
-SUMMARY_COLUMNS = (
-    "sampler", "steps", "guidance", "seeds", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")),
-    *CI_COLUMNS,
-)  # fmt: skip
 OPTIONS = {"samplers": "--sampler", "steps": "--steps", "guidance": "--guidance", "seeds": "--seeds",
            "n_per_class": "--n", "precision": "--precision", "guidance_intervals": "--guidance-interval",
-           "guidance_schedules": "--guidance-schedule", "guidance_rescales": "--guidance-rescale"}  # fmt: skip
+           "guidance_schedules": "--guidance-schedule", "guidance_rescales": "--guidance-rescale",
+           "checkpoints": "--checkpoints"}  # fmt: skip
 PRESENTATION = ("grid_class",)  # identity keys that may change without touching any cell
-# The guidance-shape axes (difflab.ddpm.guidance): identity key -> (its plain value, the
-# column of a cell's row). An identity holds such a key only when the axis is not plain.
-SHAPE_AXES = {
-    "guidance_intervals": "guidance_interval",
-    "guidance_schedules": "guidance_schedule",
-    "guidance_rescales": "guidance_rescale",
-}
 PLAIN = {"guidance_intervals": ["none"], "guidance_schedules": ["constant"], "guidance_rescales": [0.0]}  # fmt: skip
 # what an identity without these keys means (not written): sweeps made before the option
 IMPLIED = {"precision": "fp32", **PLAIN}
@@ -80,7 +81,8 @@ def interval_text(interval: list | tuple | None) -> str:
 class Cell:
     """One cell. The guidance-shape fields are None when the sweep has no such axis (a cell
     record without them then matches, as records made before the axes existed); else the
-    axis' value: the interval as :func:`interval_text`, the schedule's name, phi."""
+    axis' value: the interval as :func:`interval_text`, the schedule's name, phi. So is
+    ``checkpoint``: the training step of the weights sampled (:mod:`.ddpm_checkpoints`)."""
 
     sampler: str
     steps: int
@@ -89,6 +91,7 @@ class Cell:
     guidance_interval: str | None = None
     guidance_schedule: str | None = None
     guidance_rescale: float | None = None
+    checkpoint: int | None = None
 
     @property
     def key(self) -> str:
@@ -101,7 +104,8 @@ class Cell:
             key += f"_{self.guidance_schedule}"
         if shape["guidance_rescale"] != 0.0:
             key += f"_phi{self.guidance_rescale!r}"
-        return f"{key}_seed{self.seed}"
+        key += f"_seed{self.seed}"
+        return key if self.checkpoint is None else f"{key}_ckpt{self.checkpoint}"
 
     @property
     def shape(self) -> dict[str, Any]:
@@ -121,9 +125,6 @@ class Cell:
     def columns(self) -> dict[str, Any]:
         """The guidance-shape fields the sweep has (the cell record's columns beside guidance)."""
         return {k: v for k in SHAPE_FIELDS if (v := getattr(self, k)) is not None}
-
-
-SHAPE_FIELDS = tuple(SHAPE_AXES.values())  # of Cell, in the order of the tables' columns
 
 
 @dataclass
@@ -162,6 +163,7 @@ def sweep_identity(run: str | Path, axes: DDPMSweepAxes, device: str = "cpu") ->
         "guidance": list(axes.guidance), "seeds": list(axes.seeds), "n_per_class": axes.n_per_class,
         "num_classes": cfg.model.num_classes, "eta": sc.eta, "spacing": sc.spacing,
         "grid_class": axes.grid_class, **({"precision": autocast} if autocast else {}), **shape,
+        **ckpt.identity(run, axes.checkpoints),
     }  # fmt: skip
 
 
@@ -172,17 +174,23 @@ def check_folder(out: str | Path, identity: dict[str, Any]) -> bool:
 
 
 def all_cells(identity: dict[str, Any]) -> list[Cell]:
-    """Cells in run order: seed (one x_T each), then sampler, steps, the guidance-shape axes
-    (interval, schedule, rescale; each only when the sweep has it) and guidance."""
+    """Cells in run order: checkpoint (one model each, when the sweep has the axis), seed (one
+    x_T each), then sampler, steps, the guidance-shape axes (interval, schedule, rescale; each
+    only when the sweep has it) and guidance."""
     i = identity
     shape = [
         i.get("guidance_intervals", [None]), i.get("guidance_schedules", [None]),
         i.get("guidance_rescales", [None]),
     ]  # fmt: skip
     return [
-        Cell(smp, st, g, seed, iv, sch, phi)
-        for seed, smp, st, iv, sch, phi, g in itertools.product(
-            i["seeds"], i["samplers"], i["steps"], *shape, i["guidance"]
+        Cell(smp, st, g, seed, iv, sch, phi, ck)
+        for ck, seed, smp, st, iv, sch, phi, g in itertools.product(
+            i.get("checkpoints", [None]),
+            i["seeds"],
+            i["samplers"],
+            i["steps"],
+            *shape,
+            i["guidance"],
         )
     ]
 
@@ -203,8 +211,8 @@ def sample_cells(
     """
     first = cells[0]
     assert all(
-        (c.seed, c.sampler, c.steps, c.shape)
-        == (first.seed, first.sampler, first.steps, first.shape)
+        (c.seed, c.sampler, c.steps, c.shape, c.checkpoint)
+        == (first.seed, first.sampler, first.steps, first.shape, first.checkpoint)
         for c in cells
     )
     g = len(cells)
@@ -234,11 +242,12 @@ def sample_cells(
 
 
 def cell_groups(todo: list[Cell], max_cells: int) -> list[list[Cell]]:
-    """Cells sharing seed, sampler, step count and guidance shape, in groups of at most
-    ``max_cells``."""
+    """Cells sharing checkpoint, seed, sampler, step count and guidance shape, in groups of at
+    most ``max_cells``."""
     groups: dict[tuple, list[Cell]] = {}
     for c in todo:
-        groups.setdefault((c.seed, c.sampler, c.steps, *c.columns().values()), []).append(c)
+        key = (c.checkpoint, c.seed, c.sampler, c.steps, *c.columns().values())
+        groups.setdefault(key, []).append(c)
     return [v[i : i + max_cells] for v in groups.values() for i in range(0, len(v), max_cells)]
 
 
@@ -297,9 +306,11 @@ def sweep_run(
             from difflab.figures.sweeps import write_sweep_figures
 
             names = RunConfig.load(Path(identity["run"]) / CONFIG).model.class_names
-            first = cells[0].columns()  # the figures show one guidance shape: the first
+            # one guidance shape (the first) and one checkpoint (the last) but in vs_checkpoint
+            first = cells[0].columns() | {"checkpoint": cells[-1].checkpoint}
             shown = [[r for r in t if all(r.get(k) == v for k, v in first.items())] for t in (rows, summary)]  # fmt: skip
-            result.figures = write_sweep_figures(out, identity, *shown, names)
+            along = [r for r in summary if all(r.get(k) == v for k, v in cells[0].columns().items())]  # fmt: skip
+            result.figures = write_sweep_figures(out, identity, *shown, names, along)
     distributed.barrier(state)
     return result
 
@@ -311,14 +322,19 @@ def _run_cells(
     """Sample and measure ``groups`` (this process's share of ``todo``) into ``out``."""
     from difflab.evaluation.evaluate import evaluate_samples
     from difflab.evaluation.judge import get_judge
+    from difflab.evaluation.metrics import features_of
 
     main = state is None or state.is_main_process
-    model, diffusion, cfg = load_run(run, device=device)
+    loaded = groups[0][0].checkpoint if groups else None
+    model, diffusion, cfg = load_run(run, device=device, step=ckpt.snapshot_step(identity, loaded))
     if main:  # trains and caches the judge on first use; the other ranks then read the cache
         judge = get_judge(cfg.train.dataset, root=cfg.train.data_dir, device=device, progress=progress)  # fmt: skip
     distributed.barrier(state)
     if not main:
         judge = get_judge(cfg.train.dataset, root=cfg.train.data_dir, device=device, progress=False)  # fmt: skip
+    else:  # the real features every cell's FD and KID are taken to, for paired comparisons
+        test = load_dataset(cfg.train.dataset, "test", cfg.train.data_dir)
+        paired.write_reference(out, features_of(judge, test).cpu().numpy())
     labels = torch.arange(identity["num_classes"]).repeat_interleave(identity["n_per_class"])
     shape = (cfg.model.in_channels, cfg.model.height, cfg.model.width)
     mine = [c for g in groups for c in g]
@@ -336,6 +352,9 @@ def _run_cells(
             if should_stop is not None and should_stop():
                 break
             seed = group[0].seed
+            if group[0].checkpoint != loaded:  # groups come checkpoint by checkpoint
+                loaded = group[0].checkpoint
+                model = load_run(run, device, step=ckpt.snapshot_step(identity, loaded))[0]
             if seed not in x_T:
                 x_T = {seed: initial_noise(seed, labels, shape)}
             passes = sum(c.cost for c in group) // group[0].steps
@@ -352,14 +371,17 @@ def _run_cells(
                     judge=judge, seed=cell.seed,
                 )  # fmt: skip
                 share = seconds * cell.cost / sum(c.cost for c in group)
+                feats = judge.features(cell_images).cpu().numpy().astype("float32")  # (N, D)
                 row = {
-                    "key": cell.key, "sampler": cell.sampler, "steps": cell.steps,
+                    "key": cell.key, **ckpt.columns(cell.checkpoint, cfg.train.batch_size),
+                    "sampler": cell.sampler, "steps": cell.steps,
                     "guidance": cell.guidance, **cell.columns(), "seed": cell.seed, **m,
                     **core.interval_columns(m["ci95"]), "seconds": share,
                     "eval_seconds": time.perf_counter() - t2, "device": str(device),
                     "batched_cells": len(group), "process": 0 if state is None else state.process_index,
                 }  # fmt: skip
-                FOLDER.write_cell(out, cell, row, lambda p, x=cell_images: save_npz(p, x, labels))
+                write = lambda p, x=cell_images, f=feats: save_npz(p, x, labels, features=f)  # noqa: E731
+                FOLDER.write_cell(out, cell, row, write)
                 n_done += 1
                 bar.set_description(f"sweep {n_done}/{len(cells)} cells{ranks}")
                 if on_cell is not None:
@@ -379,45 +401,6 @@ def _run_cells(
         )
         raise
     bar.close()
-
-
-# -- tables ---------------------------------------------------------------------------------
-def _shape_columns(identity: dict) -> tuple[str, ...]:
-    return tuple(col for key, col in SHAPE_AXES.items() if key in identity)
-
-
-def summarise(rows: list[dict]) -> list[dict]:
-    """Mean and standard deviation across seeds (None for one seed) per sampler/steps/guidance
-    (and guidance shape, when the sweep has those axes), with 95 % intervals: a cell's own
-    bootstrap for one seed, Student's t over the seeds for several; accuracy's over several
-    seeds is a bootstrap over all their samples together (each image has its own seed, so the
-    seeds' samples are one larger sample)."""
-    from difflab.evaluation.stats import bootstrap_interval
-
-    shape = tuple(col for col in SHAPE_FIELDS if rows and col in rows[0])
-    keys = ("sampler", "steps", *shape, "guidance")
-    out = core.summarise(rows, keys, METRICS, intervals=INTERVALS)
-    groups = core.group_rows(rows, keys)
-    for entry, rs in zip(out, groups.values(), strict=True):
-        if len(rs) > 1 and all(r.get("correct") for r in rs):
-            pooled = [c for r in rs for c in r["correct"]]
-            entry |= core.interval_columns({"accuracy": bootstrap_interval(pooled)})
-    return out
-
-
-def _with_shape(columns: tuple[str, ...]):
-    """``columns`` with a column per guidance-shape axis the sweep has (after guidance)."""
-    i = columns.index("guidance") + 1
-    return lambda identity: (*columns[:i], *_shape_columns(identity), *columns[i:])
-
-
-def _about(rows: list[dict]) -> dict[str, Any]:
-    first = rows[0] if rows else {}
-    return {
-        **{k: first.get(k) for k in ("fd_floor", "diversity_real", "judge_test_accuracy")},
-        "note": "fd, kid and diversity are on the reference classifier's features; "
-        "not comparable with Inception FID/KID",
-    }
 
 
 def _another_run(old: dict, new: dict) -> str:
@@ -440,10 +423,10 @@ def _weights_changed(old: dict, new: dict) -> str:
 
 FOLDER = SweepFolder(
     SWEEP_FILE, ".npz",
-    Tables(summarise, _with_shape(CSV_COLUMNS), _with_shape(SUMMARY_COLUMNS), _about),
+    Tables(summarise, with_axes(CSV_COLUMNS), with_axes(SUMMARY_COLUMNS), about),
     options=OPTIONS, first={"format": _older_format, "run": _another_run, "weights_sha256": _weights_changed},
     implied=IMPLIED, presentation=PRESENTATION,
-    changed=lambda key, old, new: (
+    changed=lambda key, old, new: ckpt.changed(key) or (
         f"the run's {key} changed since this sweep started ({old}, now {new}); choose another --out"
     ),
 )  # fmt: skip

@@ -30,6 +30,7 @@ from difflab.experiments.conclusions import (
     sweep_conclusions,
 )
 from difflab.experiments.ddpm_sweep import SWEEP_FILE
+from difflab.experiments.paired import distance_comparer
 from difflab.experiments.sd_sweep import IDENTITY_FILE as SD_SWEEP_FILE
 from difflab.files import atomic_path, read_json, read_jsonl, write_text
 
@@ -226,6 +227,7 @@ def sweep_blocks(sweep: Path, slug: str) -> tuple[list[Block], list[str]]:
         f"Folder {sweep}; run {ident['run']}; samplers {', '.join(ident['samplers'])}; steps "
         f"{', '.join(map(str, ident['steps']))}; guidance {', '.join(f'{g:g}' for g in ident['guidance'])}; "
         f"seeds {', '.join(map(str, seeds))}; {ident['n_per_class']} samples per class per cell"
+        f"{'; checkpoints (training steps) ' + ', '.join(map(str, ident['checkpoints'])) if 'checkpoints' in ident else ''}"
         f"{'; network in bf16' if ident.get('precision') == 'bf16' else ''}. "
         "All cells of a seed start from the same noise, so they differ only by the swept settings."
     )
@@ -233,11 +235,13 @@ def sweep_blocks(sweep: Path, slug: str) -> tuple[list[Block], list[str]]:
         text += f" Incomplete: {doc['cells_done']} of {doc['cells_total']} cells are done."
     blocks.append(Block("p", text))
     spread = "mean ± std over seeds" if len(seeds) > 1 else "one seed"
-    header = ["sampler", "steps", "guidance", "accuracy", "FD", "KID", "diversity", "s / cell"]
+    along = "checkpoints" in ident  # the checkpoint axis: training step and images seen first
+    final = next((int(k) for k, f in ident.get("checkpoint_files", {}).items() if f == "model.safetensors"), None)  # fmt: skip
+    header = ["checkpoint", "images seen"] * along + ["sampler", "steps", "guidance", "accuracy", "FD", "KID", "diversity", "s / cell"]  # fmt: skip
     table = [header] + [
-        [r["sampler"], str(r["steps"]), f"{r['guidance']:g}", mean_std_text(r, "accuracy", ".1%"),
+        ([f"{r['checkpoint']}{' (final)' * (r['checkpoint'] == final)}", f"{r['images_seen']:,}"] if along else []) + [r["sampler"], str(r["steps"]), f"{r['guidance']:g}", mean_std_text(r, "accuracy", ".1%"),
          mean_std_text(r, "fd", ".2f"), mean_std_text(r, "kid", ".4f"), mean_std_text(r, "diversity", ".2f"), mean_std_text(r, "seconds", ".1f")]
-        for r in sorted(summary, key=lambda r: (r["sampler"], r["steps"], r["guidance"]))
+        for r in sorted(summary, key=lambda r: (r.get("checkpoint") or 0, r["sampler"], r["steps"], r["guidance"]))
     ]  # fmt: skip
     blocks += [Block("h3", f"Results ({spread})"), Block("table", rows=table)]
     refs = [
@@ -252,13 +256,17 @@ def sweep_blocks(sweep: Path, slug: str) -> tuple[list[Block], list[str]]:
         for stem, heading in (
             ("heatmaps", "Heat-maps"), ("vs_guidance", "Metrics against guidance"),
             ("vs_steps", "Metrics against steps"), ("grid", "Samples: rows guidance, panels steps"),
+            ("vs_checkpoint", "Quality against training compute (images seen)"),
         ):  # fmt: skip
             path = figs / f"{stem}_{smp}.png"
             if path.is_file():
                 blocks.append(Block("h3", f"{heading} ({smp})"))
                 blocks.append(Block("image", heading, png=_png(path), name=f"{slug}_{path.name}"))
-    refs_num = {"diversity": doc.get("diversity_real"), "num_classes": ident.get("num_classes")}
-    return blocks, sweep_conclusions(summary, refs_num, doc.get("cells")) if summary else []
+    refs_num = {"diversity": doc.get("diversity_real"), "num_classes": ident.get("num_classes"), "fd_floor": doc.get("fd_floor"), "final_checkpoint": final}  # fmt: skip
+    distances = distance_comparer(sweep, doc.get("cells") or [])
+    return blocks, sweep_conclusions(
+        summary, refs_num, doc.get("cells"), distances
+    ) if summary else []
 
 
 def sd_sweep_blocks(sweep: Path, slug: str) -> tuple[list[Block], list[str]]:

@@ -3,7 +3,9 @@
 :func:`write_sweep_figures` draws, per sampler, into ``DIR/figures/``: ``heatmaps_S.png``
 (accuracy, FD, KID and diversity over guidance × steps, seed means written in each square),
 ``vs_guidance_S.png`` (each metric against the guidance scale, one line per step count, mean
-± std across seeds), ``vs_steps_S.png`` (against the step count, one line per guidance) and
+± std across seeds), ``vs_steps_S.png`` (against the step count, one line per guidance),
+with a checkpoint axis of several values ``vs_checkpoint_S.png`` (accuracy and FD / floor
+against the images seen in training, one line per guidance and step count, 95 % bands) and
 ``grid_S.png`` (rows = guidance, one panel per step count, the first samples of the sweep's
 grid class and first seed; every row starts from the same noise). Reference levels (the
 judge's own test accuracy, the real-vs-real FD floor, the diversity of real test images) are
@@ -125,6 +127,51 @@ def lines(summary: list[dict], sampler: str, g: list, s: list, refs: dict, x_axi
     return fig
 
 
+def vs_checkpoint(summary: list[dict], sampler: str, refs: dict, title: str):
+    """Accuracy and FD / floor against the images seen in training (the checkpoint axis), one
+    line per step count and guidance, each with its 95 % interval as a band."""
+    fig = new_figure(11, 4.6)
+    axes = fig.subplots(1, 2)
+    rows = [r for r in summary if r["sampler"] == sampler and r.get("images_seen") is not None]
+    settings = sorted({(r["steps"], r["guidance"]) for r in rows})
+    several_steps = len({st for st, _ in settings}) > 1
+    floor = refs.get("fd") or 1.0
+    cmap = colormaps["viridis"]
+    for k, (st, g) in enumerate(settings):
+        line = sorted((r for r in rows if (r["steps"], r["guidance"]) == (st, g)), key=lambda r: r["images_seen"])  # fmt: skip
+        x = np.array([r["images_seen"] for r in line], dtype=np.float64)
+        colour = cmap(k / max(len(settings) - 1, 1) * 0.9)
+        name = f"s = {g:g}" + (f", {st} steps" if several_steps else "")
+        for ax, metric, scale in ((axes[0], "accuracy", 1.0), (axes[1], "fd", floor)):
+            y = np.array([r[f"{metric}_mean"] for r in line], dtype=np.float64) / scale
+            ax.plot(x, y, marker="o", ms=4, lw=1.8, color=colour, label=name)
+            lo = [r.get(f"{metric}_ci_low") for r in line]
+            hi = [r.get(f"{metric}_ci_high") for r in line]
+            if None not in lo and None not in hi:
+                ax.fill_between(x, np.array(lo) / scale, np.array(hi) / scale, color=colour, alpha=0.18, lw=0)  # fmt: skip
+    _reference(axes[0], "accuracy", refs)
+    if refs.get("fd"):
+        axes[1].axhline(1.0, color="black", ls="--", lw=1)
+        axes[1].annotate("real vs real floor", (0.01, 1.0), xycoords=("axes fraction", "data"),
+                         xytext=(0, 3), textcoords="offset points", fontsize=8, va="bottom")  # fmt: skip
+    axes[0].yaxis.set_major_formatter(PercentFormatter(1.0))
+    axes[0].set_ylabel("conditional accuracy (higher is better)")
+    axes[1].set_ylabel(
+        "FD / real-vs-real floor (lower is better)" if refs.get("fd") else "Fréchet distance"
+    )
+    seen = [r["images_seen"] for r in rows if r["images_seen"] > 0]
+    for ax in axes:
+        if seen and max(seen) > 20 * min(seen):  # snapshots spread over decades of training
+            ax.set_xscale("log")
+        ax.set_xlabel("images seen in training (step × batch size)")
+        ax.grid(True, alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), fontsize=9,
+               title="bands: 95% intervals", title_fontsize=9, frameon=False)  # fmt: skip
+    fig.suptitle(title, fontweight="bold")
+    return fig
+
+
 def sweep_grid(out: Path, identity: dict, rows: list[dict], sampler: str, class_name: str):
     """Rows = guidance, one panel per step count: the first samples of the grid class.
 
@@ -172,10 +219,13 @@ def write_sweep_figures(
     rows: list[dict],
     summary: list[dict],
     class_names: Sequence[str] = (),
+    along: list[dict] | None = None,
 ) -> list[Path]:
     """All of a sweep's figures into ``out/figures``; returns the paths written.
 
     ``class_names`` (the run's) title the grid; a class without a name is shown by its index.
+    ``rows`` and ``summary`` are of one checkpoint; ``along`` (the summary of every checkpoint)
+    draws ``vs_checkpoint_S.png`` when the sweep has more than one.
     """
     figures = Path(out) / "figures"
     figures.mkdir(exist_ok=True)
@@ -205,6 +255,10 @@ def write_sweep_figures(
             f"vs_steps_{smp}.png": lines(summary, smp, g, s, refs, "steps",
                                          f"Metrics against sampling steps: {smp} ({about})"),
         }  # fmt: skip
+        if along and len(identity.get("checkpoints", ())) > 1:
+            figs[f"vs_checkpoint_{smp}.png"] = vs_checkpoint(
+                along, smp, refs, f"Quality against training compute: {smp} ({about})"
+            )
         for name, fig in figs.items():
             save_png(figures / name, render_figure(fig), {"figure": name[:-4], **settings})
             written.append(figures / name)
