@@ -32,6 +32,7 @@ GuidanceSchedule = Literal["constant", "linear", "cosine"]
 
 # -- value checks: every config object checks its values once, where it is built -----------
 MAX_SEED = 2**63 - 1
+EVAL_EVERY = 500  # the interval of a bare `train --eval-every` (steps)
 FLAGS = {  # options with their own command-line flag; the rest are --set SECTION.KEY=VALUE
     ("train", "batch_size"): "--batch-size", ("train", "lr"): "--lr", ("train", "seed"): "--seed",
     ("train", "epochs"): "--epochs", ("train", "minutes"): "--minutes",

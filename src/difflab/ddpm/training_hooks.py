@@ -70,8 +70,8 @@ def check_tracker(name: str | None) -> None:
     package = TRACKER_PACKAGES[name]
     if importlib.util.find_spec(package) is None:
         raise UsageError(
-            f"--log-with {name}: the {package} package is not installed "
-            f"(pip install {package}, or pip install 'difflab[log]')"
+            f"--log-with {name}: the {package} package is not installed (pip install "
+            + ("'difflab[log]')" if name == "tensorboard" else f"{package})")
         )
 
 
