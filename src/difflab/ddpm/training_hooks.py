@@ -55,8 +55,10 @@ def progress_path(run: str | Path, step: int) -> Path:
     return Path(run) / PROGRESS / f"step-{int(step):07d}.png"
 
 
-def snapshot_interval(every: int, step: int, cap: int = MAX_SNAPSHOTS) -> int:
-    """The snapshot interval at ``step``: ``every``, doubled until at most ``cap`` fit."""
+def snapshot_interval(every: int, step: int, cap: int | None = None) -> int:
+    """The snapshot interval at ``step``: ``every``, doubled until at most ``cap`` (default
+    :data:`MAX_SNAPSHOTS`) multiples of it fit in ``step`` steps."""
+    cap = MAX_SNAPSHOTS if cap is None else cap
     interval = every
     while step // interval > cap:
         interval *= 2
