@@ -124,6 +124,6 @@ class TrainingEvaluator:
         h, w = tiles.shape[2:4]
         table = draw_table(
             [Panel(tiles, ())], row_labels=self.class_names, title=title,
-            scale=max(1, 48 // max(h, w)),
+            scale=max(1, round(64 / max(h, w))),
         )  # fmt: skip
         return np.asarray(table.image.convert("RGB"))
