@@ -268,3 +268,34 @@ def test_the_command_line_trains_with_evaluations_and_resume_keeps_them(tmp_path
     assert "--eval-every 2" in capsys.readouterr().err
     assert main(cli_args(out, 0.3, "--resume")) == 0  # the run's own interval goes on
     assert [r["step"] for r in rows(out, "eval")] == [4, 8, 9, 12, 14]
+
+
+def test_a_bare_eval_every_takes_the_default_interval():
+    from difflab.cli import build_parser
+    from difflab.config import EVAL_EVERY
+
+    args = build_parser().parse_args(["train", "--out", "x", "--eval-every"])
+    assert args.eval_every == EVAL_EVERY == 500
+
+
+def test_the_quality_figure_draws_accuracy_and_fd_over_the_floor():
+    from difflab.figures.runs import quality_figure
+
+    losses = [{"step": s, "loss": 1.0 / s, "elapsed_s": 0.5 * s} for s in range(1, 41)]
+    evals = [
+        {"step": s, "elapsed_s": 0.5 * s, "eval": {"accuracy": a, "fd": fd, "fd_floor": 2.0}}
+        for s, a, fd in ((10, 0.2, 40.0), (20, 0.6, 10.0), (40, 0.9, 4.0))
+    ]
+    fig = quality_figure(losses, evals, 32, "title", "v", best_step=40)
+    axes = fig.get_axes()
+    assert len(axes) == 6
+    by_label = {(ax.get_xlabel(), ax.get_ylabel()): ax for ax in axes}
+    acc = by_label["images seen", "conditional accuracy (%)"].get_lines()[0]
+    assert acc.get_xdata().tolist() == [320, 640, 1280]
+    assert acc.get_ydata().tolist() == pytest.approx([20, 60, 90])
+    fd = by_label["training time (minutes)", "FD / floor (judge features)"]
+    assert fd.get_lines()[0].get_ydata().tolist() == pytest.approx([20, 5, 2])
+    assert fd.get_yscale() == "log"
+    assert fd.get_lines()[0].get_xdata().tolist() == pytest.approx([5 / 60, 10 / 60, 20 / 60])
+    assert any(line.get_label() == "kept best" for line in fd.get_lines())
+    assert "accuracy 90.0%" in fig._suptitle.get_text()
