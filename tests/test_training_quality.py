@@ -299,3 +299,15 @@ def test_the_quality_figure_draws_accuracy_and_fd_over_the_floor():
     assert fd.get_lines()[0].get_xdata().tolist() == pytest.approx([5 / 60, 10 / 60, 20 / 60])
     assert any(line.get_label() == "kept best" for line in fd.get_lines())
     assert "accuracy 90.0%" in fig._suptitle.get_text()
+
+
+def test_evaluations_every_few_minutes_of_training(tmp_path):
+    make, calls = fake_evaluator(sleep=0.05)
+    cfg = quality_config(eval_every_minutes=0.005)  # every 0.3 s of training
+    cfg = replace(cfg, train=replace(cfg.train, epochs=None, minutes=0.025))
+    result = train(cfg, tmp_path / "run", device="cpu", progress=False, make_evaluator=make)
+    times = [r["elapsed_s"] for r in rows(tmp_path / "run", "eval")]
+    assert len(times) == len(calls) >= 3
+    gaps = [b - a for a, b in zip([0.0, *times[:-2]], times[:-1], strict=True)]
+    assert min(gaps) >= 0.3 - 0.02  # not before 0.3 s of training since the last one
+    assert times[-1] == pytest.approx(result.seconds, abs=0.02)  # and the last weights

@@ -42,7 +42,8 @@ def _add_train(sub) -> None:
     p.add_argument("--data-dir", help="where torchvision datasets live (default ./data)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--epochs", type=float, help="passes over the training split")
-    g.add_argument("--minutes", type=float, help="wall-clock training budget")
+    g.add_argument("--minutes", type=float,
+                   help="wall-clock training budget (evaluations are not counted)")  # fmt: skip
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)

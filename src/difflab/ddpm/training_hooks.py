@@ -149,7 +149,11 @@ class TrainingHooks:
         kwargs = {}
         if self.tc.log_with == "tensorboard" and self.trainer.step > 0:
             kwargs = {"tensorboard": {"purge_step": self.trainer.step + 1}}  # hide a killed tail
-        self.trainer.accelerator.init_trackers(LOGS, init_kwargs=kwargs)
+        if self.tc.log_with == "wandb":  # a project named after the run, its files in RUN/logs
+            kwargs = {"wandb": {"dir": str(self.trainer.run_dir / LOGS)}}
+            (self.trainer.run_dir / LOGS).mkdir(exist_ok=True)
+        name = LOGS if self.tc.log_with == "tensorboard" else self.trainer.run_dir.name
+        self.trainer.accelerator.init_trackers(name, init_kwargs=kwargs)
         self.tracking = True
 
     def log(self, values: dict[str, float], step: int) -> None:
