@@ -311,3 +311,25 @@ def test_evaluations_every_few_minutes_of_training(tmp_path):
     gaps = [b - a for a, b in zip([0.0, *times[:-2]], times[:-1], strict=True)]
     assert min(gaps) >= 0.3 - 0.02  # not before 0.3 s of training since the last one
     assert times[-1] == pytest.approx(result.seconds, abs=0.02)  # and the last weights
+
+
+def test_a_resume_hides_the_tensorboard_rows_of_a_killed_tail(tmp_path):
+    pytest.importorskip("tensorboard")
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, kept = tmp_path / "run", tmp_path / "kept"
+    cfg = quality_config(log_with="tensorboard")
+    train(cfg, run, device="cpu", progress=False, stop_at_step=4)
+    kept.mkdir()
+    for name in ("model.safetensors", "train_state.pt"):
+        shutil.copy(run / name, kept / name)
+    train(cfg, run, device="cpu", progress=False, resume=True)  # steps 5..9 logged ...
+    for name in ("model.safetensors", "train_state.pt"):  # ... then "killed" before a checkpoint
+        shutil.copy(kept / name, run / name)
+    train(cfg, run, device="cpu", progress=False, resume=True)
+    acc = EventAccumulator(str(run / hooks.LOGS), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 10))
+    assert [r["step"] for r in rows(run, "loss")] == list(range(1, 10))
