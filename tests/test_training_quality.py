@@ -150,6 +150,9 @@ def test_snapshots_and_best_weights_are_the_same_after_a_stop_and_resume(tmp_pat
     ckpt.save_weights(torch.nn.Linear(1, 1), ckpt.snapshot_path(split, 8))
     Trainer(cfg, split, device="cpu", resume=True, progress=False, make_evaluator=make)
     assert ckpt.weights_metadata(split / hooks.BEST)["step"] == 2  # put back from the state
+    (split / hooks.BEST).write_bytes(b"damaged")
+    Trainer(cfg, split, device="cpu", resume=True, progress=False, make_evaluator=make)
+    assert ckpt.weights_metadata(split / hooks.BEST)["step"] == 2
     assert ckpt.snapshot_steps(split) == [2, 4]
     train(cfg, split, device="cpu", progress=False, resume=True, make_evaluator=make)
     assert calls == [2, 4, 6, 8, 9]

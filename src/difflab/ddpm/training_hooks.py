@@ -131,10 +131,14 @@ class TrainingHooks:
         best_file = run / BEST
         if self.best is None:
             best_file.unlink(missing_ok=True)  # written after the checkpoint resumed from
-        elif (
-            not best_file.is_file() or weights_metadata(best_file).get("step") != self.best["step"]
-        ):
-            self._write_best()
+        elif self._best_step_on_disk() != self.best["step"]:
+            self._write_best()  # a kill came after a later best, or the file is damaged
+
+    def _best_step_on_disk(self) -> int | None:
+        try:
+            return weights_metadata(self.trainer.run_dir / BEST).get("step")
+        except Exception:  # missing, truncated or not safetensors: written again
+            return None
 
     def _evaluated_at(self, step: int) -> bool:
         from difflab.files import read_jsonl
