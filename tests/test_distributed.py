@@ -208,3 +208,19 @@ def test_ranks_agree_on_budget_stop_ema_and_nan(tmp_path):
     assert r0["raw"] == r1["raw"] and r0["ema"] == r1["ema"]
     assert "at step 3" in r0["diverged"] and "at step 3" in r1["diverged"]
     assert _steps(tmp_path / "nan") == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_and_snapshot_once(tmp_path, monkeypatch):
+    """Rank 0 alone evaluates (the others wait) and writes snapshots; every row once."""
+    run = tmp_path / "two"
+    extra = ["--set", "train.eval_every=2", "--set", "train.snapshot_every=2", "--set",
+             "train.eval_n_per_class=2", "--set", "train.eval_steps=2"]  # fmt: skip
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "cache"))  # the processes inherit it
+    _train_two(run, 0.1, *extra)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval" in r] == [2, 4, 5]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5]
+    assert sorted(p.name for p in (run / "snapshots").iterdir()) == [
+        "step-0000002.safetensors", "step-0000004.safetensors",
+    ]  # fmt: skip

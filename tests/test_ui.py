@@ -649,3 +649,27 @@ def test_the_ui_defaults_are_the_command_lines(tmp_path):
     assert model == cli(SDPipelineSpec, *args).model
     assert sample.sample_options(*values["sample"][1:]) == SampleOptions()  # and the classes'
     assert sd.generation("a cat", neg, *gen) == SDGeneration(prompt="a cat")
+
+
+def test_the_train_tab_shows_quality_while_training(lab, tmp_path, monkeypatch):
+    from difflab.ui.tabs import train
+
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "cache"))
+    for bad, message in ((-1, "must be a number >= 0"), (1.5, "whole number"), ("x", "expected a number")):  # fmt: skip
+        with pytest.raises(UsageError) as e:
+            train.start_training(lab, "q", "digits", "quick", 0.05, eval_every=bad)
+        assert str(e.value).startswith("evaluate every (steps)") and message in str(e.value)
+        assert len(str(e.value).splitlines()) == 1
+    assert (
+        train.quality_rows(lab.runs / "tiny") == [] and train.latest_grid(lab.runs / "tiny") is None
+    )
+    job = train.start_training(lab, "q", "digits", "quick", 0.05, eval_every=10)
+    assert job.wait(240) and job.state == "done", job.status_line()
+    run = lab.runs / "q"
+    rows = train.quality_rows(run)
+    assert rows and all(r["step"] % 10 == 0 for r in rows[:-1])
+    accuracy, ratio = train.quality_plots(rows, 32)
+    assert list(accuracy.columns) == ["images seen", "accuracy (%)"] and len(accuracy) == len(rows)
+    assert ratio["FD / floor"].tolist() == [r["eval"]["fd_ratio"] for r in rows]
+    assert train.latest_grid(run).endswith(f"step-{rows[-1]['step']:07d}.png")
+    assert (run / "figures" / "quality.png").is_file()  # the Runs tab's figures

@@ -50,19 +50,26 @@ def train(
 
     ``train_options`` are the keys of :class:`~difflab.config.TrainConfig` (``dataset``,
     ``minutes`` or ``epochs``, ``batch_size``, ``lr``, ``seed``, ``init_from``, ...);
-    ``overrides`` are ``--set`` strings such as ``"model.base_channels=64"``.
+    ``overrides`` are ``--set`` strings such as ``"model.base_channels=64"``. With
+    ``eval_every`` (steps) or ``eval_every_minutes`` the EMA weights are evaluated as training
+    goes (rows with ``"eval"`` in ``metrics.jsonl``, grids in ``figures/progress/``);
+    ``keep_best="fd"``, ``snapshot_every`` and ``log_with="tensorboard"`` work as the flags.
     """
     from dataclasses import replace
 
     from difflab.config import get_preset
     from difflab.ddpm.training import train as train_run
+    from difflab.evaluation.during_training import TrainingEvaluator
 
     cfg = get_preset(preset)
     if "epochs" in train_options and "minutes" not in train_options:
         train_options["minutes"] = None
     cfg = replace(cfg, train=replace(cfg.train, **train_options))
     cfg = cfg.override(list(overrides)) if overrides else cfg
-    return train_run(cfg, out, device=_device(device), resume=resume, progress=progress).run_dir
+    return train_run(
+        cfg, out, device=_device(device), resume=resume, progress=progress,
+        make_evaluator=TrainingEvaluator,
+    ).run_dir  # fmt: skip
 
 
 def load_run(run: str | Path, device: str = "cpu") -> tuple[Any, Any, Any]:

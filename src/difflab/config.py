@@ -25,16 +25,21 @@ LossWeighting = Literal["none", "min_snr"]
 SamplerName = Literal["ddpm", "ddim", "dpm++", "unipc", "euler"]
 Spacing = Literal["trailing", "leading", "linspace"]
 Precision = Literal["auto", "no", "bf16", "fp16"]
+KeepBest = Literal["fd", "kid", "accuracy"]  # the evaluation metric whose best weights are kept
+Tracker = Literal["tensorboard", "wandb"]
 GuidanceSchedule = Literal["constant", "linear", "cosine"]
 
 
 # -- value checks: every config object checks its values once, where it is built -----------
 MAX_SEED = 2**63 - 1
+EVAL_EVERY = 500  # the interval of a bare `train --eval-every` (steps)
 FLAGS = {  # options with their own command-line flag; the rest are --set SECTION.KEY=VALUE
     ("train", "batch_size"): "--batch-size", ("train", "lr"): "--lr", ("train", "seed"): "--seed",
     ("train", "epochs"): "--epochs", ("train", "minutes"): "--minutes",
     ("train", "dataset"): "--dataset", ("train", "data_dir"): "--data-dir",
-    ("train", "init_from"): "--init-from",
+    ("train", "init_from"): "--init-from", ("train", "eval_every"): "--eval-every",
+    ("train", "eval_every_minutes"): "--eval-every-minutes", ("train", "keep_best"): "--keep-best",
+    ("train", "snapshot_every"): "--snapshot-every", ("train", "log_with"): "--log-with",
 }  # fmt: skip
 
 
@@ -158,6 +163,16 @@ class TrainConfig:
     log_every: int = 25
     checkpoint_every: int = 500
     init_from: str | None = None  # start from another run's EMA weights (fine-tuning)
+    # quality during training (difflab.evaluation.during_training); 0 = off
+    eval_every: int = 0  # evaluate the EMA weights every this many steps ...
+    eval_every_minutes: float = 0.0  # ... and/or every this many minutes of training
+    eval_n_per_class: int = 10  # samples per class of each evaluation (the same noise each time)
+    eval_steps: int | None = None  # sampling steps of each evaluation (None: sample.steps)
+    keep_best: KeepBest | None = (
+        None  # keep the EMA weights of the best evaluation (best.safetensors)
+    )
+    snapshot_every: int = 0  # keep the EMA weights every this many steps (snapshots/; 0 = off)
+    log_with: Tracker | None = None  # also log to TensorBoard (RUN/logs) or Weights & Biases
 
     def __post_init__(self) -> None:
         _check_int("train", "batch_size", self.batch_size, 1, 65_536)
@@ -174,6 +189,28 @@ class TrainConfig:
         _check_int("train", "seed", self.seed, 0, MAX_SEED)
         _check_int("train", "log_every", self.log_every, 1, 10**9)
         _check_int("train", "checkpoint_every", self.checkpoint_every, 1, 10**9)
+        _check_int("train", "eval_every", self.eval_every, 0, 10**9)
+        _check_float("train", "eval_every_minutes", self.eval_every_minutes, 0, 525_600)
+        _check_int("train", "eval_n_per_class", self.eval_n_per_class, 2, 10_000)
+        if self.eval_steps is not None:
+            _check_int("train", "eval_steps", self.eval_steps, 1, 100_000)
+        _check_int("train", "snapshot_every", self.snapshot_every, 0, 10**9)
+        for key, kind in (("keep_best", KeepBest), ("log_with", Tracker)):
+            value = getattr(self, key)
+            if value is not None and value not in get_args(kind):
+                raise UsageError(
+                    f"{option_name('train', key)} {value!r}: choose one of {', '.join(get_args(kind))}"
+                )
+        if self.keep_best is not None and not (self.eval_every or self.eval_every_minutes):
+            raise UsageError(
+                f"--keep-best {self.keep_best}: needs evaluations; give --eval-every or "
+                "--eval-every-minutes too"
+            )
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether training evaluates its EMA weights as it goes."""
+        return bool(self.eval_every or self.eval_every_minutes)
 
 
 @dataclass(frozen=True)

@@ -207,10 +207,11 @@ def check_same_options(
             )
 
 
-def accelerator(mixed_precision: str, cpu: bool) -> Any:
-    """An ``accelerate.Accelerator``. accelerate keeps one mixed-precision setting per process;
-    a single-process caller (the tests, the UI) may start runs with different settings, so a
-    conflicting state left by an earlier run is cleared first."""
+def accelerator(mixed_precision: str, cpu: bool, **options: Any) -> Any:
+    """An ``accelerate.Accelerator`` (``options``: more of its keyword arguments, e.g. a
+    tracker's ``log_with`` and ``project_dir``). accelerate keeps one mixed-precision setting
+    per process; a single-process caller (the tests, the UI) may start runs with different
+    settings, so a conflicting state left by an earlier run is cleared first."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
 
@@ -222,7 +223,7 @@ def accelerator(mixed_precision: str, cpu: bool) -> Any:
         and (state.get("_mixed_precision"), state.get("_cpu")) != (mixed_precision, cpu)
     ):
         AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu, **options)
 
 
 # -- progress and signals ------------------------------------------------------------------

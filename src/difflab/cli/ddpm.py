@@ -42,7 +42,8 @@ def _add_train(sub) -> None:
     p.add_argument("--data-dir", help="where torchvision datasets live (default ./data)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--epochs", type=float, help="passes over the training split")
-    g.add_argument("--minutes", type=float, help="wall-clock training budget")
+    g.add_argument("--minutes", type=float,
+                   help="wall-clock training budget (evaluations are not counted)")  # fmt: skip
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
@@ -55,6 +56,27 @@ def _add_train(sub) -> None:
     )
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any option")  # fmt: skip
+    _add_train_watching(p)
+
+
+def _add_train_watching(p: argparse.ArgumentParser) -> None:
+    """Quality during training, best weights, snapshots and trackers (ddpm.training_hooks)."""
+    from difflab.config import EVAL_EVERY
+
+    p.add_argument("--eval-every", type=int, nargs="?", const=EVAL_EVERY, metavar="N",
+                   help="evaluate the EMA weights every N steps (accuracy, FD/KID against the "
+                   f"floor, diversity on fixed noise; alone: every {EVAL_EVERY}); 0: off")  # fmt: skip
+    p.add_argument("--eval-every-minutes", type=float, metavar="M",
+                   help="evaluate every M minutes of training (the evaluations' own time is "
+                   "not counted); 0: off")  # fmt: skip
+    p.add_argument("--keep-best", metavar="METRIC",
+                   help="keep the EMA weights of the best evaluation in RUN/best.safetensors: "
+                   "fd, kid or accuracy")  # fmt: skip
+    p.add_argument("--snapshot-every", type=int, metavar="N",
+                   help="keep the EMA weights every N steps in RUN/snapshots (at most 50: a "
+                   "longer run doubles the interval and drops the ones between)")  # fmt: skip
+    p.add_argument("--log-with", metavar="TRACKER",
+                   help="also log to tensorboard (RUN/logs) or wandb")  # fmt: skip
 
 
 def train_config(args: argparse.Namespace):
@@ -66,7 +88,8 @@ def train_config(args: argparse.Namespace):
     from difflab.ddpm.runs import CONFIG
 
     given = vars(args)
-    keys = ("dataset", "data_dir", "batch_size", "lr", "seed", "init_from")
+    keys = ("dataset", "data_dir", "batch_size", "lr", "seed", "init_from", "eval_every",
+            "eval_every_minutes", "keep_best", "snapshot_every", "log_with")  # fmt: skip
     changes = {k: given[k] for k in keys if k in given}
     length = {}
     if "epochs" in given:
@@ -119,11 +142,13 @@ def check_same_run(saved, wanted, where: Path) -> None:
 def _train(args: argparse.Namespace) -> None:
     from difflab import distributed
     from difflab.ddpm.training import train
+    from difflab.evaluation.during_training import TrainingEvaluator
 
     cfg = train_config(args)
     result = train(
         cfg, args.out, device=resolve_device(args.device), resume=args.resume,
         on_note=lambda note: print(f"difflab train: note: {note}", file=sys.stderr),
+        make_evaluator=TrainingEvaluator,
     )  # fmt: skip
     distributed.shutdown()
     if distributed.is_main_process():  # under torchrun, one line for all processes

@@ -27,12 +27,12 @@ from difflab.config import DiffusionConfig, RunConfig
 from difflab.ddpm.data import load_dataset
 from difflab.ddpm.diffusion import SIGNAL_WARN_LEVEL, GaussianDiffusion
 from difflab.ddpm.generate import check_out_path, sample_labels
-from difflab.ddpm.runs import CONFIG, METRICS, check_run_dir, load_run
+from difflab.ddpm.runs import CONFIG, METRICS, check_run_dir, load_run, weights_metadata
 from difflab.ddpm.sampling import sample_steps
 from difflab.errors import UsageError
 from difflab.figures import process as draw
 from difflab.figures.images import Table, render_figure, save_png, to_uint8
-from difflab.figures.runs import loss_figure, schedule_figure
+from difflab.figures.runs import loss_figure, quality_figure, schedule_figure
 from difflab.files import read_jsonl
 from difflab.options import ForwardOptions, ReverseOptions
 
@@ -278,6 +278,15 @@ def run_loss_figure(rows: list[dict], cfg: RunConfig, name: str):
     return loss_figure(rows, title, _TARGET.get(objective, objective))
 
 
+def run_quality_figure(rows: list[dict], evals: list[dict], cfg: RunConfig, run: Path):
+    """:func:`~difflab.figures.runs.quality_figure` of a run's loss and evaluation rows."""
+    best = run / "best.safetensors"  # train --keep-best
+    best_step = weights_metadata(best).get("step") if best.is_file() else None
+    title = f"Quality during training: {run.name} ({cfg.train.dataset})"
+    target = _TARGET.get(cfg.diffusion.objective, cfg.diffusion.objective)
+    return quality_figure(rows, evals, cfg.train.batch_size, title, target, best_step)
+
+
 def run_schedule_figure(diffusion: GaussianDiffusion):
     """:func:`~difflab.figures.runs.schedule_figure` of a schedule, the other kind beside it."""
     c = diffusion.cfg
@@ -288,7 +297,8 @@ def run_schedule_figure(diffusion: GaussianDiffusion):
 
 
 def plot_run(run: str | Path, out_dir: str | Path | None = None) -> PlotResult:
-    """``difflab plot RUN``: write ``loss.png`` and ``schedule.png`` into ``out_dir``.
+    """``difflab plot RUN``: write ``loss.png`` and ``schedule.png`` into ``out_dir``, and
+    ``quality.png`` when the run evaluated itself while training (``train --eval-every``).
 
     ``out_dir`` defaults to ``RUN/figures`` (created); a given folder must exist. A run with
     no logged loss yet gets only the schedule plot, and the result says why. Nothing is
@@ -302,11 +312,8 @@ def plot_run(run: str | Path, out_dir: str | Path | None = None) -> PlotResult:
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise UsageError(f"--out {out_dir}: folder does not exist")
-    rows = [
-        r
-        for r in read_jsonl(run / METRICS)
-        if isinstance(r.get("loss"), (int, float)) and "step" in r
-    ]
+    logged = read_jsonl(run / METRICS)
+    rows = [r for r in logged if isinstance(r.get("loss"), (int, float)) and "step" in r]
     rows = [r for r in rows if np.isfinite(r["loss"]) and r["loss"] > 0]
     result = PlotResult()
     settings = {"run": str(run), "schedule": cfg.diffusion.schedule, "T": cfg.diffusion.timesteps}
@@ -317,6 +324,11 @@ def plot_run(run: str | Path, out_dir: str | Path | None = None) -> PlotResult:
         result.written.append(path)
     else:
         result.skipped.append(f"loss.png: {run / METRICS} has no logged loss yet")
+    evals = [r for r in logged if isinstance(r.get("eval"), dict) and "step" in r]
+    if evals:  # train --eval-every: quality beside the loss (figures/quality.png)
+        path = out_dir / "quality.png"
+        save_png(path, render_figure(run_quality_figure(rows, evals, cfg, run)), {"figure": "quality", **settings})  # fmt: skip
+        result.written.append(path)
     path = out_dir / "schedule.png"
     diffusion = GaussianDiffusion(cfg.diffusion, warn=False)
     save_png(

@@ -5,7 +5,8 @@ classifier-free guidance), AdamW with warm-up and cosine decay, EMA weights, gra
 clipping, mixed precision, a NaN/Inf guard, progress and ``metrics.jsonl``, and atomic
 checkpoints with an exact resume: the data order and each step's random draws are derived
 from ``(seed, epoch)`` and ``(seed, step)``, so N steps straight and N/2 + resume + N/2 give
-the same weights on the CPU.
+the same weights on the CPU. Evaluations, best weights, snapshots and trackers are
+:mod:`.training_hooks`'s; the time they take is left out of the training clock.
 
 Launched in several processes (``torchrun``, ``accelerate launch``), each process trains on
 its share of every global batch (see :mod:`difflab.distributed`); rank 0 alone writes the
@@ -32,6 +33,7 @@ from difflab.ddpm.data import load_dataset
 from difflab.ddpm.diffusion import GaussianDiffusion
 from difflab.ddpm.model import ContextUnet
 from difflab.ddpm.runs import init_from_run, resolve_config
+from difflab.ddpm.training_hooks import MakeEvaluator, TrainingHooks, accelerator_options
 from difflab.devices import resolve_device
 from difflab.errors import UsageError
 from difflab.files import append_jsonl
@@ -74,7 +76,9 @@ class Trainer:
         device: str = "auto",
         resume: bool = False,
         progress: bool = True,
+        make_evaluator: MakeEvaluator | None = None,
     ) -> None:
+        """``make_evaluator(cfg, device)`` builds the evaluator of ``train.eval_every``."""
         from accelerate.utils import set_seed
 
         self.run_dir = Path(run_dir)
@@ -93,7 +97,8 @@ class Trainer:
         mp = tc.mixed_precision
         if mp == "auto":
             mp = "bf16" if dev.startswith("cuda") else "no"
-        self.accelerator = runfolder.accelerator(mp, cpu=dev == "cpu")
+        extra = accelerator_options(cfg, self.run_dir)  # a tracker, when train.log_with asks
+        self.accelerator = runfolder.accelerator(mp, cpu=dev == "cpu", **extra)
         self.device = self.accelerator.device
         self.world = self.accelerator.num_processes
         distributed.check_batch_size(tc.batch_size, self.world)
@@ -122,6 +127,8 @@ class Trainer:
         self.last_checkpoint = 0
         self.weights_stale = False  # the weights file is not the one of the train state
         self.notes: list[str] = []  # for the user, before fit(): what resuming found
+        with torch.random.fork_rng(devices=[]):  # the judge's training draws leave no trace
+            self.hooks = TrainingHooks(self, make_evaluator)
         if resume:
             self._load_state()
         elif self.accelerator.is_main_process:
@@ -178,6 +185,7 @@ class Trainer:
             "ema": self.ema_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            **self.hooks.state(),
         }
 
     def _load_state(self) -> None:
@@ -203,6 +211,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             runfolder.clean_folder(self.run_dir)  # temporary files of a killed checkpoint
             runfolder.trim_metrics(self.run_dir, self.step)  # logged after this checkpoint
+        self.hooks.resume(state, self.step)
 
     def save_checkpoint(self) -> None:
         """Write the EMA weights, then the training state (rank 0 only; the ranks agree)."""
@@ -312,10 +321,8 @@ class Trainer:
                 stop_at_step, lambda: bool(signalled) or bool(should_stop and should_stop())
             )
         if signalled:
-            tc = self.cfg.train
-            length = (
-                f"--epochs {tc.epochs:g}" if tc.epochs is not None else f"--minutes {tc.minutes:g}"
-            )
+            e, m = self.cfg.train.epochs, self.cfg.train.minutes
+            length = f"--epochs {e:g}" if e is not None else f"--minutes {m:g}"
             raise signalled.interrupted(
                 self.step, self.run_dir, f"difflab train --resume --out {self.run_dir} {length}"
             )
@@ -324,11 +331,8 @@ class Trainer:
     def _fit(self, stop_at_step: int | None, should_stop: Callable[[], bool]) -> TrainResult:
         tc = self.cfg.train
         total, budget = self.total_steps, None if tc.epochs is not None else tc.minutes * 60
-        start_step, t0, since_log = (
-            self.step,
-            time.perf_counter() - self.elapsed,
-            time.perf_counter(),
-        )
+        start_step, since_log = self.step, time.perf_counter()
+        t0 = since_log - self.elapsed
         losses: list[float] = []
         pending: list[tuple[int, torch.Tensor]] = []  # losses not read back from the device yet
         bar = runfolder.progress_bar(
@@ -338,21 +342,20 @@ class Trainer:
             "step" if total is not None else "s",
             self.progress and self.accelerator.is_main_process,
         )
-        loss = float("nan")
+        loss, finished = float("nan"), False
+        self.hooks.start_tracking()
         try:
             while True:
                 self.elapsed = time.perf_counter() - t0
                 done = self.step >= total if total is not None else self.elapsed >= budget
-                stop = (
-                    done
-                    or (stop_at_step is not None and self.step >= stop_at_step)
-                    or should_stop()
-                )
+                at_stop = stop_at_step is not None and self.step >= stop_at_step
+                stop = done or at_stop or should_stop()
                 progress = self.step / total if total is not None else self.elapsed / budget
-                stop, progress = distributed.from_main_process(
-                    [stop, progress], self.device, self.world
+                stop, progress, done = distributed.from_main_process(
+                    [stop, progress, done], self.device, self.world
                 )
                 if stop:
+                    finished = bool(done)
                     break
                 lr = tc.lr * _lr_factor(progress, self.step, tc.warmup_steps, tc.lr_schedule)
                 pending.append((self.step, self.train_step(lr)))
@@ -375,20 +378,26 @@ class Trainer:
                     }
                     if self.accelerator.is_main_process:
                         append_jsonl(self.run_dir / ckpt.METRICS, row)
+                    self.hooks.log_row(row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{rate:.0f}", step=self.step)
                     losses, since_log = [], now
                 if total is not None:
                     bar.update(1)
                 else:
                     bar.update(int(time.perf_counter() - t0) - bar.n)
+                spent = self.hooks.between_steps(self.step, t0)
+                t0, since_log = t0 + spent, since_log + spent  # not on the training clock
                 if self.step % tc.checkpoint_every == 0:
                     self.elapsed = time.perf_counter() - t0
                     self.save_checkpoint()
             losses += self._settle(pending)
             loss = losses[-1] if losses else loss
+            self.elapsed = time.perf_counter() - t0
+            if finished:
+                self.hooks.at_end(self.step, self.elapsed)  # the quality of the last weights
         finally:
             bar.close()
-        self.elapsed = time.perf_counter() - t0
+            self.hooks.finish()
         if self.step != self.last_checkpoint or not (self.run_dir / ckpt.WEIGHTS).exists():
             self.save_checkpoint()
         if tc.init_from and self.accelerator.is_main_process:  # figures/before_after.png
@@ -414,11 +423,13 @@ def train(
     progress: bool = True,
     stop_at_step: int | None = None,
     on_note: Callable[[str], None] | None = None,
+    make_evaluator: MakeEvaluator | None = None,
 ) -> TrainResult:
     """Train ``cfg`` into the run folder ``out`` (or resume the run there).
 
     What resuming finds (weights rewritten from the train state) goes to ``on_note``, one
-    line each, or is issued as a warning.
+    line each, or is issued as a warning. ``make_evaluator`` builds the evaluator of
+    ``train.eval_every`` (:class:`difflab.evaluation.during_training.TrainingEvaluator`).
     """
     out = Path(out)
     if not resume and out.exists() and (out / ckpt.TRAIN_STATE).exists():
@@ -426,7 +437,9 @@ def train(
             f"--out {out}: already holds a run; pass --resume to continue it or choose another --out"
         )
     with runfolder.held(out, create=not resume, lock=distributed.is_main_process()):
-        trainer = Trainer(cfg, out, device=device, resume=resume, progress=progress)
+        trainer = Trainer(
+            cfg, out, device=device, resume=resume, progress=progress, make_evaluator=make_evaluator
+        )
         for note in trainer.notes:
             if on_note is None:
                 warnings.warn(note, stacklevel=2)
