@@ -26,6 +26,7 @@ SamplerName = Literal["ddpm", "ddim", "dpm++", "unipc", "euler"]
 Spacing = Literal["trailing", "leading", "linspace"]
 Precision = Literal["auto", "no", "bf16", "fp16"]
 GuidanceSchedule = Literal["constant", "linear", "cosine"]
+DistillMethod = Literal["progressive"]
 
 
 # -- value checks: every config object checks its values once, where it is built -----------
@@ -35,6 +36,10 @@ FLAGS = {  # options with their own command-line flag; the rest are --set SECTIO
     ("train", "epochs"): "--epochs", ("train", "minutes"): "--minutes",
     ("train", "dataset"): "--dataset", ("train", "data_dir"): "--data-dir",
     ("train", "init_from"): "--init-from",
+    ("distill", "steps"): "--steps", ("distill", "teacher_steps"): "--teacher-steps",
+    ("distill", "teacher_guidance"): "--guidance", ("distill", "minutes"): "--minutes",
+    ("distill", "round_steps"): "--round-steps", ("distill", "batch_size"): "--batch-size",
+    ("distill", "lr"): "--lr", ("distill", "seed"): "--seed",
 }  # fmt: skip
 
 
@@ -207,6 +212,67 @@ class SampleConfig:
         _check_float("sample", "guidance_rescale", self.guidance_rescale, 0, 1)
 
 
+STUDENT_STEPS = (1, 2, 4)  # the sampling steps a distilled student may have
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """How a student run is distilled from its teacher, kept in the student's config.json.
+
+    Progressive distillation (Salimans & Ho 2022) with the teacher's guidance folded into
+    the student (Meng et al. 2023): ``rounds`` = log2(teacher_steps / steps) rounds, each
+    halving the number of DDIM steps; see :mod:`difflab.ddpm.distill`. ``teacher_sha256``
+    and a resolved ``teacher_guidance`` are filled in when the distillation starts.
+    """
+
+    teacher: str = ""  # the teacher's run folder
+    steps: int = 1  # K: the student's sampling steps, one network pass each
+    teacher_steps: int = 8  # DDIM steps of the guided teacher that the first round matches
+    teacher_guidance: float | None = None  # the s folded in (None: the teacher's own default)
+    teacher_sha256: str = ""  # of the teacher's model.safetensors
+    method: DistillMethod = "progressive"
+    rounds: int | None = None  # log2(teacher_steps / steps); filled in when None
+    minutes: float | None = 4.5  # the budget of all rounds together, split evenly ...
+    round_steps: int | None = None  # ... or this many optimizer steps per round (wins)
+    batch_size: int = 32
+    lr: float = 3e-4  # Adam, annealed linearly to 0 within each round
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        if self.steps not in STUDENT_STEPS or isinstance(self.steps, bool):
+            raise UsageError(f"--steps {self.steps!r}: a student samples in 1, 2 or 4 steps")
+        _check_int("distill", "teacher_steps", self.teacher_steps, 2, 4096)
+        ratio = self.teacher_steps // self.steps
+        if self.teacher_steps % self.steps or ratio < 2 or ratio & (ratio - 1):
+            raise UsageError(
+                f"--teacher-steps {self.teacher_steps}: must be --steps {self.steps} times a "
+                "power of two (2, 4, 8, ...): each round halves the steps"
+            )
+        rounds = ratio.bit_length() - 1
+        if self.rounds is None:
+            object.__setattr__(self, "rounds", rounds)
+        elif self.rounds != rounds:
+            raise UsageError(
+                f"distill.rounds {self.rounds!r}: {self.teacher_steps} teacher steps down to "
+                f"{self.steps} take {rounds} rounds"
+            )
+        if self.teacher_guidance is not None:
+            _check_float("distill", "teacher_guidance", self.teacher_guidance, 0, 100)
+        if self.minutes is not None:
+            _check_float("distill", "minutes", self.minutes, 0, 525_600, open_low=True)
+        if self.round_steps is not None:
+            _check_int("distill", "round_steps", self.round_steps, 1, 10**9)
+        if self.minutes is None and self.round_steps is None:
+            raise UsageError("distill: give --minutes or --round-steps")
+        _check_int("distill", "batch_size", self.batch_size, 1, 65_536)
+        _check_float("distill", "lr", self.lr, 0, 1, open_low=True)
+        _check_int("distill", "seed", self.seed, 0, MAX_SEED)
+        _check_int("distill", "log_every", self.log_every, 1, 10**9)
+        _check_int("distill", "checkpoint_every", self.checkpoint_every, 1, 10**9)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     preset: str = "quick"
@@ -214,10 +280,14 @@ class RunConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    distill: DistillConfig | None = None  # a distilled student: what it was distilled from
 
     # -- (de)serialisation --------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data["distill"] is None:  # a trained run's config.json stays as it was
+            del data["distill"]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
@@ -391,6 +461,7 @@ def get_preset(name: str) -> RunConfig:
 
 __all__ = [
     "DiffusionConfig",
+    "DistillConfig",
     "ModelConfig",
     "PRESETS",
     "RunConfig",
