@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_run
 from safetensors.torch import load_file
 
 from difflab.cli import main
@@ -21,6 +20,7 @@ from difflab.ddpm.distill import Distiller, distill, distillation_target, teache
 from difflab.ddpm.runs import load_run
 from difflab.errors import UsageError
 from difflab.files import file_sha256
+from helpers import tiny_run
 
 
 def tiny_distill(teacher: Path, **kw) -> DistillConfig:
