@@ -126,6 +126,8 @@ def test_resume_refuses_other_options_and_missing_state(teacher, student, tmp_pa
         distill(tiny_distill(teacher, lr=1e-2), student, device="cpu", resume=True)
     with pytest.raises(UsageError, match="--out .*already exists"):
         distill(tiny_distill(teacher), student, device="cpu")
+    with pytest.raises(UsageError, match="--resume: .* holds no distillation"):
+        distill(tiny_distill(teacher), tmp_path / "none", device="cpu", resume=True)
     with pytest.raises(UsageError, match="trained run, not a distilled student"):
         distill(tiny_distill(teacher), teacher, device="cpu", resume=True)
     with pytest.raises(UsageError, match="TEACHER .*is itself a distilled student"):

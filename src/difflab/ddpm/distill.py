@@ -156,7 +156,8 @@ class Distiller:
 
     def _check_resume(self, dc: DistillConfig) -> DistillConfig:
         """The saved record, which the options given may not contradict (--minutes may change)."""
-        ckpt.check_run_dir(self.out, need_weights=False)
+        if not (self.out / ckpt.CONFIG).is_file():
+            raise UsageError(f"--resume: {self.out} holds no distillation to resume")
         saved = RunConfig.load(self.out / ckpt.CONFIG).distill
         if saved is None:
             raise UsageError(f"--resume: {self.out} is a trained run, not a distilled student")
@@ -264,12 +265,19 @@ class Distiller:
             return self.round_step / dc.round_steps
         return self.round_elapsed / (dc.minutes * 60 / dc.rounds)
 
+    def _done(self) -> int:
+        """Where the progress bar stands: steps, or seconds of the rounds' budgets."""
+        dc = self.dc
+        if dc.round_steps is not None:
+            return self.step
+        return int(self.round * dc.minutes * 60 / dc.rounds + self.round_elapsed)
+
     def _next_round(self) -> None:
         """The round's student becomes the teacher of the next, which halves the steps."""
         self.round += 1
         self.round_step, self.round_elapsed = 0, 0.0
         if self.round < self.dc.rounds:
-            self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+            self.teacher = copy.deepcopy(self.student).requires_grad_(False).eval()
             self.optimizer = self._optimizer()
             self.cfg = student_config(self.t_cfg, self.dc, self.student_steps(self.round))
             ckpt.save_config(self.cfg, self.out)
@@ -279,11 +287,7 @@ class Distiller:
             should_stop: Callable[[], bool] | None = None) -> DistillResult:  # fmt: skip
         dc = self.dc
         total = dc.rounds * dc.round_steps if dc.round_steps is not None else int(dc.minutes * 60)
-        done_so_far = lambda: (  # noqa: E731
-            self.step if dc.round_steps is not None
-            else int(self.round * dc.minutes * 60 / dc.rounds + self.round_elapsed)
-        )  # fmt: skip
-        bar = runfolder.progress_bar(total, done_so_far(), f"distill {dc.teacher_steps}->{dc.steps}",
+        bar = runfolder.progress_bar(total, self._done(), f"distill {dc.teacher_steps}->{dc.steps}",
                                      "step" if dc.round_steps else "s", self.progress)  # fmt: skip
         losses, loss, start, t_start = [], float("nan"), self.step, time.perf_counter()
         lr = dc.lr
@@ -322,7 +326,7 @@ class Distiller:
                         loss = self._log(losses, lr)
                         bar.set_postfix(round=f"{self.round + 1}/{dc.rounds}", loss=f"{loss:.4f}")
                         losses = []
-                    bar.update(done_so_far() - bar.n)
+                    bar.update(self._done() - bar.n)
                     if self.step % dc.checkpoint_every == 0:
                         self.save_checkpoint()
             finally:
