@@ -226,3 +226,11 @@ def test_the_ui_samples_a_student(student, tmp_path):
 def test_distiller_uses_the_teachers_guidance_by_default(teacher, tmp_path):
     d = Distiller(tiny_distill(teacher, teacher_guidance=3.0), tmp_path, device="cpu")
     assert d.dc.teacher_guidance == 3.0 and bool((d.scales == 3.0).all())
+
+
+def test_default_teacher_steps_take_one_or_two_rounds():
+    got = {
+        k: (DistillConfig(steps=k).teacher_steps, DistillConfig(steps=k).rounds) for k in (1, 2, 4)
+    }
+    assert got == {1: (4, 2), 2: (4, 1), 4: (8, 1)}
+    assert DistillConfig(steps=1, teacher_steps=16).rounds == 4

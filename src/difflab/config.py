@@ -26,7 +26,6 @@ SamplerName = Literal["ddpm", "ddim", "dpm++", "unipc", "euler"]
 Spacing = Literal["trailing", "leading", "linspace"]
 Precision = Literal["auto", "no", "bf16", "fp16"]
 GuidanceSchedule = Literal["constant", "linear", "cosine"]
-DistillMethod = Literal["progressive"]
 
 
 # -- value checks: every config object checks its values once, where it is built -----------
@@ -37,9 +36,8 @@ FLAGS = {  # options with their own command-line flag; the rest are --set SECTIO
     ("train", "dataset"): "--dataset", ("train", "data_dir"): "--data-dir",
     ("train", "init_from"): "--init-from",
     ("distill", "steps"): "--steps", ("distill", "teacher_steps"): "--teacher-steps",
-    ("distill", "teacher_guidance"): "--guidance", ("distill", "minutes"): "--minutes",
-    ("distill", "round_steps"): "--round-steps", ("distill", "batch_size"): "--batch-size",
-    ("distill", "lr"): "--lr", ("distill", "seed"): "--seed",
+    ("distill", "teacher_guidance"): "--guidance", ("distill", "round_steps"): "--round-steps",
+    **{("distill", k): f"--{k.replace('_', '-')}" for k in ("minutes", "batch_size", "lr", "seed")},
 }  # fmt: skip
 
 
@@ -212,65 +210,47 @@ class SampleConfig:
         _check_float("sample", "guidance_rescale", self.guidance_rescale, 0, 1)
 
 
-STUDENT_STEPS = (1, 2, 4)  # the sampling steps a distilled student may have
-
-
 @dataclass(frozen=True)
 class DistillConfig:
-    """How a student run is distilled from its teacher, kept in the student's config.json.
-
-    Progressive distillation (Salimans & Ho 2022) with the teacher's guidance folded into
-    the student (Meng et al. 2023): ``rounds`` = log2(teacher_steps / steps) rounds, each
-    halving the number of DDIM steps; see :mod:`difflab.ddpm.distill`. ``teacher_sha256``
-    and a resolved ``teacher_guidance`` are filled in when the distillation starts.
-    """
+    """What a student run is distilled from, and how: :mod:`difflab.ddpm.distill`."""
 
     teacher: str = ""  # the teacher's run folder
     steps: int = 1  # K: the student's sampling steps, one network pass each
-    teacher_steps: int = 8  # DDIM steps of the guided teacher that the first round matches
-    teacher_guidance: float | None = None  # the s folded in (None: the teacher's own default)
-    teacher_sha256: str = ""  # of the teacher's model.safetensors
-    method: DistillMethod = "progressive"
-    rounds: int | None = None  # log2(teacher_steps / steps); filled in when None
-    minutes: float | None = 4.5  # the budget of all rounds together, split evenly ...
+    teacher_steps: int | None = None  # the guided teacher's DDIM steps (None: max(4, 2 K))
+    teacher_guidance: float | None = None  # the s folded in (None: the teacher's default)
+    teacher_sha256: str = ""  # of the teacher's model.safetensors, filled in at the start
+    method: Literal["progressive"] = "progressive"
+    rounds: int | None = None  # log2(teacher_steps / steps), always derived
+    minutes: float | None = 4.5  # the budget of all rounds together, split evenly, ...
     round_steps: int | None = None  # ... or this many optimizer steps per round (wins)
     batch_size: int = 32
-    lr: float = 3e-4  # Adam, annealed linearly to 0 within each round
+    lr: float = 1e-3  # Adam, annealed linearly to 0 within each round
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 100
 
     def __post_init__(self) -> None:
-        if self.steps not in STUDENT_STEPS or isinstance(self.steps, bool):
+        if self.steps not in (1, 2, 4) or isinstance(self.steps, bool):
             raise UsageError(f"--steps {self.steps!r}: a student samples in 1, 2 or 4 steps")
+        if self.teacher_steps is None:
+            object.__setattr__(self, "teacher_steps", max(4, 2 * self.steps))
         _check_int("distill", "teacher_steps", self.teacher_steps, 2, 4096)
         ratio = self.teacher_steps // self.steps
         if self.teacher_steps % self.steps or ratio < 2 or ratio & (ratio - 1):
-            raise UsageError(
-                f"--teacher-steps {self.teacher_steps}: must be --steps {self.steps} times a "
-                "power of two (2, 4, 8, ...): each round halves the steps"
-            )
-        rounds = ratio.bit_length() - 1
-        if self.rounds is None:
-            object.__setattr__(self, "rounds", rounds)
-        elif self.rounds != rounds:
-            raise UsageError(
-                f"distill.rounds {self.rounds!r}: {self.teacher_steps} teacher steps down to "
-                f"{self.steps} take {rounds} rounds"
-            )
+            raise UsageError(f"--teacher-steps {self.teacher_steps}: must be --steps "
+                             f"{self.steps} times a power of two: each round halves the steps")  # fmt: skip
+        object.__setattr__(self, "rounds", ratio.bit_length() - 1)
+        for key, low, high in (("batch_size", 1, 65_536), ("seed", 0, MAX_SEED), ("log_every", 1, 10**9),
+                               ("checkpoint_every", 1, 10**9), ("round_steps", 1, 10**9)):  # fmt: skip
+            if key != "round_steps" or self.round_steps is not None:  # None: --minutes decides
+                _check_int("distill", key, getattr(self, key), low, high)
         if self.teacher_guidance is not None:
             _check_float("distill", "teacher_guidance", self.teacher_guidance, 0, 100)
         if self.minutes is not None:
             _check_float("distill", "minutes", self.minutes, 0, 525_600, open_low=True)
-        if self.round_steps is not None:
-            _check_int("distill", "round_steps", self.round_steps, 1, 10**9)
-        if self.minutes is None and self.round_steps is None:
+        elif self.round_steps is None:
             raise UsageError("distill: give --minutes or --round-steps")
-        _check_int("distill", "batch_size", self.batch_size, 1, 65_536)
         _check_float("distill", "lr", self.lr, 0, 1, open_low=True)
-        _check_int("distill", "seed", self.seed, 0, MAX_SEED)
-        _check_int("distill", "log_every", self.log_every, 1, 10**9)
-        _check_int("distill", "checkpoint_every", self.checkpoint_every, 1, 10**9)
 
 
 @dataclass(frozen=True)
@@ -284,10 +264,8 @@ class RunConfig:
 
     # -- (de)serialisation --------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        if data["distill"] is None:  # a trained run's config.json stays as it was
-            del data["distill"]
-        return data
+        data = asdict(self)  # a trained run's config.json has no distill section
+        return {k: v for k, v in data.items() if k != "distill" or v is not None}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"

@@ -20,8 +20,8 @@ def add(sub) -> None:
     p.add_argument("--steps", type=int, required=True,
                    help="the student's sampling steps (network passes per image): 1, 2 or 4")  # fmt: skip
     p.add_argument("--teacher-steps", type=int, help="DDIM steps of the guided teacher that "
-                   f"the first round matches: --steps times a power of two (default "
-                   f"{default(DistillConfig, 'teacher_steps')}); each round halves them")  # fmt: skip
+                   "the first round matches: --steps times a power of two (default "
+                   "max(4, 2 x --steps)); each round halves them")  # fmt: skip
     p.add_argument("--guidance", type=float, dest="teacher_guidance",
                    help="the guidance scale s folded into the student (default: the teacher's)")  # fmt: skip
     p.add_argument("--minutes", type=float, help="budget of all rounds together (default "
