@@ -103,6 +103,8 @@ def bench(tmp_path_factory):
         "sweep": [r, "--guidance", "0,1", "--steps", "2", "--seeds", "0", "--n", "2",
                   "--out", f"{o}/sweep"],
         "report": [r, "--out", f"{o}/report.html"],
+        "distill": [r, "--steps", "1", "--teacher-steps", "2", "--round-steps", "1", "--seed", "0",
+                    "--out", f"{o}/distill"],
         "demo": None,  # trains for minutes: its options are the train options
         "ui": None,  # serves forever: its checks are tested in test_ui.py
         "sd generate": ["--model", m, "--prompt", "a red square", "--steps", "1", "--n", "1",

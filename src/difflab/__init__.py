@@ -25,7 +25,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 __all__ = [
-    "evaluate", "load_run", "report", "sample", "sd_finetune", "sd_generate", "sd_sweep",
+    "distill", "evaluate", "load_run", "report", "sample", "sd_finetune", "sd_generate", "sd_sweep",
     "sweep", "train",
 ]  # fmt: skip
 
@@ -70,6 +70,26 @@ def train(
         cfg, out, device=_device(device), resume=resume, progress=progress,
         make_evaluator=TrainingEvaluator,
     ).run_dir  # fmt: skip
+
+
+def distill(
+    teacher: str | Path,
+    out: str | Path,
+    steps: int = 1,
+    *,
+    resume: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+    **options: Any,
+) -> Path:
+    """``difflab distill``: distil the run ``teacher`` into a student run folder ``out`` that
+    samples in ``steps`` (1, 2 or 4) network passes; returns its path. ``options`` are the
+    keys of :class:`~difflab.config.DistillConfig` (``minutes``, ``teacher_steps``, ...)."""
+    from difflab.config import DistillConfig
+    from difflab.ddpm.distill import distill as distill_run
+
+    dc = DistillConfig(teacher=str(teacher), steps=steps, **options)
+    return distill_run(dc, out, device=_device(device), resume=resume, progress=progress).run_dir
 
 
 def load_run(run: str | Path, device: str = "cpu") -> tuple[Any, Any, Any]:

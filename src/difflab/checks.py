@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any, get_args
 
-from difflab.config import SamplerName
+from difflab.config import MAX_GUIDANCE, SamplerName
 from difflab.errors import UsageError
 
 SAMPLERS: tuple[str, ...] = get_args(SamplerName)
@@ -59,12 +59,18 @@ def _number(item: Any, kind: type) -> int | float:
 
 
 def parse_list(
-    value: Any, kind: type, option: str, example: str, minimum: float | None = None
+    value: Any,
+    kind: type,
+    option: str,
+    example: str,
+    minimum: float | None = None,
+    maximum: float | None = None,
 ) -> tuple:
     """``"0,1,3"``, ``[0, 1, 3]`` or ``2`` -> a tuple of ``kind``, in the order given.
 
     Refused with one line naming ``option``: an empty item, a value that is not a number (a
-    whole number for ``int``), NaN or infinity, a value below ``minimum``, a value given twice.
+    whole number for ``int``), NaN or infinity, a value outside ``minimum..maximum``, a value
+    given twice.
     """
     what = {int: "whole numbers", float: "numbers", str: "names"}[kind]
     shown = _shown(value)
@@ -89,6 +95,10 @@ def parse_list(
         if minimum is not None and v < minimum:
             raise UsageError(
                 f"{option} {shown}: {_fmt(v)} is below the smallest allowed, {_fmt(minimum)}"
+            )
+        if maximum is not None and v > maximum:
+            raise UsageError(
+                f"{option} {shown}: {_fmt(v)} is above the largest allowed, {_fmt(maximum)}"
             )
         out.append(v)
     if not out:
@@ -162,7 +172,7 @@ def check_trajectory(sampler: str, steps: int, guidance: float, eta: float, T: i
     """The settings of one sampling trajectory (the guard of ``sample_steps``)."""
     check_choice(sampler, SAMPLERS, "--sampler", "sampler")
     check_steps(steps, T)
-    check_float(guidance, "--guidance", 0)
+    check_float(guidance, "--guidance", 0, MAX_GUIDANCE)
     check_float(eta, "--eta", 0, 1)
 
 

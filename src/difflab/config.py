@@ -8,16 +8,14 @@ rejects unknown keys and wrong types by name. Options with a fixed set of values
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import types
-import typing
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, get_args
 
 from difflab.errors import UsageError
+from difflab.strict import build_dataclass as _build
 
 Schedule = Literal["linear", "cosine"]
 Objective = Literal["eps", "x0", "v"]
@@ -32,6 +30,7 @@ GuidanceSchedule = Literal["constant", "linear", "cosine"]
 
 # -- value checks: every config object checks its values once, where it is built -----------
 MAX_SEED = 2**63 - 1
+MAX_GUIDANCE = 100.0  # the largest DDPM guidance scale s anywhere (far past where images break)
 EVAL_EVERY = 500  # the interval of a bare `train --eval-every` (steps)
 FLAGS = {  # options with their own command-line flag; the rest are --set SECTION.KEY=VALUE
     ("train", "batch_size"): "--batch-size", ("train", "lr"): "--lr", ("train", "seed"): "--seed",
@@ -40,6 +39,9 @@ FLAGS = {  # options with their own command-line flag; the rest are --set SECTIO
     ("train", "init_from"): "--init-from", ("train", "eval_every"): "--eval-every",
     ("train", "eval_every_minutes"): "--eval-every-minutes", ("train", "keep_best"): "--keep-best",
     ("train", "snapshot_every"): "--snapshot-every", ("train", "log_with"): "--log-with",
+    ("distill", "steps"): "--steps", ("distill", "teacher_steps"): "--teacher-steps",
+    ("distill", "teacher_guidance"): "--guidance", ("distill", "round_steps"): "--round-steps",
+    **{("distill", k): f"--{k.replace('_', '-')}" for k in ("minutes", "batch_size", "lr", "seed")},
 }  # fmt: skip
 
 
@@ -229,7 +231,7 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         _check_int("sample", "steps", self.steps, 1, 100_000)
-        _check_float("sample", "guidance", self.guidance, 0, 100)
+        _check_float("sample", "guidance", self.guidance, 0, MAX_GUIDANCE)
         _check_float("sample", "eta", self.eta, 0, 1)
         if self.guidance_interval is not None:
             from difflab.checks import check_interval  # checks imports this module
@@ -245,16 +247,61 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """What a student run is distilled from, and how: :mod:`difflab.ddpm.distill`."""
+
+    teacher: str = ""  # the teacher's run folder
+    steps: int = 1  # K: the student's sampling steps, one network pass each
+    teacher_steps: int | None = None  # the guided teacher's DDIM steps (None: max(4, 2 K))
+    teacher_guidance: float | None = None  # the s folded in (None: the teacher's default)
+    teacher_sha256: str = ""  # of the teacher's model.safetensors, filled in at the start
+    method: Literal["progressive"] = "progressive"
+    rounds: int | None = None  # log2(teacher_steps / steps), always derived
+    minutes: float | None = 4.5  # the budget of all rounds together, split evenly, ...
+    round_steps: int | None = None  # ... or this many optimizer steps per round (wins)
+    batch_size: int = 32
+    lr: float = 1e-3  # Adam, annealed linearly to 0 within each round
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        if self.steps not in (1, 2, 4) or isinstance(self.steps, bool):
+            raise UsageError(f"--steps {self.steps!r}: a student samples in 1, 2 or 4 steps")
+        if self.teacher_steps is None:
+            object.__setattr__(self, "teacher_steps", max(4, 2 * self.steps))
+        _check_int("distill", "teacher_steps", self.teacher_steps, 2, 4096)
+        ratio = self.teacher_steps // self.steps
+        if self.teacher_steps % self.steps or ratio < 2 or ratio & (ratio - 1):
+            raise UsageError(f"--teacher-steps {self.teacher_steps}: must be --steps "
+                             f"{self.steps} times a power of two: each round halves the steps")  # fmt: skip
+        object.__setattr__(self, "rounds", ratio.bit_length() - 1)
+        for key, low, high in (("batch_size", 1, 65_536), ("seed", 0, MAX_SEED), ("log_every", 1, 10**9),
+                               ("checkpoint_every", 1, 10**9), ("round_steps", 1, 10**9)):  # fmt: skip
+            if key != "round_steps" or self.round_steps is not None:  # None: --minutes decides
+                _check_int("distill", key, getattr(self, key), low, high)
+        if self.teacher_guidance is not None:
+            _check_float("distill", "teacher_guidance", self.teacher_guidance, 0, 100)
+        if self.minutes is not None:
+            _check_float("distill", "minutes", self.minutes, 0, 525_600, open_low=True)
+        elif self.round_steps is None:
+            raise UsageError("distill: give --minutes or --round-steps")
+        _check_float("distill", "lr", self.lr, 0, 1, open_low=True)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     preset: str = "quick"
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    distill: DistillConfig | None = None  # a distilled student: what it was distilled from
 
     # -- (de)serialisation --------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)  # a trained run's config.json has no distill section
+        return {k: v for k, v in data.items() if k != "distill" or v is not None}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
@@ -295,75 +342,6 @@ class RunConfig:
                 value = raw
             data[section][name] = value
         return RunConfig.from_dict(data, where="--set")
-
-
-# -- strict construction ----------------------------------------------------------------
-def _build(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise UsageError(
-            f"{where}: expected an object for {cls.__name__}, got {type(data).__name__}"
-        )
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise UsageError(
-            f"{where}: unknown key {unknown[0]!r} in {cls.__name__} (allowed: {', '.join(sorted(names))})"
-        )
-    kwargs = {}
-    for f in fields(cls):
-        if f.name not in data:
-            continue
-        kwargs[f.name] = _coerce(hints[f.name], data[f.name], f"{where}: {f.name}")
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
-    if origin is Literal:
-        allowed = get_args(tp)
-        if value not in allowed:
-            raise UsageError(
-                f"{where}: {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}"
-            )
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, where)
-            except UsageError as e:
-                errors.append(str(e))
-        raise UsageError(errors[0] if errors else f"{where}: wrong type")
-    if origin is tuple:
-        (inner, *_rest) = get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise UsageError(f"{where}: expected a list, got {type(value).__name__}")
-        return tuple(_coerce(inner, v, where) for v in value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise UsageError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UsageError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UsageError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise UsageError(f"{where}: expected text, got {value!r}")
-        return value
-    return value
 
 
 # -- presets ----------------------------------------------------------------------------
@@ -428,6 +406,7 @@ def get_preset(name: str) -> RunConfig:
 
 __all__ = [
     "DiffusionConfig",
+    "DistillConfig",
     "ModelConfig",
     "PRESETS",
     "RunConfig",

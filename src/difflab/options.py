@@ -39,7 +39,7 @@ from difflab.checks import (
 from difflab.checks import Checked as _Checked
 from difflab.checks import maybe as _maybe
 from difflab.checks import set_fields as _set
-from difflab.config import GuidanceSchedule, RunConfig
+from difflab.config import MAX_GUIDANCE, GuidanceSchedule, RunConfig
 from difflab.devices import check_precision
 from difflab.errors import UsageError
 
@@ -91,7 +91,7 @@ class SampleOptions(_Checked):
     cols: str | None = None  # grid columns; None: the swept option, else sample
 
     def check(self) -> None:
-        g = _maybe(self.guidance, parse_list, float, "--guidance", "0,1,3", 0)
+        g = _maybe(self.guidance, parse_list, float, "--guidance", "0,1,3", 0, MAX_GUIDANCE)
         s = _maybe(self.steps, parse_list, int, "--steps", "10,50", 1)
         _set(self, classes=parse_classes(self.classes), guidance=g, steps=s)
         _set(self, sampler=_maybe(self.sampler, check_choice, SAMPLERS, "--sampler", "sampler"))
@@ -135,7 +135,11 @@ class EvalOptions(_Checked):
 
     def check(self) -> None:
         n = check_int(self.n_per_class, "--n", 2, MAX_SAMPLES, _ENOUGH_FOR_DIVERSITY)
-        _set(self, n_per_class=n, guidance=_maybe(self.guidance, check_float, "--guidance", 0))
+        _set(
+            self,
+            n_per_class=n,
+            guidance=_maybe(self.guidance, check_float, "--guidance", 0, MAX_GUIDANCE),
+        )
         _set(self, steps=_maybe(self.steps, check_steps), seed=check_seed(self.seed))
         _set(self, sampler=_maybe(self.sampler, check_choice, SAMPLERS, "--sampler", "sampler"))
         _set(self, precision=check_precision(self.precision), inception=bool(self.inception))
@@ -187,7 +191,7 @@ class ReverseOptions(_Checked):
 
     def check(self) -> None:
         _set(self, t=parse_t(self.t), classes=parse_classes(self.classes))
-        _set(self, guidance=_maybe(self.guidance, check_float, "--guidance", 0))
+        _set(self, guidance=_maybe(self.guidance, check_float, "--guidance", 0, MAX_GUIDANCE))
         _set(self, sampler=check_choice(self.sampler, SAMPLERS, "--sampler", "sampler"))
         _set(self, steps=_maybe(self.steps, check_steps), seed=check_seed(self.seed))
         _set(self, eta=_maybe(self.eta, check_float, "--eta", 0, 1))
@@ -234,7 +238,7 @@ class DDPMSweepAxes(_Checked):
         elif ck is not None:
             ck = tuple(sorted(parse_list(ck, int, "--checkpoints", "all or 1000,2000", 0)))
         _set(self, checkpoints=ck)
-        g = parse_list(self.guidance, float, "--guidance", "0,1,2,4", minimum=0)
+        g = parse_list(self.guidance, float, "--guidance", "0,1,2,4", 0, MAX_GUIDANCE)
         s = parse_list(self.steps, int, "--steps", "10,25,50", minimum=1)
         samplers = parse_list(self.samplers, str, "--sampler", "ddim,ddpm")
         seeds = parse_list(self.seeds, int, "--seeds", "0,1,2", minimum=0)

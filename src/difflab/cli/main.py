@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from difflab import __version__
-from difflab.cli import ddpm, experiments, sd, ui
+from difflab.cli import ddpm, distill, experiments, sd, ui
 from difflab.cli.args import Parser
 from difflab.errors import UsageError
 
@@ -25,7 +25,7 @@ def build_parser() -> Parser:
     parser.add_argument("--version", action="version", version=f"difflab {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for group in (ddpm, experiments, sd, ui):
+    for group in (ddpm, distill, experiments, sd, ui):
         group.add(sub)
     return parser
 

@@ -1,0 +1,380 @@
+"""Few-step students of a DDPM run: progressive distillation with guidance folded in.
+
+Owns ``difflab distill``: a teacher run becomes a student run that samples in K = 1, 2 or 4
+DDIM steps of one network pass each. Progressive distillation (Salimans & Ho 2022,
+"Progressive Distillation for Fast Sampling of Diffusion Models", Algorithm 2): the student
+starts from the teacher's weights, and each round trains it so that one deterministic DDIM
+step from ``t`` to ``t''`` lands where two steps of the round's teacher (``t -> t' -> t''``)
+land; the round's student becomes the next round's teacher, so every round halves the steps.
+The first round's teacher is the guided one, ``x0 = x0_uncond + s (x0_cond - x0_uncond)``
+(with the run's interval, schedule and rescale), so the student learns the guided sampler in
+one conditional pass per step (Meng et al. 2023, "On Distillation of Guided Diffusion Models",
+with s fixed rather than an input). The target ``x~`` is the paper's and its loss is weighted
+by ``1 + SNR(t)`` (the paper's "SNR+1" weighting, which is the v-prediction loss); a student
+of an eps teacher predicts v instead, which stays well-posed at one step. Everything is a
+resumable run folder: the draws of step n come from ``(seed, n)``, the time of each round is
+kept in the train state, and the student's ``config.json`` (its sample defaults set to DDIM
+at the current round's steps with s = 1) records the teacher's path, hash and guidance.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difflab import runfolder
+from difflab.config import DistillConfig, RunConfig, SampleConfig
+from difflab.ddpm import runs as ckpt
+from difflab.ddpm.data import load_dataset
+from difflab.ddpm.diffusion import GaussianDiffusion
+from difflab.ddpm.guidance import guidance_weight, rescale_guidance, sigmas
+from difflab.ddpm.sampling import make_timesteps
+from difflab.errors import UsageError
+from difflab.files import append_jsonl, file_sha256
+
+SPACING = "trailing"  # the student's grid: its first step starts from pure noise
+# the options a resume may not change, with the names the command line gives them
+FIXED = {"teacher": "TEACHER", "steps": "--steps", "teacher_steps": "--teacher-steps",
+         "teacher_guidance": "--guidance", "round_steps": "--round-steps",
+         "batch_size": "--batch-size", "lr": "--lr", "seed": "--seed"}  # fmt: skip
+
+
+@dataclass
+class DistillResult:
+    run_dir: Path
+    steps: int  # optimizer steps over all rounds
+    rounds: int
+    seconds: float
+    final_loss: float
+
+
+def check_teacher(teacher: str | Path) -> Path:
+    """The teacher's run folder; anything else is one line naming TEACHER."""
+    try:
+        return ckpt.check_run_dir(teacher)
+    except UsageError as e:
+        raise UsageError("TEACHER" + str(e).removeprefix("RUN")) from None
+
+
+def student_config(teacher: RunConfig, dc: DistillConfig, steps: int) -> RunConfig:
+    """The student's config: the teacher's model and schedule, DDIM in ``steps`` steps at
+    s = 1 (one pass per step), and the record ``dc`` of what it is distilled from."""
+    objective = "v" if teacher.diffusion.objective == "eps" else teacher.diffusion.objective
+    return replace(
+        teacher,
+        diffusion=replace(teacher.diffusion, objective=objective),
+        sample=SampleConfig(sampler="ddim", steps=steps, guidance=1.0, eta=0.0, spacing=SPACING),
+        distill=dc,
+    )
+
+
+def teacher_grid(num_timesteps: int, student_steps: int) -> torch.Tensor:
+    """(2N + 1,) the round teacher's 2N timesteps and -1 (x_0): the student's step i goes
+    from ``grid[2i]`` to ``grid[2i + 2]``, the teacher's through ``grid[2i + 1]``."""
+    ts = make_timesteps(num_timesteps, 2 * student_steps, SPACING)
+    assert ts[::2] == make_timesteps(num_timesteps, student_steps, SPACING)  # N a power of 2
+    return torch.tensor([*ts, -1])
+
+
+def distillation_target(
+    z: torch.Tensor, z2: torch.Tensor, abar_t: torch.Tensor, abar_t2: torch.Tensor
+) -> torch.Tensor:
+    """x~ of Salimans & Ho 2022 (Algorithm 2): the x_0 whose one DDIM step z_t -> z_t'' lands
+    on the teacher's two-step result ``z2``; ``abar_t2`` = 1 when t'' is the end (x~ = z2)."""
+    ratio = ((1 - abar_t2) / (1 - abar_t)).sqrt()  # sigma_t'' / sigma_t
+    return (z2 - ratio * z) / (abar_t2.sqrt() - ratio * abar_t.sqrt())
+
+
+class Distiller:
+    """One distillation into ``out``: the data, the round's teacher and student, the loop."""
+
+    def __init__(self, dc: DistillConfig, out: str | Path, device: str = "cpu",
+                 resume: bool = False, progress: bool = True) -> None:  # fmt: skip
+        self.out, self.progress, self.device = Path(out), progress, torch.device(device)
+        teacher_dir = check_teacher(dc.teacher)
+        t_cfg = RunConfig.load(teacher_dir / ckpt.CONFIG)
+        if t_cfg.distill is not None:
+            raise UsageError(
+                f"TEACHER {dc.teacher}: is itself a distilled student; distil its teacher"
+            )
+        if dc.teacher_steps > t_cfg.diffusion.timesteps:
+            raise UsageError(
+                f"--teacher-steps {dc.teacher_steps}: the teacher has only "
+                f"{t_cfg.diffusion.timesteps} timesteps"
+            )
+        guidance = t_cfg.sample.guidance if dc.teacher_guidance is None else dc.teacher_guidance
+        sha = file_sha256(teacher_dir / ckpt.WEIGHTS)
+        dc = replace(dc, teacher=str(teacher_dir.resolve()), teacher_guidance=guidance,
+                     teacher_sha256=sha)  # fmt: skip
+        if resume:
+            dc = self._check_resume(dc)
+        self.dc, self.t_cfg = dc, t_cfg
+        self.data = load_dataset(t_cfg.train.dataset, "train", t_cfg.train.data_dir)
+        self.images = self.data.images.to(self.device)  # uint8 (N, C, H, W)
+        self.labels = self.data.labels.to(self.device)
+        self.cfg = student_config(t_cfg, dc, self.student_steps(0))
+        self.t_diffusion = GaussianDiffusion(t_cfg.diffusion, warn=False)
+        self.diffusion = GaussianDiffusion(self.cfg.diffusion, warn=False)
+        self.abar = torch.cat([self.diffusion.buf("alphas_cumprod", self.device),
+                               torch.ones(1, device=self.device)])  # fmt: skip  # [-1]: x_0
+        self.scales = self._guidance_scales(t_cfg, guidance)
+        self.teacher, _, _ = ckpt.load_run(teacher_dir, device=self.device)
+        self.teacher.requires_grad_(False)
+        self.student = copy.deepcopy(self.teacher).requires_grad_(True).train()
+        self.round, self.round_step, self.round_elapsed, self.step = 0, 0, 0.0, 0
+        self.elapsed = 0.0  # seconds of optimizer steps, all rounds
+        self.optimizer = self._optimizer()
+        self.notes: list[str] = []
+        if resume:
+            self._load_state()
+        else:
+            runfolder.clean_folder(self.out)
+            ckpt.save_config(self.cfg, self.out)
+            (self.out / ckpt.METRICS).unlink(missing_ok=True)
+
+    # -- set-up ---------------------------------------------------------------------------
+    def student_steps(self, round_: int) -> int:
+        """N, the sampling steps of round ``round_``'s student (the teacher takes 2N)."""
+        return max(self.dc.teacher_steps >> (round_ + 1), self.dc.steps)
+
+    def _guidance_scales(self, t_cfg: RunConfig, s: float) -> torch.Tensor:
+        """(T,) the first teacher's scale at each timestep (the run's interval and schedule)."""
+        sc, T = t_cfg.sample, t_cfg.diffusion.timesteps
+        sig = sigmas(self.t_diffusion.alphas_cumprod) if sc.guidance_interval else [0.0] * T
+        w = [guidance_weight(t, T, sig[t], sc.guidance_interval, sc.guidance_schedule)
+             for t in range(T)]  # fmt: skip
+        return (1 + (s - 1) * torch.tensor(w, dtype=torch.float32)).to(self.device)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.student.parameters(), lr=self.dc.lr)
+
+    def _check_resume(self, dc: DistillConfig) -> DistillConfig:
+        """The saved record, which the options given may not contradict (--minutes may change)."""
+        if not (self.out / ckpt.CONFIG).is_file():
+            raise UsageError(f"--resume: {self.out} holds no distillation to resume")
+        saved = RunConfig.load(self.out / ckpt.CONFIG).distill
+        if saved is None:
+            raise UsageError(f"--resume: {self.out} is a trained run, not a distilled student")
+        mine = asdict(dc)
+        for name, option in FIXED.items():
+            if getattr(saved, name) != mine[name]:
+                raise UsageError(
+                    f"--resume: {option} is {runfolder.show(mine[name])} here but "
+                    f"{runfolder.show(getattr(saved, name))} in {self.out}; resume with the "
+                    "student's options (only --minutes may change) or choose another --out"
+                )
+        if saved.teacher_sha256 != dc.teacher_sha256:
+            raise UsageError(
+                f"TEACHER {dc.teacher}: its weights changed since {self.out} was started from "
+                "them; distil into another --out"
+            )
+        return replace(saved, minutes=dc.minutes)
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "round": self.round, "round_step": self.round_step,
+            "round_elapsed": self.round_elapsed, "elapsed": self.elapsed, "student": self.student.state_dict(),
+            "teacher": self.teacher.state_dict() if self.round > 0 else {},
+            "optimizer": self.optimizer.state_dict(),
+        }  # fmt: skip
+
+    def _load_state(self) -> None:
+        state = ckpt.load_train_state(self.out)
+        try:
+            self.student.load_state_dict(state["student"])
+            if state["round"] > 0:
+                self.teacher.load_state_dict(state["teacher"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            why = next(iter(str(e).strip().splitlines()), type(e).__name__)[:160]
+            raise UsageError(
+                f"--resume: {self.out / ckpt.TRAIN_STATE} does not fit ({why})"
+            ) from None
+        self.step, self.round = int(state["step"]), int(state["round"])
+        self.round_step, self.round_elapsed = (
+            int(state["round_step"]),
+            float(state["round_elapsed"]),
+        )
+        self.elapsed = float(state["elapsed"])
+        self.cfg = student_config(self.t_cfg, self.dc, self.student_steps(self.round))
+        runfolder.clean_folder(self.out)
+        runfolder.trim_metrics(self.out, self.step)
+        ckpt.save_config(self.cfg, self.out)  # with the --minutes given now
+        if not runfolder.weights_match(state, self.out / ckpt.WEIGHTS):
+            self.notes.append(runfolder.mismatch_note(self.out, ckpt.WEIGHTS, self.step))
+            self.save_checkpoint()
+
+    def save_checkpoint(self) -> None:
+        meta = {"step": self.step, "round": self.round, "student_steps": self.cfg.sample.steps,
+                "dataset": self.data.name}  # fmt: skip
+        ckpt.save_checkpoint(self.out, self.student, self._state(), meta)
+
+    # -- one step (Salimans & Ho 2022, Algorithm 2) ----------------------------------------
+    def _teacher_x0(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The round teacher's (guided in the first round) clipped estimate of x_0 from z_t."""
+        net, diffusion = self.teacher, self.t_diffusion if self.round == 0 else self.diffusion
+        s = self.scales[t] if self.round == 0 else None  # (B,)
+        if s is None or bool((s == 1).all()):
+            out = net(z, t, y)
+        else:  # the conditional and unconditional passes in one batch: (2B, C, H, W)
+            null = torch.full_like(y, net.num_classes)
+            cond, uncond = net(torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+            out = uncond + s.view(-1, 1, 1, 1) * (cond - uncond)
+            if self.t_cfg.sample.guidance_rescale > 0:
+                out = rescale_guidance(out, cond, self.t_cfg.sample.guidance_rescale)
+        x0 = diffusion.eps_x0_from_output(out, z, t)[1]
+        return x0.clamp(-1, 1) if diffusion.cfg.clip_x0 else x0
+
+    def _ddim(self, z: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, t_to: torch.Tensor):
+        """One deterministic DDIM step z_t -> z_{t_to} through x0 (Song et al. 2021, eq. 12)."""
+        a, a_to = self.abar[t].view(-1, 1, 1, 1), self.abar[t_to].view(-1, 1, 1, 1)
+        eps = (z - a.sqrt() * x0) / (1 - a).sqrt()
+        return a_to.sqrt() * x0 + (1 - a_to).sqrt() * eps
+
+    def loss(self, step: int) -> torch.Tensor:
+        """The distillation loss of step ``step``; its draws come from ``(seed, step)``."""
+        dc, n = self.dc, self.student_steps(self.round)
+        g = runfolder.step_generator(dc.seed, step, self.device)
+        idx = torch.randint(0, len(self.images), (dc.batch_size,), generator=g, device=g.device)
+        i = torch.randint(0, n, (dc.batch_size,), generator=g, device=g.device)
+        x = self.images[idx].float().div_(127.5).sub_(1.0)  # (B, C, H, W) in [-1, 1]
+        noise = torch.randn(x.shape, generator=g, device=g.device)
+        y = self.labels[idx]
+        grid = teacher_grid(self.diffusion.num_timesteps, n).to(self.device)
+        t, t1, t2 = grid[2 * i], grid[2 * i + 1], grid[2 * i + 2]  # t, t' and t'' of the paper
+        z = self.diffusion.q_sample(x, t, noise)
+        with torch.no_grad():  # two teacher steps t -> t' -> t''
+            z1 = self._ddim(z, self._teacher_x0(z, t, y), t, t1)
+            z2 = self._ddim(z1, self._teacher_x0(z1, t1, y), t1, t2)
+        a, a2 = self.abar[t].view(-1, 1, 1, 1), self.abar[t2].view(-1, 1, 1, 1)
+        x_target = distillation_target(z, z2, a, a2)
+        x_hat = self.diffusion.eps_x0_from_output(self.student(z, t, y), z, t)[1]
+        per_item = (x_hat - x_target).pow(2).flatten(1).mean(1)
+        return (per_item / (1 - a.flatten())).mean()  # weight 1 + SNR(t) = 1 / (1 - abar_t)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def round_progress(self) -> float:
+        dc = self.dc
+        if dc.round_steps is not None:
+            return self.round_step / dc.round_steps
+        return self.round_elapsed / (dc.minutes * 60 / dc.rounds)
+
+    def _done(self) -> int:
+        """Where the progress bar stands: steps, or seconds of the rounds' budgets."""
+        dc = self.dc
+        if dc.round_steps is not None:
+            return self.step
+        return int(self.round * dc.minutes * 60 / dc.rounds + self.round_elapsed)
+
+    def _next_round(self) -> None:
+        """The round's student becomes the teacher of the next, which halves the steps."""
+        self.round += 1
+        self.round_step, self.round_elapsed = 0, 0.0
+        if self.round < self.dc.rounds:
+            self.teacher = copy.deepcopy(self.student).requires_grad_(False).eval()
+            self.optimizer = self._optimizer()
+            self.cfg = student_config(self.t_cfg, self.dc, self.student_steps(self.round))
+            ckpt.save_config(self.cfg, self.out)
+        self.save_checkpoint()
+
+    def fit(self, stop_at_step: int | None = None,
+            should_stop: Callable[[], bool] | None = None) -> DistillResult:  # fmt: skip
+        dc = self.dc
+        total = dc.rounds * dc.round_steps if dc.round_steps is not None else int(dc.minutes * 60)
+        bar = runfolder.progress_bar(total, self._done(), f"distill {dc.teacher_steps}->{dc.steps}",
+                                     "step" if dc.round_steps else "s", self.progress)  # fmt: skip
+        losses, loss, start, t_start = [], float("nan"), self.step, time.perf_counter()
+        lr = dc.lr
+        with runfolder.stop_on_signals() as signalled:
+            try:
+                while self.round < dc.rounds:
+                    if (
+                        signalled
+                        or (stop_at_step is not None and self.step >= stop_at_step)
+                        or (should_stop and should_stop())
+                    ):
+                        break
+                    progress = self.round_progress()
+                    if progress >= 1:
+                        self._next_round()
+                        continue
+                    lr = dc.lr * (1 - progress)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
+                    t0 = time.perf_counter()
+                    value = self.loss(self.step)
+                    value.backward()
+                    torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    losses.append(float(value.detach()))
+                    if not torch.isfinite(value):
+                        raise runfolder.TrainingDiverged(
+                            f"loss became {float(value)} at step {self.step}; stopped. {self.out} "
+                            "keeps its last checkpoint. Try a lower --lr"
+                        )
+                    dt = time.perf_counter() - t0
+                    self.step, self.round_step = self.step + 1, self.round_step + 1
+                    self.round_elapsed, self.elapsed = self.round_elapsed + dt, self.elapsed + dt
+                    if self.step % dc.log_every == 0:
+                        loss = self._log(losses, lr)
+                        bar.set_postfix(round=f"{self.round + 1}/{dc.rounds}", loss=f"{loss:.4f}")
+                        losses = []
+                    bar.update(self._done() - bar.n)
+                    if self.step % dc.checkpoint_every == 0:
+                        self.save_checkpoint()
+            finally:
+                bar.close()
+            if losses:
+                loss = self._log(losses, lr)
+            if self.round < dc.rounds or not (self.out / ckpt.WEIGHTS).exists():
+                self.save_checkpoint()
+        if signalled:
+            length = f"--minutes {dc.minutes:g}" if dc.round_steps is None else ""
+            raise signalled.interrupted(
+                self.step, self.out,
+                f"difflab distill {dc.teacher} --steps {dc.steps} --resume --out {self.out} {length}".strip(),
+            )  # fmt: skip
+        seconds = time.perf_counter() - t_start
+        return DistillResult(self.out, self.step - start, dc.rounds, seconds, loss)
+
+    def _log(self, losses: list[float], lr: float) -> float:
+        row = {
+            "step": self.step, "round": self.round + 1 if self.round < self.dc.rounds else self.round,
+            "student_steps": self.cfg.sample.steps,
+            "epoch": round(self.step * self.dc.batch_size / len(self.images), 4),
+            "loss": sum(losses) / len(losses), "lr": lr,
+            "images_per_s": round(self.dc.batch_size * self.step / max(self.elapsed, 1e-9), 1),
+            "elapsed_s": round(self.elapsed, 2),
+        }  # fmt: skip
+        append_jsonl(self.out / ckpt.METRICS, row)
+        return row["loss"]
+
+
+def distill(
+    dc: DistillConfig,
+    out: str | Path,
+    device: str = "cpu",
+    resume: bool = False,
+    progress: bool = True,
+    stop_at_step: int | None = None,
+    on_note: Callable[[str], None] | None = None,
+) -> DistillResult:
+    """Distil ``dc.teacher`` into the student run folder ``out`` (or resume the one there)."""
+    out = Path(out)
+    check_teacher(dc.teacher)
+    if not resume and out.exists():
+        raise UsageError(
+            f"--out {out}: already exists; pass --resume to continue it or choose another --out"
+        )
+    with runfolder.held(out, create=not resume):
+        d = Distiller(dc, out, device=device, resume=resume, progress=progress)
+        for note in d.notes:
+            (on_note or print)(note)
+        return d.fit(stop_at_step=stop_at_step)
