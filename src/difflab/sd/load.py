@@ -182,6 +182,47 @@ def model_fingerprint(source: ModelSource) -> dict[str, Any]:
     return {source.kind: path.name, "sha256": h.hexdigest()}
 
 
+def own_size(unet_config: Any, vae_config: Any) -> tuple[int, int]:
+    """(width, height) the pipeline makes when ``height`` and ``width`` are None: the UNet's
+    ``sample_size`` (an int, or (height, width)) x the VAE's scale factor
+    ``2 ** (len(block_out_channels) - 1)``, as diffusers computes it; 512x512 for SD 1.5."""
+    size = unet_config["sample_size"]
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    f = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    return w * f, h * f
+
+
+def pipeline_size(pipe: Any) -> tuple[int, int]:
+    """:func:`own_size` of a loaded pipeline."""
+    return own_size(pipe.unet.config, pipe.vae.config)
+
+
+def configured_size(source: ModelSource, vae: str | None = None) -> tuple[int, int] | None:
+    """:func:`own_size` read from the configs without loading weights: a folder's
+    ``unet/config.json`` and ``vae/config.json`` (or those of ``vae``, a folder), a Hub id's
+    when they are in the local Hub cache; None when they cannot be read (load to know)."""
+
+    def config(part: str) -> dict | None:
+        if part == "vae" and vae is not None:
+            path = Path(vae).expanduser() / "config.json"
+            return read_json(path) if path.is_file() else None
+        if source.kind == "folder":
+            path = Path(source.location) / part / "config.json"
+            return read_json(path) if path.is_file() else None
+        if source.kind == "hub":
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(source.location, f"{part}/config.json")
+            return read_json(Path(hit)) if isinstance(hit, str) else None
+        return None
+
+    try:
+        unet, vae_config = config("unet"), config("vae")
+        return None if unet is None or vae_config is None else own_size(unet, vae_config)
+    except (KeyError, TypeError, IndexError, ValueError, UsageError):
+        return None
+
+
 def make_scheduler(name: str, config: Any) -> Any:
     """The diffusers scheduler for ``name``, built from the model's scheduler ``config``."""
     import diffusers
