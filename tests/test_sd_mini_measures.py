@@ -29,7 +29,7 @@ DIGITS = tuple("0123456789")
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("mini") / "mini-digits"
-    args = ["sd", "mini", "--dataset", "digits", "--preset", "tiny", "--flag", "none", "--out", str(out)]  # fmt: skip
+    args = ["sd", "mini", "--dataset", "digits", "--preset", "tiny", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     return out
 
@@ -139,6 +139,16 @@ def test_sd_sweep_on_mini_sd_has_prompt_accuracy_diversity_and_intervals(mini, t
         div, dlo, dhi = (float(row[f"diversity_{k}"]) for k in ("mean", "ci_low", "ci_high"))
         assert div > 0 and dlo <= dhi
         assert float(row["detail_ci_low"]) <= float(row["detail_mean"]) <= float(row["detail_ci_high"])  # fmt: skip
+    from difflab.experiments.report import write_report
+
+    write_report([out], tmp_path / "report.html")
+    md = (tmp_path / "report.md").read_text()
+    assert "lab stand-in, not Stable Diffusion's NSFW checker" in md and "'9'" in md
+    assert "| prompt accuracy | diversity |" in md
+    assert "At 2 steps the highest prompt accuracy" in md
+    assert "From guidance 1 to 3 prompt accuracy" in md and "can" in md
+    assert "Diversity over the seeds" in md
+    assert "lab stand-in safety checker (it flags the class '9')" in md
 
 
 def test_summary_intervals_and_diversity_from_cell_records():

@@ -30,6 +30,7 @@ from difflab.experiments.conclusions import (
     sweep_conclusions,
 )
 from difflab.experiments.ddpm_sweep import SWEEP_FILE
+from difflab.experiments.sd_alignment import ci_text, mini_sd_note
 from difflab.experiments.sd_sweep import IDENTITY_FILE as SD_SWEEP_FILE
 from difflab.files import atomic_path, read_json, read_jsonl, write_text
 
@@ -284,15 +285,22 @@ def sd_sweep_blocks(sweep: Path, slug: str) -> tuple[list[Block], list[str]]:
     def pm(r: dict, m: str, fmt: str) -> str:
         return "–" if r.get(f"{m}_mean") is None else mean_std_text(r, m, fmt)
 
-    header = ["steps", "guidance", "images", "CLIP score", "detail", "s / image", "filtered", "black, not flagged"]  # fmt: skip
+    if ident.get("mini_sd"):
+        blocks.append(Block("note", mini_sd_note(ident)))
+    judged = any(r.get("prompt_accuracy_mean") is not None for r in summary)
+    header = ["steps", "guidance", "images", *(["prompt accuracy", "diversity"] if judged else []), "CLIP score", "detail", "s / image", "filtered", "black, not flagged"]  # fmt: skip
     table = [header] + [
-        [str(r["steps"]), f"{r['guidance']:g}", str(r["images"]), pm(r, "clip_score", ".1f"),
-         pm(r, "detail", ".4f"), f"{r['seconds_per_image_mean']:.2f}",
+        [str(r["steps"]), f"{r['guidance']:g}", str(r["images"]),
+         *([ci_text(r, "prompt_accuracy", ".0%"), ci_text(r, "diversity", ".2f")] if judged else []),
+         pm(r, "clip_score", ".1f"), pm(r, "detail", ".4f"), f"{r['seconds_per_image_mean']:.2f}",
          f"{r['nsfw_count']} ({r['nsfw_share']:.0%})", str(r.get("black_unflagged", 0))]
         for r in sorted(summary, key=lambda r: (r["steps"], r["guidance"]))
     ]  # fmt: skip
     blocks += [
-        Block("h3", "Results (mean ± std over prompts and seeds)"),
+        Block(
+            "h3",
+            "Results (mean ± std over prompts and seeds" + ("; mean [95% CI])" if judged else ")"),
+        ),  # fmt: skip
         Block("table", rows=table),
     ]
     measures = doc.get("measures", {})
@@ -307,7 +315,7 @@ def sd_sweep_blocks(sweep: Path, slug: str) -> tuple[list[Block], list[str]]:
         if grid.is_file():
             blocks.append(Block("h3", f"Prompt {i + 1}: rows guidance, columns steps"))
             blocks.append(Block("image", prompt or "unconditional", png=_png(grid), name=f"{slug}_{grid.name}"))  # fmt: skip
-    return blocks, sd_sweep_conclusions(summary) if summary else []
+    return blocks, sd_sweep_conclusions(summary, ident) if summary else []
 
 
 # -- rendering ------------------------------------------------------------------------------

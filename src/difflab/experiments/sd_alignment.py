@@ -133,3 +133,97 @@ def accuracy_text(m: dict[str, Any]) -> str:
     if m.get("diversity_mean") is not None:
         text += f"; diversity over the seeds {m['diversity_mean']:.2f}"
     return text
+
+
+def _pct(v: float) -> str:
+    return f"{v:.0%}"
+
+
+def _with_ci(r: dict, metric: str, fmt) -> str:
+    low, high = r.get(f"{metric}_ci_low"), r.get(f"{metric}_ci_high")
+    ci = "" if low is None or high is None else f" (95% CI {fmt(low)}–{fmt(high)})"
+    return fmt(r[f"{metric}_mean"]) + ci
+
+
+def _tell(a: dict, b: dict, metric: str) -> str:
+    """Whether the data can tell two settings apart: their 95 % intervals do not overlap."""
+    ends = [r.get(f"{metric}_ci_{e}") for r in (a, b) for e in ("low", "high")]
+    if None in ends:
+        return "no intervals to tell whether the data can tell them apart"
+    if ends[0] <= ends[3] and ends[2] <= ends[1]:
+        return "the intervals overlap, so these seeds cannot tell the two apart; more seeds would"
+    return "the intervals do not overlap: the data can tell the two apart"
+
+
+def alignment_conclusions(summary: list[dict]) -> list[str]:
+    """Sentences on prompt accuracy and diversity against guidance (mini-SD sweeps), per step
+    count: the most accurate guidance, the change from the smallest to the largest guidance
+    with whether the data can tell it, and whether alignment rose while diversity fell."""
+    out: list[str] = []
+    measured = [r for r in summary if r.get("prompt_accuracy_mean") is not None]
+    for st in sorted({r["steps"] for r in measured}):
+        rows = sorted((r for r in measured if r["steps"] == st), key=lambda r: r["guidance"])
+        best = max(rows, key=lambda r: (round(r["prompt_accuracy_mean"], 6), -r["guidance"]))
+        out.append(
+            f"At {st} steps the highest prompt accuracy (the reference classifier recognises the "
+            f"class the prompt names), {_with_ci(best, 'prompt_accuracy', _pct)}, came with "
+            f"guidance {best['guidance']:g}."
+        )
+        if len(rows) < 2:
+            continue
+        lo, hi = rows[0], rows[-1]
+        d_acc = hi["prompt_accuracy_mean"] - lo["prompt_accuracy_mean"]
+        move = "rose" if d_acc > 0 else "fell" if d_acc < 0 else "stayed"
+        out.append(
+            f"From guidance {lo['guidance']:g} to {hi['guidance']:g} prompt accuracy {move} from "
+            f"{_with_ci(lo, 'prompt_accuracy', _pct)} to {_with_ci(hi, 'prompt_accuracy', _pct)}; "
+            f"{_tell(lo, hi, 'prompt_accuracy')}."
+        )
+        if lo.get("diversity_mean") is None or hi.get("diversity_mean") is None:
+            continue
+        f2 = lambda v: f"{v:.2f}"  # noqa: E731
+        d_div = hi["diversity_mean"] - lo["diversity_mean"]
+        out.append(
+            f"Diversity over the seeds (judge-feature distance) {'fell' if d_div < 0 else 'rose'} "
+            f"from {_with_ci(lo, 'diversity', f2)} to {_with_ci(hi, 'diversity', f2)}; "
+            f"{_tell(lo, hi, 'diversity')}."
+        )
+        told = all("do not overlap" in _tell(lo, hi, m) for m in ("prompt_accuracy", "diversity"))
+        if d_acc > 0 and d_div < 0:
+            out.append(
+                f"At {st} steps alignment rose and diversity fell with guidance, as classifier-free "
+                "guidance trades variety for fidelity"
+                + (
+                    " (both changes clear of their intervals)."
+                    if told
+                    else "; not every change is clear of its interval."
+                )  # fmt: skip
+            )
+    return out
+
+
+def ci_text(r: dict, m: str, fmt: str) -> str:
+    """``mean [low, high]`` of a summary row's metric and its 95 % interval ("–": none)."""
+    if r.get(f"{m}_mean") is None:
+        return "–"
+    low, high = r.get(f"{m}_ci_low"), r.get(f"{m}_ci_high")
+    ci = "" if low is None or high is None else f" [{low:{fmt}}, {high:{fmt}}]"
+    return f"{r[f'{m}_mean']:{fmt}}{ci}"
+
+
+def mini_sd_note(ident: dict) -> str:
+    """What a mini-SD sweep's reader must know: the model, the judge, the stand-in checker."""
+    mini = ident["mini_sd"]
+    concept = mini.get("flagged_concept")
+    checker = (
+        f"Its safety checker is a lab stand-in, not Stable Diffusion's NSFW checker: SD's checker "
+        f"class with a concept embedding trained to flag the class {concept!r} of {mini.get('dataset')}, "
+        "so the black squares show how the real one behaves, not what it screens for."
+        if concept else "It has no safety checker."
+    )  # fmt: skip
+    return (
+        f"This model is mini-SD, a small Stable Diffusion trained by difflab sd mini on "
+        f"{mini.get('dataset')}. Prompt accuracy is measured by the {ident.get('judge')} reference "
+        f"classifier (the class the prompt names against the class it sees); prompts naming no "
+        f"class or several are not measured. {checker}"
+    )

@@ -149,7 +149,7 @@ def sweep_identity(
     record = read_record(source.location) if source.kind == "folder" else None
     if record and record.get("dataset") and record.get("class_names"):
         identity |= {"judge": record["dataset"], "class_names": list(record["class_names"])}
-        identity |= {"mini_sd": True}
+        identity |= {"mini_sd": {k: record.get(k) for k in ("dataset", "flagged_concept", "safety_checker")}}  # fmt: skip
     if lora_spec is not None:
         identity |= {
             "lora": str(lora_spec.path),
