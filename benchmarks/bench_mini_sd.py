@@ -89,6 +89,21 @@ def prompts_of(record: dict) -> list[tuple[str, int]]:
 
 
 @torch.no_grad()
+def vae_ceiling(pipe, judge, dataset: str, n: int = 500) -> float:
+    """The judge's accuracy on VAE reconstructions of ``n`` test images: what the decoder
+    alone allows (prompt accuracy cannot pass it by much)."""
+    from difflab.ddpm.data import load_dataset
+    from difflab.sd.mini import to_pixels
+
+    data = load_dataset(dataset, "test")
+    x = to_pixels(data.images[:n].numpy(), pipe.vae.config.sample_size)
+    rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    pixels = list(((rec.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8))
+    judged, _ = judge.measure(pixels)
+    return float(np.mean(np.array(judged) == data.labels[:n].numpy()))
+
+
+@torch.no_grad()
 def measure(model: Path, args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     loaded = load_pipeline(SDPipelineSpec(model=str(model), device="cpu", safety_checker=False))
@@ -97,6 +112,7 @@ def measure(model: Path, args: argparse.Namespace) -> list[dict]:
     pipe = loaded.pipe
     width, height = pipeline_size(pipe)
     prompts = prompts_of(record)
+    print(f"judge accuracy on VAE reconstructions: {vae_ceiling(pipe, judge, args.dataset):.1%}")
     embeds = [encode(loaded, p, "") for p, _ in prompts]
     jobs = [(k, s) for k in range(len(prompts)) for s in range(args.per_prompt)]
     rows = []

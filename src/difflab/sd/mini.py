@@ -59,7 +59,8 @@ class MiniSDConfig:
     vae_steps: int = 1500
     unet_steps: int = 6000
     safety_steps: int = 400
-    batch_size: int = 64
+    batch_size: int = 64  # VAE and safety checker
+    unet_batch_size: int = 64  # UNet and text encoder
     lr: float = 1e-3  # VAE and safety checker
     unet_lr: float = 3e-4  # UNet and text encoder
     kl_weight: float = 1e-4
@@ -72,6 +73,7 @@ class MiniSDConfig:
             return cls(
                 resolution=16, vae_channels=(8, 16), unet_channels=(16, 32), text_width=32,
                 attention_head_dim=4, vae_steps=3, unet_steps=3, safety_steps=3, batch_size=8,
+                unet_batch_size=8,
             )  # fmt: skip
         return cls()
 
@@ -178,7 +180,7 @@ def unet_loss(
     schedule = parts["noise_schedule"]  # a DDPMScheduler with the pipeline's betas
     f = parts["vae"].config.scaling_factor
     mean, std = latents
-    idx = torch.randint(len(mean), (cfg.batch_size,), generator=g)
+    idx = torch.randint(len(mean), (cfg.unet_batch_size,), generator=g)
     z0 = f * (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g))
     noise = torch.randn(z0.shape, generator=g)
     t = torch.randint(schedule.config.num_train_timesteps, (len(idx),), generator=g)

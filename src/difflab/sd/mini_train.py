@@ -64,7 +64,7 @@ from difflab.sd.tiny import _scheduler, tiny_tokenizer
 
 WEIGHTS = "mini_train.safetensors"
 PHASES = ("vae", "unet", "safety")
-PHASE_SHARE = {"vae": 0.25, "unet": 0.65, "safety": 0.10}  # of --minutes
+PHASE_SHARE = {"vae": 0.2, "unet": 0.72, "safety": 0.08}  # of --minutes
 SEED_OFFSET = {"vae": 0, "unet": 1, "safety": 2}  # each phase its own random streams
 
 
