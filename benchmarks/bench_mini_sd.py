@@ -61,14 +61,15 @@ def train(args: argparse.Namespace) -> Path:
 
     data = load_dataset(args.dataset, "train")
     cfg = _config(args.set)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     r = train_mini_sd(
         data.images.numpy(), data.labels.numpy(), data.class_names, args.out, data.name, cfg,
         data.class_names[-1], args.minutes, args.seed, progress=not args.quiet,
     )  # fmt: skip
-    spent = time.perf_counter() - t0
+    spent, cpu = time.perf_counter() - t0, time.process_time() - c0
     steps = ", ".join(f"{k} {n} steps {r.seconds[k]:.0f} s" for k, n in r.steps.items())
-    print(f"trained in {spent:.0f} s ({steps}); losses {r.losses}; scaling {r.scaling_factor:.3f}")
+    losses = ", ".join(f"{k} {v:.4f}" for k, v in r.losses.items())
+    print(f"trained in {spent:.0f} s wall, {cpu:.0f} s CPU ({steps}); losses {losses}; scaling {r.scaling_factor:.3f}")  # fmt: skip
     return Path(args.out)
 
 

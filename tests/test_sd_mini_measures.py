@@ -20,7 +20,7 @@ from difflab.evaluation.sd_metrics import PromptJudge, load_prompt_judge, prompt
 from difflab.experiments.sd_sweep import summarise  # noqa: E402
 from difflab.options import SDGeneration, SDPipelineSpec, SDSweepAxes  # noqa: E402
 from difflab.sd.load import configured_size, load_pipeline, own_size, resolve_model  # noqa: E402
-from difflab.sd.mini import to_pixels  # noqa: E402
+from difflab.sd.mini import read_record, to_pixels  # noqa: E402
 
 FASHION = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")  # fmt: skip
 DIGITS = tuple("0123456789")
@@ -108,6 +108,7 @@ def test_sd_generate_uses_the_own_size_and_reports_prompt_accuracy(mini, tmp_pat
     for path in sidecars:
         side = json.loads(path.read_text())
         assert (side["width"], side["height"]) == (16, 16)
+        assert side["guidance"] == read_record(mini)["guidance"] == 3.0  # the folder's own
         assert side["prompt_class"] == "3" and side["prompt_correct"] in (0.0, 1.0)
         assert side["prompt_correct"] == float(side["judged_class"] == "3")
         assert "Size: 16x16" in side["parameters"]

@@ -99,7 +99,7 @@ class SDGeneration(_Checked):
     prompt: str = ""  # empty only with unconditional
     negative_prompt: str = ""
     unconditional: bool = False
-    guidance: float = 7.5
+    guidance: float | None = None  # None: the model's (a mini-SD folder's own, else 7.5)
     steps: int = 25
     seed: int = 0
     n: int = 1
@@ -121,7 +121,7 @@ class SDGeneration(_Checked):
             negative_prompt=check_text(self.negative_prompt, "--negative-prompt"),
         )
         _set(self, unconditional=bool(self.unconditional))
-        _set(self, guidance=check_sd_guidance(self.guidance))
+        _set(self, guidance=_maybe(self.guidance, check_sd_guidance))
         _set(self, steps=check_int(self.steps, "--steps", 1, SD_MAX_STEPS))
         _set(self, seed=check_seed(self.seed), n=check_count(self.n, "--n", SD_MAX_IMAGES))
         check_seed(self.seed + self.n - 1, "--seed + --n - 1")

@@ -31,7 +31,7 @@ def add(sub) -> None:
     g = command(sd_sub, "generate", "images from a prompt, settings in every PNG", _generate)
     g.add_argument("--prompt", help="the prompt (empty only with --unconditional)")
     g.add_argument("--unconditional", action="store_true", help="sample without a prompt")
-    g.add_argument("--guidance", help=f"CFG scale s: 0, 1 or > 1 (default {default(SDGeneration, 'guidance')})")  # fmt: skip
+    g.add_argument("--guidance", help="CFG scale s: 0, 1 or > 1 (default: the model's, a mini-SD folder's own, else 7.5)")  # fmt: skip
     g.add_argument("--steps", help=f"inference steps (default {default(SDGeneration, 'steps')})")
     g.add_argument("--seed", type=int, help="seed of the first image (image i: seed+i; default 0)")
     g.add_argument("--n", help=f"number of images (default {default(SDGeneration, 'n')})")

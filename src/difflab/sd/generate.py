@@ -34,7 +34,7 @@ import torch
 from difflab import __version__
 from difflab.errors import UsageError
 from difflab.options import SDGeneration, SDPipelineSpec
-from difflab.sd.load import LoadedPipeline, load_pipeline, pipeline_size
+from difflab.sd.load import LoadedPipeline, load_pipeline, model_guidance, pipeline_size
 from difflab.sd.lora import LoraSpec, a1111_fields, applied, parse_loras
 from difflab.sd.metadata import format_parameters, save_image
 from difflab.sd.safety import Diagnosis, diagnose, to_uint8
@@ -196,7 +196,7 @@ def generate(
     """
     spec = SDPipelineSpec() if spec is None else spec
     prompt, negative_prompt = opts.prompt, opts.negative_prompt
-    guidance, steps = opts.guidance, opts.steps
+    steps = opts.steps
     n, batch_size = opts.n, spec.batch_size
     loras = parse_loras(spec.lora)
     out = Path(out)
@@ -205,6 +205,7 @@ def generate(
     if loaded is None:
         loaded = load_pipeline(spec, progress)
     width, height = opts.size or pipeline_size(loaded.pipe)  # None: the model's own size
+    guidance = model_guidance(loaded.source) if opts.guidance is None else opts.guidance
     notes = list(loaded.notes)
     for text, option in ((prompt, "--prompt"), (negative_prompt, "--negative-prompt")):
         note = truncation_note(loaded.pipe.tokenizer, text, option) if text else None

@@ -37,6 +37,7 @@ from difflab.options import DEFAULT_SD_MODEL, SD_SCHEDULERS, SDPipelineSpec
 
 MOVED = {"runwayml/stable-diffusion-v1-5": DEFAULT_SD_MODEL}  # removed from the Hub -> mirror
 SAFETY_CHECKER_ID = "CompVis/stable-diffusion-safety-checker"
+SD_GUIDANCE = 7.5  # diffusers' default guidance_scale
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 NEEDED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # name -> (diffusers class, from_config overrides, A1111 "Sampler" label)
@@ -221,6 +222,16 @@ def configured_size(source: ModelSource, vae: str | None = None) -> tuple[int, i
         return None if unet is None or vae_config is None else own_size(unet, vae_config)
     except (KeyError, TypeError, IndexError, ValueError, UsageError):
         return None
+
+
+def model_guidance(source: ModelSource) -> float:
+    """The guidance scale a model is run at without ``--guidance``: a mini-SD folder's own
+    (``mini_sd.json``'s ``guidance``, the one it was tuned for), else :data:`SD_GUIDANCE`."""
+    from difflab.sd.mini import read_record
+
+    record = read_record(source.location) if source.kind == "folder" else None
+    value = (record or {}).get("guidance")
+    return float(value) if isinstance(value, (int, float)) else SD_GUIDANCE
 
 
 def make_scheduler(name: str, config: Any) -> Any:

@@ -66,6 +66,7 @@ class MiniSDConfig:
     kl_weight: float = 1e-4
     caption_dropout: float = 0.1  # share of captions replaced by "" (the unconditional text)
     train_text_encoder: bool = True  # else the random text encoder stays frozen
+    guidance: float = 3.0  # saved in mini_sd.json: sd generate's guidance without --guidance
 
     @classmethod
     def preset(cls, name: str) -> MiniSDConfig:

@@ -204,6 +204,7 @@ def train_mini_sd(
             "embedding was trained to recognise the flagged class (not SD's NSFW checker)",
             "safety_accuracy_train": accuracy,
             "scaling_factor": state["scaling_factor"],
+            "guidance": cfg.guidance,
             "text_encoder": "trained with the UNet"
             if cfg.train_text_encoder
             else "frozen (random)",

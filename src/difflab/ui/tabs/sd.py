@@ -82,7 +82,7 @@ def generation(prompt, negative_prompt, guidance, steps, seed, n, size) -> SDGen
 
 
 def start_sd(
-    lab: Lab, prompt: str, negative_prompt: str = "", guidance: float = GENERATION.guidance,
+    lab: Lab, prompt: str, negative_prompt: str = "", guidance: float | None = GENERATION.guidance,
     steps: int = GENERATION.steps, seed: int = GENERATION.seed, n: int = GENERATION.n,
     size: str = size_text(GENERATION.size), scheduler: str | None = None, model: str = "",
     safety_checker: bool = PIPELINE.safety_checker,
@@ -220,7 +220,7 @@ def build(lab: Lab, page) -> None:
                 with gr.Column(scale=1):
                     prompt = gr.Textbox(label="Prompt", lines=2)
                     neg = gr.Textbox(label="Negative prompt")
-                    guidance = gr.Number(value=GENERATION.guidance, label="Guidance (CFG scale)", minimum=0)  # fmt: skip
+                    guidance = gr.Number(value=GENERATION.guidance, label="Guidance (CFG scale; empty: the model's, 7.5 for SD)", minimum=0)  # fmt: skip
                     steps = gr.Number(value=GENERATION.steps, label="Steps", precision=0, minimum=1, maximum=limits.SD_STEPS)  # fmt: skip
                     seed = gr.Number(value=GENERATION.seed, label="Seed", precision=0, minimum=0)
                     n = gr.Number(value=GENERATION.n, label="Images", precision=0, minimum=1, maximum=limits.SD_IMAGES)  # fmt: skip
