@@ -17,7 +17,13 @@ settings or another model in the same folder are refused. ``metrics.csv`` / ``me
 / ``summary.csv`` are rebuilt from the cell records (the folder, its lock and its records are
 :mod:`difflab.experiments.core`'s); :mod:`difflab.figures.sd` draws one grid
 per prompt and the CLIP-score-vs-guidance plot. Filtered and black cells get no CLIP score or
-detail (a black square measures nothing) and are counted in ``nsfw_share`` instead.
+detail (a black square measures nothing) and are counted in ``nsfw_share`` instead. The
+summary gives each measure's 95 % interval (``*_ci_low``/``*_ci_high``: bootstrap over the
+images, within each prompt). Without ``size`` the sweep runs at the model's own size (read from
+its configs, or measured on the loaded pipeline), which the identity records. For a mini-SD
+model the identity names its dataset and each cell also gets prompt accuracy and judge
+features, and the summary prompt accuracy and diversity over seeds
+(:mod:`difflab.experiments.sd_alignment`).
 
 A LoRA with ``lora_scales`` (``--lora FILE --lora-scales 0,0.5,1``) adds the LoRA's scale as
 a fifth axis: the LoRA is loaded once and re-weighted per cell (scale 0 is the base model);
