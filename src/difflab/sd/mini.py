@@ -67,6 +67,7 @@ class MiniSDConfig:
     caption_dropout: float = 0.1  # share of captions replaced by "" (the unconditional text)
     train_text_encoder: bool = True  # else the random text encoder stays frozen
     guidance: float = 3.0  # saved in mini_sd.json: sd generate's guidance without --guidance
+    text_time_embedding: bool = True  # the pooled text also joins the timestep embedding
 
     @classmethod
     def preset(cls, name: str) -> MiniSDConfig:
@@ -110,6 +111,12 @@ def build_parts(cfg: MiniSDConfig, tokenizer: Any) -> dict[str, Any]:
     n_vae, n_unet = len(cfg.vae_channels), len(cfg.unet_channels)
     groups = math.gcd(*cfg.vae_channels, *cfg.unet_channels, 32)
     latent = cfg.resolution // 2 ** (n_vae - 1)
+    # diffusers' addition_embed_type="text": an attention-pooled text embedding is added to
+    # the timestep embedding (a global path beside cross-attention; SD 1.5's UNet has none)
+    text_time = {}
+    if cfg.text_time_embedding:
+        heads = max(1, cfg.text_width // 16)
+        text_time = {"addition_embed_type": "text", "addition_embed_type_num_heads": heads}
     text = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width,
         num_hidden_layers=cfg.text_layers, num_attention_heads=max(1, cfg.text_width // 16),
@@ -130,6 +137,7 @@ def build_parts(cfg: MiniSDConfig, tokenizer: Any) -> dict[str, Any]:
             down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n_unet - 1),
             up_block_types=("CrossAttnUpBlock2D",) * (n_unet - 1) + ("UpBlock2D",),
             cross_attention_dim=cfg.text_width, attention_head_dim=cfg.attention_head_dim,
+            **text_time,
         ),
     )  # fmt: skip
 
