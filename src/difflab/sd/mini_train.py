@@ -42,6 +42,7 @@ from difflab.runfolder import (
 )
 from difflab.sd.mini import (
     MiniSDConfig,
+    align_text_encoder,
     build_parts,
     caption,
     caption_templates,
@@ -173,6 +174,11 @@ def train_mini_sd(
                 state["scaling_factor"] = measured_scaling_factor(
                     *encode_all(parts["vae"], x), seed
                 )
+                if cfg.text_align_steps:  # once, before the UNet's first step
+                    state["losses"]["text_align"] = align_text_encoder(
+                        parts["text_encoder"], tokenizer, captions_of, cfg.text_align_steps,
+                        cfg.lr, seed + 3,
+                    )  # fmt: skip
             parts["vae"].register_to_config(scaling_factor=state["scaling_factor"] or 1.0)
             if name == "safety":
                 inputs = clip_inputs(feature_extractor(), x)
@@ -208,6 +214,7 @@ def train_mini_sd(
             "text_encoder": "trained with the UNet"
             if cfg.train_text_encoder
             else "frozen (random)",
+            "text_encoder_aligned_steps": cfg.text_align_steps,
             "seed": seed,
             "minutes": minutes,
             "steps": state["steps"],
