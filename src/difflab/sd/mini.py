@@ -53,19 +53,19 @@ class MiniSDConfig:
     """The sizes of the parts and of training; ``tiny`` for tests, ``small`` by default."""
 
     resolution: int = 32  # images are resized to resolution x resolution RGB
-    vae_channels: tuple[int, ...] = (32, 64, 64)  # VAE scale factor 2 ** (len - 1)
+    vae_channels: tuple[int, ...] = (16, 32, 32)  # VAE scale factor 2 ** (len - 1)
     latent_channels: int = 4
-    unet_channels: tuple[int, ...] = (64, 128)
+    unet_channels: tuple[int, ...] = (32, 64)
     text_width: int = 64
     text_layers: int = 2
     attention_head_dim: int = 8
-    vae_steps: int = 1500
-    unet_steps: int = 6000
+    vae_steps: int = 300
+    unet_steps: int = 1500
     safety_steps: int = 400
-    batch_size: int = 64  # VAE and safety checker
-    unet_batch_size: int = 64  # UNet and text encoder
-    lr: float = 1e-3  # VAE and safety checker
-    unet_lr: float = 3e-4  # UNet and text encoder
+    batch_size: int = 32  # VAE and safety checker
+    unet_batch_size: int = 128  # UNet and text encoder (a step costs little more than at 32)
+    lr: float = 2e-3  # VAE, safety checker and the text encoder's alignment
+    unet_lr: float = 1e-3  # UNet and text encoder
     kl_weight: float = 1e-4
     caption_dropout: float = 0.1  # share of captions replaced by "" (the unconditional text)
     train_text_encoder: bool = True  # else the random text encoder stays frozen

@@ -213,7 +213,7 @@ def train_mini_sd(
             "guidance": cfg.guidance,
             "text_encoder": "trained with the UNet"
             if cfg.train_text_encoder
-            else "frozen (random)",
+            else "frozen (after the alignment)",
             "text_encoder_aligned_steps": cfg.text_align_steps,
             "seed": seed,
             "minutes": minutes,
