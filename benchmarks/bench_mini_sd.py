@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difflab.evaluation.sd_metrics import NUMBER_WORDS, feature_diversity, load_prompt_judge
+from difflab.evaluation.sd_metrics import feature_diversity, load_prompt_judge
 from difflab.evaluation.stats import bootstrap_interval, diversity_interval
 from difflab.options import SDPipelineSpec
 from difflab.sd.generate import encode, initial_latents
 from difflab.sd.load import load_pipeline, pipeline_size
-from difflab.sd.mini import MiniSDConfig, caption, caption_templates, read_record
+from difflab.sd.mini import NUMBER_WORDS, MiniSDConfig, caption, caption_templates, read_record
 
 
 def _config(pairs: list[str]) -> MiniSDConfig:
@@ -145,14 +145,20 @@ def measure(model: Path, args: argparse.Namespace) -> list[dict]:
             "diversity": div, "diversity_ci": diversity_interval(feats, group, div),
             "seconds_per_image": seconds / len(images),
         })  # fmt: skip
+        phrasing = np.array([k % 3 for k, _ in jobs])
+        rows[-1]["by_phrasing"] = {
+            prompts[k][0].replace(str(prompts[k][1]), "N"): float(correct[phrasing == k].mean())
+            for k in range(3)
+        }
         r = rows[-1]
         lo, hi = r["prompt_accuracy_ci"]
         dl, dh = r["diversity_ci"] or (float("nan"),) * 2
         print(
             f"| {g:g} | {r['prompt_accuracy']:.1%} [{lo:.1%}, {hi:.1%}] | {div:.2f} "
-            f"[{dl:.2f}, {dh:.2f}] | {r['seconds_per_image']:.3f} |",
+            f"[{dl:.2f}, {dh:.2f}] | {r['seconds_per_image']:.3f} | "
+            + ", ".join(f"{k}: {v:.0%}" for k, v in r["by_phrasing"].items()) + " |",
             flush=True,
-        )
+        )  # fmt: skip
     return rows
 
 
@@ -187,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{model}: not a mini-SD folder (no mini_sd.json)", file=sys.stderr)
         return 2
     print(f"\n{args.steps} steps, {args.per_prompt} seeds x {len(prompts_of(record))} prompts")
-    print("| guidance | prompt accuracy [95% CI] | diversity [95% CI] | s / image |")
-    print("|---|---|---|---|")
+    print("| guidance | prompt accuracy [95% CI] | diversity [95% CI] | s / image | by phrasing |")
+    print("|---|---|---|---|---|")
     rows = measure(model, args)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")

@@ -37,9 +37,9 @@ import torch
 
 from difflab.errors import UsageError
 from difflab.sd import DEFAULT_CLIP_MODEL
+from difflab.sd.mini import NUMBER_WORDS
 
 LUMA = np.array([0.299, 0.587, 0.114])
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
 def laplacian_variance(image: np.ndarray) -> float:

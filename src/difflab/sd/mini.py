@@ -35,9 +35,16 @@ from difflab.runfolder import step_generator
 
 RECORD = "mini_sd.json"
 DIGIT_TEMPLATES = (
-    "a handwritten digit {c}", "the digit {c}", "a handwritten {c}", "the number {c}, handwritten",
-    "a drawing of the digit {c}", "{c}",
-)  # fmt: skip
+    "a handwritten digit {c}",
+    "the digit {c}",
+    "a handwritten {c}",
+    "the number {c}, handwritten",
+    "a drawing of the digit {c}",
+    "{c}",
+    "the digit {w}",
+    "a handwritten {w}",
+)  # fmt: skip  ({w}: the digit's number word, "three")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 OBJECT_TEMPLATES = (
     "a photo of a {c}", "a {c}", "a small photo of a {c}", "a picture of the {c}",
     "a blurry photo of a {c}", "{c}",
@@ -94,7 +101,9 @@ def caption_templates(dataset: str, class_names: tuple[str, ...]) -> tuple[str, 
 
 
 def caption(template: str, name: str) -> str:
-    return template.format(c=name.replace("_", " "))
+    """``template`` with ``{c}`` the class name (and ``{w}`` a digit's number word)."""
+    word = NUMBER_WORDS[int(name)] if name.isdigit() and int(name) < 10 else name
+    return template.format(c=name.replace("_", " "), w=word)
 
 
 def to_pixels(images: np.ndarray, resolution: int) -> torch.Tensor:
