@@ -108,7 +108,7 @@ def test_sd_generate_uses_the_own_size_and_reports_prompt_accuracy(mini, tmp_pat
     for path in sidecars:
         side = json.loads(path.read_text())
         assert (side["width"], side["height"]) == (16, 16)
-        assert side["guidance"] == read_record(mini)["guidance"] == 3.0  # the folder's own
+        assert side["guidance"] == read_record(mini)["guidance"] == 5.0  # the folder's own
         assert side["prompt_class"] == "3" and side["prompt_correct"] in (0.0, 1.0)
         assert side["prompt_correct"] == float(side["judged_class"] == "3")
         assert "Size: 16x16" in side["parameters"]

@@ -72,11 +72,11 @@ class MiniSDConfig:
     batch_size: int = 32  # VAE and safety checker
     unet_batch_size: int = 128  # UNet and text encoder (a step costs little more than at 32)
     lr: float = 2e-3  # VAE, safety checker and the text encoder's alignment
-    unet_lr: float = 1e-3  # UNet and text encoder
+    unet_lr: float = 2e-3  # UNet and text encoder
     kl_weight: float = 1e-4
     caption_dropout: float = 0.1  # share of captions replaced by "" (the unconditional text)
     train_text_encoder: bool = True  # else the random text encoder stays frozen
-    guidance: float = 3.0  # saved in mini_sd.json: sd generate's guidance without --guidance
+    guidance: float = 5.0  # saved in mini_sd.json: sd generate's guidance without --guidance
     text_time_embedding: bool = True  # the pooled text also joins the timestep embedding
     text_align_steps: int = 100  # steps shaping the fresh text encoder (align_text_encoder)
 
