@@ -63,7 +63,7 @@ def test_defaults_are_the_documented_ones():
     assert a.guidance == (0.0, 1.0, 2.0, 4.0, 8.0) and a.steps == (10, 25, 50)
     assert (a.samplers, a.seeds, a.n_per_class, a.grid_class) == (("ddim",), (0,), 10, 0)
     g = SDGeneration("a cat")
-    assert (g.guidance, g.steps, g.seed, g.n, g.size) == (7.5, 25, 0, 1, (512, 512))
+    assert (g.guidance, g.steps, g.seed, g.n, g.size) == (None, 25, 0, 1, None)  # the model's
     sw = SDSweepAxes("a cat")
     assert sw.guidance == (1.0, 3.0, 7.5, 12.0, 20.0) and sw.steps == (10, 25, 50)
     assert sw.seeds == (0, 1, 2) and sw.clip_model == DEFAULT_CLIP_MODEL

@@ -673,3 +673,32 @@ def test_the_train_tab_shows_quality_while_training(lab, tmp_path, monkeypatch):
     assert ratio["FD / floor"].tolist() == [r["eval"]["fd_ratio"] for r in rows]
     assert train.latest_grid(run).endswith(f"step-{rows[-1]['step']:07d}.png")
     assert (run / "figures" / "quality.png").is_file()  # the Runs tab's figures
+
+
+def test_stable_diffusion_tab_on_a_mini_sd_folder(server):
+    """A mini-SD folder of the models folder: an empty size box gives its own 16x16, and the
+    notes carry its prompt accuracy; the sweep's table has prompt accuracy and diversity."""
+    from PIL import Image
+
+    from difflab.cli import main
+    from difflab.ui.tabs import sd
+
+    lab, _, client, _ = server
+    model = lab.models / "mini"
+    lab.models.mkdir(parents=True, exist_ok=True)
+    assert main(["sd", "mini", "--dataset", "digits", "--preset", "tiny", "--out", str(model)]) == 0
+    assert sd.size_hint(lab, str(model)) == "16x16 (the model's own)"
+    assert str(model) in [m.path for m in list_models(lab.models, hf_cache=False)]
+    status, gallery, notes, settings = client.predict(
+        "a handwritten digit 3", "", 3, 2, 0, 2, "", "", str(model), True, api_name="/sd_generate"
+    )  # fmt: skip
+    assert len(gallery) == 2 and (settings["width"], settings["height"]) == (16, 16)
+    assert Image.open(gallery[0]["image"]).size == (16, 16)
+    assert "prompt accuracy" in notes and "digits reference classifier" in notes
+    assert settings["prompt_accuracy"] in (0.0, 0.5, 1.0)
+    status, table, grids = client.predict(
+        "a handwritten digit 3", "mini1", "1,3", "1", "0,1", "", str(model), "none",
+        api_name="/sd_sweep",
+    )  # fmt: skip
+    assert "4/4 cells" in status
+    assert "prompt_accuracy_mean" in table["headers"] and "diversity_mean" in table["headers"]

@@ -99,11 +99,11 @@ class SDGeneration(_Checked):
     prompt: str = ""  # empty only with unconditional
     negative_prompt: str = ""
     unconditional: bool = False
-    guidance: float = 7.5
+    guidance: float | None = None  # None: the model's (a mini-SD folder's own, else 7.5)
     steps: int = 25
     seed: int = 0
     n: int = 1
-    size: tuple[int, int] = (512, 512)  # (width, height)
+    size: tuple[int, int] | None = None  # (width, height); None: the model's own size
 
     def check(self) -> None:
         prompt = check_text(self.prompt, "--prompt")
@@ -121,11 +121,19 @@ class SDGeneration(_Checked):
             negative_prompt=check_text(self.negative_prompt, "--negative-prompt"),
         )
         _set(self, unconditional=bool(self.unconditional))
-        _set(self, guidance=check_sd_guidance(self.guidance))
+        _set(self, guidance=_maybe(self.guidance, check_sd_guidance))
         _set(self, steps=check_int(self.steps, "--steps", 1, SD_MAX_STEPS))
         _set(self, seed=check_seed(self.seed), n=check_count(self.n, "--n", SD_MAX_IMAGES))
         check_seed(self.seed + self.n - 1, "--seed + --n - 1")
-        _set(self, size=parse_size(self.size))
+        _set(self, size=own_or_size(self.size))
+
+
+def own_or_size(size: object) -> tuple[int, int] | None:
+    """``--size`` parsed; None, blank or ``auto``: None, the model's own size (the UNet's
+    ``sample_size`` x the VAE's scale factor, as the pipeline does: 512x512 for SD 1.5)."""
+    if size is None or (isinstance(size, str) and size.strip().lower() in ("", "auto")):
+        return None
+    return parse_size(size)
 
 
 @dataclass(frozen=True)
@@ -137,7 +145,7 @@ class SDSweepAxes(_Checked):
     steps: tuple[int, ...] = (10, 25, 50)
     seeds: tuple[int, ...] = (0, 1, 2)
     negative_prompt: str = ""
-    size: tuple[int, int] = (512, 512)
+    size: tuple[int, int] | None = None  # None: the model's own size
     clip_model: str | None = DEFAULT_CLIP_MODEL  # for the CLIP score; None (or "none"): none
     lora_scales: tuple[float, ...] | None = None  # the LoRA's scale as an axis (needs a LoRA)
 
@@ -158,7 +166,7 @@ class SDSweepAxes(_Checked):
         _set(self, steps=tuple(sorted(s)), seeds=tuple(sorted(seeds)), clip_model=clip)
         _set(self, lora_scales=None if scales is None else tuple(sorted(scales)))
         negative = check_text(self.negative_prompt, "--negative-prompt")
-        _set(self, negative_prompt=negative, size=parse_size(self.size))
+        _set(self, negative_prompt=negative, size=own_or_size(self.size))
 
     def lora_axis(self, spec: SDPipelineSpec) -> tuple[str | None, tuple[float, ...] | None]:
         """The swept LoRA file and its scales: ``lora_scales``, else the file's own scale."""

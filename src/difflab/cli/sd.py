@@ -31,7 +31,7 @@ def add(sub) -> None:
     g = command(sd_sub, "generate", "images from a prompt, settings in every PNG", _generate)
     g.add_argument("--prompt", help="the prompt (empty only with --unconditional)")
     g.add_argument("--unconditional", action="store_true", help="sample without a prompt")
-    g.add_argument("--guidance", help=f"CFG scale s: 0, 1 or > 1 (default {default(SDGeneration, 'guidance')})")  # fmt: skip
+    g.add_argument("--guidance", help="CFG scale s: 0, 1 or > 1 (default: the model's, a mini-SD folder's own, else 7.5)")  # fmt: skip
     g.add_argument("--steps", help=f"inference steps (default {default(SDGeneration, 'steps')})")
     g.add_argument("--seed", type=int, help="seed of the first image (image i: seed+i; default 0)")
     g.add_argument("--n", help=f"number of images (default {default(SDGeneration, 'n')})")
@@ -57,7 +57,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 def _add_pipeline(p: argparse.ArgumentParser) -> None:
     """The arguments of an :class:`SDPipelineSpec`, the negative prompt, size and output."""
     p.add_argument("--negative-prompt", help="what to steer away from")
-    p.add_argument("--size", help="WIDTHxHEIGHT, multiples of 8 (default 512x512)")
+    p.add_argument("--size", help="WIDTHxHEIGHT, multiples of 8 (default: the model's own, "
+                   "the UNet's sample_size x the VAE's scale factor: 512x512 for SD 1.5)")  # fmt: skip
     p.add_argument("--scheduler", help=f"{', '.join(SD_SCHEDULERS)} (default: the model's)")
     _add_model(p)
     p.add_argument("--model-config", help="local diffusers folder with the configs of a single file")  # fmt: skip
@@ -74,10 +75,10 @@ def _add_pipeline(p: argparse.ArgumentParser) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from difflab.sd.generate import generate
+    from difflab.experiments.sd_alignment import accuracy_text, generate_measured
 
     opts, spec = build(SDGeneration, args), build(SDPipelineSpec, args)
-    r = generate(opts, args.out, spec)
+    r, judged = generate_measured(opts, args.out, spec)
     names = ", ".join(rec.png.name for rec in r.images)
     for note in r.notes:
         print(f"difflab sd: warning: {note}", file=sys.stderr)
@@ -89,6 +90,8 @@ def _generate(args: argparse.Namespace) -> None:
         )
     for rec in r.black_unflagged:
         print(f"{rec.png.name}: {rec.diagnosis.note}")
+    if judged is not None:
+        print(accuracy_text(judged))
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -110,6 +113,14 @@ def _sweep(args: argparse.Namespace) -> None:
         + f"; {r.flagged} of {len(r.rows)} images filtered by the safety checker{black}"
         + f"; tables metrics.csv, summary.csv, metrics.json; {len(r.figures)} figures"
     )
+    for st in sorted({row["steps"] for row in r.summary if row.get("prompt_accuracy_mean") is not None}):  # fmt: skip
+        cells = [row for row in r.summary if row["steps"] == st and row.get("prompt_accuracy_mean") is not None]  # fmt: skip
+        listed = ", ".join(
+            f"s={row['guidance']:g}: {row['prompt_accuracy_mean']:.0%}"
+            + ("" if row.get("diversity_mean") is None else f" (diversity {row['diversity_mean']:.2f})")
+            for row in sorted(cells, key=lambda row: row["guidance"])
+        )  # fmt: skip
+        print(f"prompt accuracy at {st} steps: {listed}")
 
 
 # -- finetune -------------------------------------------------------------------------------
@@ -206,6 +217,6 @@ def _mini(args: argparse.Namespace) -> None:
     )  # fmt: skip
     print(
         f"mini-SD in {r.out}: {steps}; VAE scaling_factor {r.scaling_factor:.4f}{checker}; "
-        f"try: difflab sd generate --model {r.out} --size {cfg.resolution}x{cfg.resolution} "
+        f"try: difflab sd generate --model {r.out} "
         f"--prompt {prompt!r} --out OUT"
     )

@@ -14,11 +14,22 @@ sharpness measure): the luma ``Y = 0.299 R + 0.587 G + 0.114 B`` in [0, 1], filt
 variance of the result. Flat or blurry images score near 0, fine texture and sharp edges score
 high (a one-pixel 0/1 checkerboard scores 16). It depends on the image size, so compare it
 only between images of the same size.
+
+**Prompt accuracy** (mini-SD models, whose folder names their dataset and classes): which
+class a prompt asks for is read from its words (:func:`prompt_class`: a class name, its
+alternatives in ``T-shirt/top``, a plural, a digit's number word; a prompt naming no class or
+several has none and is not measured), and the dataset's reference classifier
+(:mod:`difflab.evaluation.judge`, the one the DDPM evaluation uses) says whether an image shows
+it (:class:`PromptJudge`). **Diversity** is the mean pairwise distance of the judge's features
+over the seeds of one prompt and setting (:func:`~difflab.evaluation.metrics.diversity`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +37,7 @@ import torch
 
 from difflab.errors import UsageError
 from difflab.sd import DEFAULT_CLIP_MODEL
+from difflab.sd.mini import NUMBER_WORDS
 
 LUMA = np.array([0.299, 0.587, 0.114])
 
@@ -80,3 +92,98 @@ def load_scorer(model: str | None, device: str) -> Any:
     if model is None or str(model).lower() == "none":
         return None
     return ClipScorer(model, device)
+
+
+# -- prompt accuracy ---------------------------------------------------------------------------
+def class_aliases(name: str) -> set[str]:
+    """The lower-case words that name class ``name`` in a prompt."""
+    base = name.lower().replace("_", " ").strip()
+    alts = {a.strip() for a in base.split("/") if a.strip()} | {base}
+    out = alts | {a + "s" for a in alts if not a.isdigit()} | {a + "es" for a in alts if a.endswith(("s", "x", "ch", "sh"))}  # fmt: skip
+    if base.isdigit() and int(base) < len(NUMBER_WORDS):
+        out.add(NUMBER_WORDS[int(base)])
+    return out
+
+
+@dataclass(frozen=True)
+class PromptClass:
+    index: int | None  # the class the prompt asks for; None: not measured
+    note: str | None = None  # why not
+
+
+def prompt_class(prompt: str, class_names: Sequence[str]) -> PromptClass:
+    """The one class of ``class_names`` that ``prompt`` names ("a handwritten digit 3", "the
+    digit three", "a photo of a sneaker"); a name inside a longer one ("shirt" in "t-shirt")
+    does not count. No class or several: ``index`` None and a note saying so."""
+    text = str(prompt).lower()
+    spans = []
+    for i, name in enumerate(class_names):
+        for alias in class_aliases(str(name)):
+            pattern = rf"(?<![a-z0-9-]){re.escape(alias)}(?![a-z0-9-])"
+            spans += [(m.start(), m.end(), i) for m in re.finditer(pattern, text)]
+    inside = {s for s in spans for o in spans if o[0] <= s[0] and s[1] <= o[1] and o[1] - o[0] > s[1] - s[0]}  # fmt: skip
+    found = sorted({i for s in spans if s not in inside for i in [s[2]]})
+    if len(found) == 1:
+        return PromptClass(found[0])
+    if not found:
+        listed = ", ".join(map(str, class_names))
+        return PromptClass(None, f"names none of the classes ({listed}): prompt accuracy not measured")  # fmt: skip
+    listed = ", ".join(str(class_names[i]) for i in found)
+    return PromptClass(None, f"names several classes ({listed}): prompt accuracy not measured")
+
+
+class PromptJudge:
+    """The reference classifier of a mini-SD model's dataset, reading pipeline images."""
+
+    def __init__(self, judge: Any, class_names: Sequence[str], dataset: str = "") -> None:
+        self.judge, self.class_names, self.dataset = judge, tuple(map(str, class_names)), dataset
+        names = [str(c) for c in judge.class_names]
+        missing = [c for c in self.class_names if c not in names]
+        if missing:
+            raise UsageError(
+                f"the {judge.dataset} reference classifier has no class {missing[0]!r}; "
+                "the model's classes must be its dataset's"
+            )
+        self.to_judge = [names.index(c) for c in self.class_names]
+
+    def _pixels(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """(H, W, 3) uint8 images -> floats (N, C, h, w) in [-1, 1] at the judge's size."""
+        x = torch.as_tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        if self.judge.channels == 1:
+            x = (x * torch.as_tensor(LUMA, dtype=x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        size = (self.judge.height or x.shape[2], self.judge.width or x.shape[3])
+        if tuple(x.shape[2:]) != size:
+            x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True)
+        return x.clamp(-1, 1)
+
+    def measure(self, images: Sequence[np.ndarray]) -> tuple[list[int], np.ndarray]:
+        """The judged class of each image (an index into ``class_names``, -1 for another
+        class of the judge) and its judge features (N, 128)."""
+        x = self._pixels(images)
+        back = {j: i for i, j in enumerate(self.to_judge)}
+        judged = [back.get(int(j), -1) for j in self.judge.predict(x)]
+        return judged, self.judge.features(x).numpy()
+
+
+def load_prompt_judge(model: str | Path, device: str = "cpu") -> PromptJudge | None:
+    """The :class:`PromptJudge` of a mini-SD folder (its ``mini_sd.json`` names the dataset
+    and the classes); None for any other model. The judge is trained on first use, cached."""
+    from difflab.evaluation.judge import get_judge
+    from difflab.sd.mini import read_record
+
+    path = Path(str(model)).expanduser()
+    record = read_record(path) if path.is_dir() else None
+    if not record or not record.get("dataset") or not record.get("class_names"):
+        return None
+    judge = get_judge(record["dataset"], device=device, progress=False)
+    return PromptJudge(judge, record["class_names"], record["dataset"])
+
+
+def feature_diversity(features: Any) -> float | None:
+    """Mean pairwise distance of ``features`` (N, D); None for fewer than two."""
+    f = np.asarray(features, dtype=np.float64)
+    if len(f) < 2:
+        return None
+    from difflab.evaluation.metrics import diversity
+
+    return diversity(f, np.zeros(len(f), dtype=np.int64))["mean"]

@@ -316,3 +316,18 @@ def compare_paired_distances(
         needed = _distance_needed(len(fa), vb - va, interval)
         out[metric] = PairedDistance(metric, len(fa), va, vb, vb - va, interval, needed)
     return out
+
+
+def diversity_interval(
+    features: Any, groups: Any, measured: float, seed: int = 0, resamples: int = RESAMPLES
+) -> list[float] | None:
+    """95 % interval of the mean within-group pairwise distance (``measured``), resampling
+    within each group (a Stable Diffusion sweep: the seeds of a prompt); None without a pair."""
+    y = np.asarray(groups).reshape(-1)
+    idx = resample_indices(y, resamples, seed)
+    counts = np.stack([np.bincount(i, minlength=len(y)) for i in idx]).astype(np.float64)
+    div = _diversity_resampled(as_features(features, "features"), y, counts)
+    if not div:
+        return None
+    low, high = percentile_interval(div, centre=measured)
+    return [max(low, 0.0), high]

@@ -322,14 +322,19 @@ def eval_conclusions(ev: dict[str, Any]) -> list[str]:
     return out
 
 
-def sd_sweep_conclusions(summary: list[dict]) -> list[str]:
+def sd_sweep_conclusions(summary: list[dict], identity: dict | None = None) -> list[str]:
     """Plain sentences about a Stable Diffusion sweep's summary (per steps and guidance).
 
-    Which guidance aligned the images best with their prompts (CLIP score) at each step
+    For a mini-SD model (``identity["mini_sd"]``) first prompt accuracy and diversity against
+    guidance (:func:`~difflab.experiments.sd_alignment.alignment_conclusions`). Which guidance
+    aligned the images best with their prompts (CLIP score) at each step
     count, how the detail measure moves from the smallest to the largest guidance, how many
     images the safety checker filtered at which guidance, and black images it did not flag.
     """
-    out: list[str] = []
+    from difflab.experiments.sd_alignment import alignment_conclusions
+
+    mini = (identity or {}).get("mini_sd")
+    out: list[str] = alignment_conclusions(summary)
     measured = [r for r in summary if r.get("clip_score_mean") is not None]
     for st in sorted({r["steps"] for r in measured}):
         rows = sorted((r for r in measured if r["steps"] == st), key=lambda r: r["guidance"])
@@ -361,14 +366,17 @@ def sd_sweep_conclusions(summary: list[dict]) -> list[str]:
         n[0] += r["nsfw_count"]
         n[1] += r["images"]
     total = sum(f for f, _ in flagged.values())
+    checker = "safety checker"
+    if isinstance(mini, dict) and mini.get("flagged_concept"):
+        checker = f"lab stand-in safety checker (it flags the class {mini['flagged_concept']!r})"
     if total:
         where = ", ".join(f"{f} of {n} at guidance {g:g}" for g, (f, n) in flagged.items() if f)
         out.append(
-            f"The safety checker filtered {total} image(s) (returned as black squares): {where}. "
+            f"The {checker} filtered {total} image(s) (returned as black squares): {where}. "
             "They have no CLIP score or detail and are left out of the means."
         )
     else:
-        out.append("The safety checker filtered no image in this sweep.")
+        out.append(f"The {checker} filtered no image in this sweep.")
     black = sum(r.get("black_unflagged", 0) for r in summary)
     if black:
         out.append(

@@ -12,12 +12,10 @@ from these numbers by :mod:`difflab.experiments.conclusions`. Every input is che
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from difflab import __version__
@@ -31,6 +29,8 @@ from difflab.experiments.conclusions import (
 )
 from difflab.experiments.ddpm_sweep import SWEEP_FILE
 from difflab.experiments.paired import distance_comparer
+from difflab.experiments.report_render import Block, render_html, render_markdown
+from difflab.experiments.sd_alignment import ci_text, mini_sd_note
 from difflab.experiments.sd_sweep import IDENTITY_FILE as SD_SWEEP_FILE
 from difflab.files import atomic_path, read_json, read_jsonl, write_text
 
@@ -42,16 +42,6 @@ RUN_FIGURES = (  # (file in RUN/figures, heading, what to run when it is missing
      "difflab sample RUN --guidance 0,1,3 --cols guidance --out RUN/figures/guidance.png"),
     ("nearest_train.png", "Samples beside their nearest training images", "difflab eval RUN"),
 )  # fmt: skip
-
-
-@dataclass
-class Block:
-    kind: str  # h1, h2, h3, p, note, list, table, image
-    text: str = ""
-    items: list[str] = field(default_factory=list)  # list items
-    rows: list[list[str]] = field(default_factory=list)  # table: header first
-    png: bytes = b""
-    name: str = ""  # image file name in the Markdown twin's folder
 
 
 @dataclass
@@ -292,15 +282,22 @@ def sd_sweep_blocks(sweep: Path, slug: str) -> tuple[list[Block], list[str]]:
     def pm(r: dict, m: str, fmt: str) -> str:
         return "–" if r.get(f"{m}_mean") is None else mean_std_text(r, m, fmt)
 
-    header = ["steps", "guidance", "images", "CLIP score", "detail", "s / image", "filtered", "black, not flagged"]  # fmt: skip
+    if ident.get("mini_sd"):
+        blocks.append(Block("note", mini_sd_note(ident)))
+    judged = any(r.get("prompt_accuracy_mean") is not None for r in summary)
+    header = ["steps", "guidance", "images", *(["prompt accuracy", "diversity"] if judged else []), "CLIP score", "detail", "s / image", "filtered", "black, not flagged"]  # fmt: skip
     table = [header] + [
-        [str(r["steps"]), f"{r['guidance']:g}", str(r["images"]), pm(r, "clip_score", ".1f"),
-         pm(r, "detail", ".4f"), f"{r['seconds_per_image_mean']:.2f}",
+        [str(r["steps"]), f"{r['guidance']:g}", str(r["images"]),
+         *([ci_text(r, "prompt_accuracy", ".0%"), ci_text(r, "diversity", ".2f")] if judged else []),
+         pm(r, "clip_score", ".1f"), pm(r, "detail", ".4f"), f"{r['seconds_per_image_mean']:.2f}",
          f"{r['nsfw_count']} ({r['nsfw_share']:.0%})", str(r.get("black_unflagged", 0))]
         for r in sorted(summary, key=lambda r: (r["steps"], r["guidance"]))
     ]  # fmt: skip
     blocks += [
-        Block("h3", "Results (mean ± std over prompts and seeds)"),
+        Block(
+            "h3",
+            "Results (mean ± std over prompts and seeds" + ("; mean [95% CI])" if judged else ")"),
+        ),  # fmt: skip
         Block("table", rows=table),
     ]
     measures = doc.get("measures", {})
@@ -315,66 +312,7 @@ def sd_sweep_blocks(sweep: Path, slug: str) -> tuple[list[Block], list[str]]:
         if grid.is_file():
             blocks.append(Block("h3", f"Prompt {i + 1}: rows guidance, columns steps"))
             blocks.append(Block("image", prompt or "unconditional", png=_png(grid), name=f"{slug}_{grid.name}"))  # fmt: skip
-    return blocks, sd_sweep_conclusions(summary) if summary else []
-
-
-# -- rendering ------------------------------------------------------------------------------
-CSS = """body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
-h1{border-bottom:2px solid #08519c;padding-bottom:.2em}h2{margin-top:2em;border-bottom:1px solid #ccc;color:#08519c}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
-th{background:#eef3f9}tr:nth-child(even) td{background:#fafafa}img{max-width:100%;height:auto;display:block;margin:.5em 0}
-.note{color:#555;font-size:.9em}.conclusions li{margin:.3em 0}"""
-
-
-def render_html(blocks: list[Block], title: str) -> str:
-    esc = html.escape
-    out = [f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>",
-           f"<style>{CSS}</style></head><body>"]  # fmt: skip
-    for b in blocks:
-        if b.kind in ("h1", "h2", "h3"):
-            out.append(f"<{b.kind}>{esc(b.text)}</{b.kind}>")
-        elif b.kind == "p":
-            out.append(f"<p>{esc(b.text)}</p>")
-        elif b.kind == "note":
-            out.append(f"<p class='note'>{esc(b.text)}</p>")
-        elif b.kind == "list":
-            items = "".join(f"<li>{esc(i)}</li>" for i in b.items)
-            out.append(f"<ul class='{esc(b.text)}'>{items}</ul>")
-        elif b.kind == "table":
-            head = "".join(f"<th>{esc(c)}</th>" for c in b.rows[0])
-            body = "".join(
-                "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in b.rows[1:]
-            )
-            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-        elif b.kind == "image":
-            data = base64.b64encode(b.png).decode("ascii")
-            out.append(f"<img alt='{esc(b.text)}' src='data:image/png;base64,{data}'>")
-    out.append("</body></html>\n")
-    return "\n".join(out)
-
-
-def _md_cell(s: str) -> str:
-    return str(s).replace("|", "\\|").replace("\n", " ")
-
-
-def render_markdown(blocks: list[Block], files_dir: str) -> str:
-    out = []
-    for b in blocks:
-        if b.kind in ("h1", "h2", "h3"):
-            out.append("#" * int(b.kind[1]) + " " + b.text)
-        elif b.kind == "p":
-            out.append(b.text)
-        elif b.kind == "note":
-            out.append(f"*{b.text}*")
-        elif b.kind == "list":
-            out.append("\n".join(f"- {i}" for i in b.items))
-        elif b.kind == "table":
-            rows = [[_md_cell(c) for c in r] for r in b.rows]
-            lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-            out.append("\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows[1:]]))
-        elif b.kind == "image":
-            out.append(f"![{b.text}]({files_dir}/{b.name})")
-    return "\n\n".join(out) + "\n"
+    return blocks, sd_sweep_conclusions(summary, ident) if summary else []
 
 
 MARK = "Made by difflab "  # the note every report starts with, in both twins

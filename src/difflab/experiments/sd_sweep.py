@@ -17,7 +17,13 @@ settings or another model in the same folder are refused. ``metrics.csv`` / ``me
 / ``summary.csv`` are rebuilt from the cell records (the folder, its lock and its records are
 :mod:`difflab.experiments.core`'s); :mod:`difflab.figures.sd` draws one grid
 per prompt and the CLIP-score-vs-guidance plot. Filtered and black cells get no CLIP score or
-detail (a black square measures nothing) and are counted in ``nsfw_share`` instead.
+detail (a black square measures nothing) and are counted in ``nsfw_share`` instead. The
+summary gives each measure's 95 % interval (``*_ci_low``/``*_ci_high``: bootstrap over the
+images, within each prompt). Without ``size`` the sweep runs at the model's own size (read from
+its configs, or measured on the loaded pipeline), which the identity records. For a mini-SD
+model the identity names its dataset and each cell also gets prompt accuracy and judge
+features, and the summary prompt accuracy and diversity over seeds
+(:mod:`difflab.experiments.sd_alignment`).
 
 A LoRA with ``lora_scales`` (``--lora FILE --lora-scales 0,0.5,1``) adds the LoRA's scale as
 a fifth axis: the LoRA is loaded once and re-weighted per cell (scale 0 is the base model);
@@ -38,7 +44,13 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from difflab import distributed
-from difflab.evaluation.sd_metrics import laplacian_variance, load_scorer
+from difflab.errors import UsageError
+from difflab.evaluation.sd_metrics import (
+    laplacian_variance,
+    load_prompt_judge,
+    load_scorer,
+    prompt_class,
+)
 from difflab.experiments.core import (
     CELLS_DIR,
     RESUME_HINT,
@@ -47,12 +59,26 @@ from difflab.experiments.core import (
     group_rows,
     mean_std,
 )
+from difflab.experiments.sd_alignment import (
+    JUDGE_COLUMNS,
+    JUDGE_SUMMARY,
+    diversity_columns,
+    interval_of,
+    judge_fields,
+)
 from difflab.files import file_sha256
 from difflab.options import SDPipelineSpec, SDSweepAxes
 from difflab.sd.generate import encode, image_settings, run_pipeline, truncation_note
-from difflab.sd.load import load_pipeline, model_fingerprint, resolve_model
+from difflab.sd.load import (
+    configured_size,
+    load_pipeline,
+    model_fingerprint,
+    pipeline_size,
+    resolve_model,
+)
 from difflab.sd.lora import applied, parse_lora, set_scales
 from difflab.sd.metadata import save_image
+from difflab.sd.mini import read_record
 from difflab.sd.safety import diagnose, to_uint8
 
 IDENTITY_FILE = "sd_sweep.json"
@@ -62,8 +88,9 @@ CSV_COLUMNS = (
     "batch", "nsfw", "black", "nan_fraction", "png", "prompt", "note",
 )  # fmt: skip
 SUMMARY_COLUMNS = (
-    "steps", "guidance", "images", "clip_score_mean", "clip_score_std", "detail_mean",
-    "detail_std", "seconds_per_image_mean", "nsfw_count", "nsfw_share", "black_unflagged",
+    "steps", "guidance", "images", "clip_score_mean", "clip_score_std", "clip_score_ci_low",
+    "clip_score_ci_high", "detail_mean", "detail_std", "detail_ci_low", "detail_ci_high",
+    "seconds_per_image_mean", "nsfw_count", "nsfw_share", "black_unflagged",
 )  # fmt: skip
 
 
@@ -103,13 +130,21 @@ class SDSweepResult:
 
 
 # -- identity -------------------------------------------------------------------------------
-def sweep_identity(axes: SDSweepAxes, spec: SDPipelineSpec) -> dict[str, Any]:
+def sweep_identity(
+    axes: SDSweepAxes, spec: SDPipelineSpec, own: tuple[int, int] | None = None
+) -> dict[str, Any]:
     """The sweep's identity (no work done; ``lora``, ``lora_fingerprint`` and ``lora_scales``
-    only when a LoRA is swept)."""
+    only when a LoRA is swept). Without ``axes.size`` the size is the model's own: ``own``
+    (measured on the loaded pipeline), else read from its configs."""
     source = resolve_model(spec.model, spec.trust_pickle)
     lora, scales = axes.lora_axis(spec)
     lora_spec = None if lora is None else parse_lora(lora)
-    width, height = axes.size
+    size = axes.size or own or configured_size(source, spec.vae)
+    if size is None:
+        raise UsageError(
+            f"--model {spec.model}: its own size cannot be read without loading it; pass --size"
+        )
+    width, height = size
     identity = {
         "format": FORMAT, "model": source.location, "model_fingerprint": model_fingerprint(source),
         "vae": spec.vae, "prompts": list(axes.prompts), "negative_prompt": axes.negative_prompt,
@@ -117,6 +152,10 @@ def sweep_identity(axes: SDSweepAxes, spec: SDPipelineSpec) -> dict[str, Any]:
         "size": f"{width}x{height}", "scheduler": spec.scheduler, "dtype": spec.resolved_dtype,
         "safety_checker": spec.safety_checker, "clip_model": axes.clip_model,
     }  # fmt: skip
+    record = read_record(source.location) if source.kind == "folder" else None
+    if record and record.get("dataset") and record.get("class_names"):
+        identity |= {"judge": record["dataset"], "class_names": list(record["class_names"])}
+        identity |= {"mini_sd": {k: record.get(k) for k in ("dataset", "flagged_concept", "safety_checker")}}  # fmt: skip
     if lora_spec is not None:
         identity |= {
             "lora": str(lora_spec.path),
@@ -170,15 +209,20 @@ def sd_sweep(
     ``spec`` with ``axes.lora_scales``: the LoRA scale axis (module doc).
     """
     spec = SDPipelineSpec() if spec is None else spec
-    identity = sweep_identity(axes, spec)
-    lora = parse_lora(identity["lora"]) if "lora" in identity else None
     device, batch_size = spec.device, spec.batch_size
     out = Path(out)
     state = distributed.process_state(device)  # several processes: split the cells
     main = state is None or state.is_main_process
+    mine = spec
     if state is not None and str(device) != "cpu":
         device = str(state.device)  # this process's GPU (the identity keeps the dtype)
-        spec = replace(spec, device=device)
+        mine = replace(spec, device=device)
+    early = None
+    if axes.size is None and configured_size(resolve_model(spec.model), spec.vae) is None:
+        early = load_models(axes, mine)  # the model's own size needs the loaded model
+    identity = sweep_identity(axes, spec, early and pipeline_size(early[1].pipe))
+    lora = parse_lora(identity["lora"]) if "lora" in identity else None
+    spec = mine
     if main:
         check_folder(out, identity)  # reads only: another sweep is refused before any loading
     cells = all_cells(identity)
@@ -188,17 +232,12 @@ def sd_sweep(
         return distributed.my_share(state, batches, lambda b: len(b) * b[0].steps)
 
     def load() -> tuple:
-        scorer = load_scorer(identity["clip_model"], device)  # first: fails fast when offline
-        loaded = load_pipeline(spec)  # its LoRA is applied in _make_cells
-        notes = list(loaded.notes)
-        for i, p in enumerate(identity["prompts"]):
-            note = truncation_note(loaded.pipe.tokenizer, p, f"--prompts #{i + 1}")
-            notes += [note] if note else []
-        return scorer, loaded, notes
+        return load_models(axes, spec)
 
     t0 = time.perf_counter()
     # the models load before the folder is touched: one that fails to load leaves no folder
-    models = load() if share([c for c in cells if FOLDER.load_cell(out, c) is None]) else None
+    left = share([c for c in cells if FOLDER.load_cell(out, c) is None])
+    models = early or (load() if left else None)
     with FOLDER.hold(out, identity, state):  # locked before anything in it is touched
         todo = [c for c in cells if FOLDER.load_cell(out, c) is None]
         distributed.barrier(state)  # every process has the same list before anyone writes
@@ -227,12 +266,28 @@ def sd_sweep(
     return result
 
 
+def load_models(axes: SDSweepAxes, spec: SDPipelineSpec) -> tuple:
+    """(CLIP scorer or None, the loaded pipeline, notes, prompt judge or None) of a sweep."""
+    scorer = load_scorer(axes.clip_model, spec.device)  # first: fails fast when offline
+    loaded = load_pipeline(spec)  # its LoRA is applied in _make_cells
+    notes = list(loaded.notes)
+    for i, p in enumerate(axes.prompts):
+        note = truncation_note(loaded.pipe.tokenizer, p, f"--prompts #{i + 1}")
+        notes += [note] if note else []
+    judge = load_prompt_judge(spec.model, spec.device)
+    if judge is not None:
+        for i, p in enumerate(axes.prompts):
+            asked = prompt_class(p, judge.class_names)
+            notes += [] if asked.note is None else [f"--prompts #{i + 1} {asked.note}"]
+    return scorer, loaded, notes, judge
+
+
 def _make_cells(
     out, identity, cells, todo, batches, models, lora, progress, should_stop, on_cell, main
 ) -> int:
     """Make and measure ``batches`` (this process's share of ``todo``) into ``out``; returns
     the number of pipeline calls."""
-    scorer, loaded, _ = models
+    scorer, loaded, _, judge = models
     width, height = (int(v) for v in identity["size"].split("x"))
     embeds: dict[tuple, tuple] = {}
     calls = 0
@@ -259,7 +314,9 @@ def _make_cells(
                 )  # fmt: skip
                 per_image = (time.perf_counter() - t1) / len(batch)
                 calls += 1
-                _write_cells(out, identity, loaded, scorer, batch, images, flags, per_image, lora)
+                _write_cells(
+                    out, identity, loaded, (scorer, judge), batch, images, flags, per_image, lora
+                )
                 bar.update(len(batch))
                 if on_cell is not None:
                     on_cell(bar.n, len(cells))
@@ -273,11 +330,13 @@ def _make_cells(
     return calls
 
 
-def _write_cells(out, identity, loaded, scorer, batch, images, flags, per_image, lora) -> None:
+def _write_cells(out, identity, loaded, measures, batch, images, flags, per_image, lora) -> None:
+    scorer, judge = measures
     prompt = identity["prompts"][batch[0].prompt_index]
     pixels = [to_uint8(img) for img in images]
     diags = [diagnose(img, flag) for img, flag in zip(images, flags, strict=True)]
     scores = scorer.score(pixels, [prompt] * len(batch)) if scorer is not None else None
+    judged = None if judge is None else judge_fields(judge, prompt, pixels, diags)
     width, height = (int(v) for v in identity["size"].split("x"))
     for k, (cell, px, d) in enumerate(zip(batch, pixels, diags, strict=True)):
         loras = [] if lora is None else [lora.with_scale(cell.lora_scale)]
@@ -292,41 +351,54 @@ def _write_cells(out, identity, loaded, scorer, batch, images, flags, per_image,
             "clip_score": scores[k] if scores is not None and measured else None,
             "detail": laplacian_variance(px) if measured else None,
             "seconds_per_image": per_image, "batch": len(batch), **d.as_dict(),
-            "png": f"{CELLS_DIR}/{cell.key}.png",
+            "png": f"{CELLS_DIR}/{cell.key}.png", **(judged[k] if judged else {}),
         }  # fmt: skip
         save_image(FOLDER.cell_paths(out, cell)[0], px, text, row)  # the record last
 
 
 # -- tables ---------------------------------------------------------------------------------
 def summarise(rows: list[dict]) -> list[dict]:
-    """Per (steps, guidance, LoRA scale), across prompts and seeds: means, std and the
-    filtered share."""
+    """Per (steps, guidance, LoRA scale), across prompts and seeds: means, std, 95 % intervals
+    (bootstrap over the images, within each prompt) and the filtered share; with a prompt
+    judge (mini-SD) also prompt accuracy and the diversity over seeds."""
     groups = group_rows(rows, ("steps", "guidance", "lora_scale"))
     out = []
     for (st, g, scale), rs in sorted(groups.items(), key=lambda kv: (*kv[0][:2], kv[0][2] or 0)):
         clip_m, clip_s = mean_std([r["clip_score"] for r in rs])
         det_m, det_s = mean_std([r["detail"] for r in rs])
         nsfw = sum(bool(r["nsfw"]) for r in rs)
-        out.append({
+        row = {
             "steps": st, "guidance": g, "images": len(rs), "clip_score_mean": clip_m,
-            "clip_score_std": clip_s, "detail_mean": det_m, "detail_std": det_s,
+            "clip_score_std": clip_s, **interval_of(rs, "clip_score"), "detail_mean": det_m,
+            "detail_std": det_s, **interval_of(rs, "detail"),
             "seconds_per_image_mean": mean_std([r["seconds_per_image"] for r in rs])[0],
             "nsfw_count": nsfw, "nsfw_share": nsfw / len(rs),
             "black_unflagged": sum(bool(r["black"]) and not r["nsfw"] for r in rs),
-        } | ({} if scale is None else {"lora_scale": scale}))  # fmt: skip
+        }  # fmt: skip
+        if any("prompt_correct" in r for r in rs):
+            judged = [r["prompt_correct"] for r in rs if r.get("prompt_correct") is not None]
+            row |= {"prompt_accuracy_mean": mean_std(judged)[0], **interval_of(rs, "prompt_correct", "prompt_accuracy")}  # fmt: skip
+            row |= {"prompt_accuracy_images": len(judged), **diversity_columns(rs)}
+        out.append(row | ({} if scale is None else {"lora_scale": scale}))
     return out
 
 
 def _columns(identity: dict) -> tuple[str, ...]:
+    cols = CSV_COLUMNS
+    if "judge" in identity:
+        cols = (*cols[:6], *JUDGE_COLUMNS, *cols[6:])
     if "lora_scales" not in identity:
-        return CSV_COLUMNS
-    return (*CSV_COLUMNS[:4], "lora_scale", *CSV_COLUMNS[4:])
+        return cols
+    return (*cols[:4], "lora_scale", *cols[4:])
 
 
 def _summary_columns(identity: dict) -> tuple[str, ...]:
+    cols = SUMMARY_COLUMNS
+    if "judge" in identity:
+        cols = (*cols[:9], *JUDGE_SUMMARY, *cols[9:])
     if "lora_scales" not in identity:
-        return SUMMARY_COLUMNS
-    return (*SUMMARY_COLUMNS[:2], "lora_scale", *SUMMARY_COLUMNS[2:])
+        return cols
+    return (*cols[:2], "lora_scale", *cols[2:])
 
 
 MEASURES = {
@@ -335,6 +407,11 @@ MEASURES = {
     "more fine detail (compare at equal size)",
     "seconds_per_image": "pipeline wall time of the batch / images in it",
     "nsfw": "flagged by the safety checker (the image is black); no clip_score/detail",
+    "prompt_accuracy": "mini-SD: share of images in which the dataset's reference classifier "
+    "recognises the class the prompt names (prompts naming no class or several: not measured)",
+    "diversity": "mini-SD: mean pairwise distance of the reference classifier's features over "
+    "the seeds of a prompt, averaged over prompts; lower = more alike",
+    "ci": "*_ci_low/*_ci_high: 95 % percentile bootstrap over the images, within each prompt",
 }
 
 

@@ -3,7 +3,8 @@
 :func:`generate` takes :class:`~difflab.options.SDGeneration` and
 :class:`~difflab.options.SDPipelineSpec` (checked when built: empty prompt only with
 ``unconditional``; guidance 0, 1 or > 1; steps >= 1; size a multiple of 8), loads the
-pipeline, warns when a prompt is longer than CLIP's 77 tokens (saying what was cut), encodes
+pipeline (without a size, at the model's own size:
+:func:`~difflab.sd.load.pipeline_size`, as the pipeline does), warns when a prompt is longer than CLIP's 77 tokens (saying what was cut), encodes
 the prompt once with ``pipe.encode_prompt`` and calls the stock ``StableDiffusionPipeline``
 with ``prompt_embeds`` / ``negative_prompt_embeds``. Image ``i`` uses seed ``seed + i``: its
 initial latents come from its own CPU ``torch.Generator`` (the same draw the pipeline would
@@ -33,7 +34,7 @@ import torch
 from difflab import __version__
 from difflab.errors import UsageError
 from difflab.options import SDGeneration, SDPipelineSpec
-from difflab.sd.load import LoadedPipeline, load_pipeline
+from difflab.sd.load import LoadedPipeline, load_pipeline, model_guidance, pipeline_size
 from difflab.sd.lora import LoraSpec, a1111_fields, applied, parse_loras
 from difflab.sd.metadata import format_parameters, save_image
 from difflab.sd.safety import Diagnosis, diagnose, to_uint8
@@ -195,14 +196,16 @@ def generate(
     """
     spec = SDPipelineSpec() if spec is None else spec
     prompt, negative_prompt = opts.prompt, opts.negative_prompt
-    guidance, steps = opts.guidance, opts.steps
-    (width, height), n, batch_size = opts.size, opts.n, spec.batch_size
+    steps = opts.steps
+    n, batch_size = opts.n, spec.batch_size
     loras = parse_loras(spec.lora)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: is a file, not a folder")
     if loaded is None:
         loaded = load_pipeline(spec, progress)
+    width, height = opts.size or pipeline_size(loaded.pipe)  # None: the model's own size
+    guidance = model_guidance(loaded.source) if opts.guidance is None else opts.guidance
     notes = list(loaded.notes)
     for text, option in ((prompt, "--prompt"), (negative_prompt, "--negative-prompt")):
         note = truncation_note(loaded.pipe.tokenizer, text, option) if text else None

@@ -37,6 +37,7 @@ from difflab.options import DEFAULT_SD_MODEL, SD_SCHEDULERS, SDPipelineSpec
 
 MOVED = {"runwayml/stable-diffusion-v1-5": DEFAULT_SD_MODEL}  # removed from the Hub -> mirror
 SAFETY_CHECKER_ID = "CompVis/stable-diffusion-safety-checker"
+SD_GUIDANCE = 7.5  # diffusers' default guidance_scale
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 NEEDED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # name -> (diffusers class, from_config overrides, A1111 "Sampler" label)
@@ -180,6 +181,57 @@ def model_fingerprint(source: ModelSource) -> dict[str, Any]:
             with open(p, "rb") as f:
                 h.update(f.read(1 << 20))
     return {source.kind: path.name, "sha256": h.hexdigest()}
+
+
+def own_size(unet_config: Any, vae_config: Any) -> tuple[int, int]:
+    """(width, height) the pipeline makes when ``height`` and ``width`` are None: the UNet's
+    ``sample_size`` (an int, or (height, width)) x the VAE's scale factor
+    ``2 ** (len(block_out_channels) - 1)``, as diffusers computes it; 512x512 for SD 1.5."""
+    size = unet_config["sample_size"]
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    f = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    return w * f, h * f
+
+
+def pipeline_size(pipe: Any) -> tuple[int, int]:
+    """:func:`own_size` of a loaded pipeline."""
+    return own_size(pipe.unet.config, pipe.vae.config)
+
+
+def configured_size(source: ModelSource, vae: str | None = None) -> tuple[int, int] | None:
+    """:func:`own_size` read from the configs without loading weights: a folder's
+    ``unet/config.json`` and ``vae/config.json`` (or those of ``vae``, a folder), a Hub id's
+    when they are in the local Hub cache; None when they cannot be read (load to know)."""
+
+    def config(part: str) -> dict | None:
+        if part == "vae" and vae is not None:
+            path = Path(vae).expanduser() / "config.json"
+            return read_json(path) if path.is_file() else None
+        if source.kind == "folder":
+            path = Path(source.location) / part / "config.json"
+            return read_json(path) if path.is_file() else None
+        if source.kind == "hub":
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(source.location, f"{part}/config.json")
+            return read_json(Path(hit)) if isinstance(hit, str) else None
+        return None
+
+    try:
+        unet, vae_config = config("unet"), config("vae")
+        return None if unet is None or vae_config is None else own_size(unet, vae_config)
+    except (KeyError, TypeError, IndexError, ValueError, UsageError):
+        return None
+
+
+def model_guidance(source: ModelSource) -> float:
+    """The guidance scale a model is run at without ``--guidance``: a mini-SD folder's own
+    (``mini_sd.json``'s ``guidance``, the one it was tuned for), else :data:`SD_GUIDANCE`."""
+    from difflab.sd.mini import read_record
+
+    record = read_record(source.location) if source.kind == "folder" else None
+    value = (record or {}).get("guidance")
+    return float(value) if isinstance(value, (int, float)) else SD_GUIDANCE
 
 
 def make_scheduler(name: str, config: Any) -> Any:

@@ -42,6 +42,7 @@ from difflab.runfolder import (
 )
 from difflab.sd.mini import (
     MiniSDConfig,
+    align_text_encoder,
     build_parts,
     caption,
     caption_templates,
@@ -64,7 +65,7 @@ from difflab.sd.tiny import _scheduler, tiny_tokenizer
 
 WEIGHTS = "mini_train.safetensors"
 PHASES = ("vae", "unet", "safety")
-PHASE_SHARE = {"vae": 0.25, "unet": 0.65, "safety": 0.10}  # of --minutes
+PHASE_SHARE = {"vae": 0.2, "unet": 0.72, "safety": 0.08}  # of --minutes
 SEED_OFFSET = {"vae": 0, "unet": 1, "safety": 2}  # each phase its own random streams
 
 
@@ -173,6 +174,11 @@ def train_mini_sd(
                 state["scaling_factor"] = measured_scaling_factor(
                     *encode_all(parts["vae"], x), seed
                 )
+                if cfg.text_align_steps:  # once, before the UNet's first step
+                    state["losses"]["text_align"] = align_text_encoder(
+                        parts["text_encoder"], tokenizer, captions_of, cfg.text_align_steps,
+                        cfg.lr, seed + 3,
+                    )  # fmt: skip
             parts["vae"].register_to_config(scaling_factor=state["scaling_factor"] or 1.0)
             if name == "safety":
                 inputs = clip_inputs(feature_extractor(), x)
@@ -204,9 +210,11 @@ def train_mini_sd(
             "embedding was trained to recognise the flagged class (not SD's NSFW checker)",
             "safety_accuracy_train": accuracy,
             "scaling_factor": state["scaling_factor"],
+            "guidance": cfg.guidance,
             "text_encoder": "trained with the UNet"
             if cfg.train_text_encoder
-            else "frozen (random)",
+            else "frozen (after the alignment)",
+            "text_encoder_aligned_steps": cfg.text_align_steps,
             "seed": seed,
             "minutes": minutes,
             "steps": state["steps"],

@@ -5,10 +5,13 @@ The widgets' defaults are :class:`difflab.options.SDGeneration`'s and
 the page's caps (:mod:`difflab.ui.limits`). A model (and the CLIP model of a sweep) typed in
 the page is confined to the models folder and the Hugging Face cache unless the server allows
 any (:meth:`difflab.ui.lab.Lab.model`). Generate calls :func:`difflab.sd.generate.generate`
-into ``runs/sd/STAMP``, checking for Cancel before every image and after every denoising
+into ``runs/sd/STAMP`` (through :func:`difflab.experiments.sd_alignment.generate_measured`:
+a mini-SD model's prompt accuracy is shown above the notes), checking for Cancel before every image and after every denoising
 step, and captions every image with what the safety checker did, telling a filtered image
 from a NaN black one; Sweep calls :func:`difflab.experiments.sd_sweep.sd_sweep` into
-``runs/sd/sweeps/NAME`` and shows its table, grids and CLIP-score curves.
+``runs/sd/sweeps/NAME`` and shows its table (with prompt accuracy and diversity for mini-SD),
+grids and CLIP-score curves. An empty size box means the model's own size (its placeholder
+says which, read from the chosen model's configs).
 """
 
 from __future__ import annotations
@@ -31,11 +34,34 @@ AXES = SDSweepAxes(prompts=("a prompt",))  # `difflab sd sweep`'s defaults
 CLIP_MARKER = "config.json"  # a cached transformers model holds this
 
 
-def size_text(size: tuple[int, int]) -> str:
-    return f"{size[0]}x{size[1]}"
+def size_text(size: tuple[int, int] | None) -> str:
+    return "" if size is None else f"{size[0]}x{size[1]}"
 
 
-def check_size(size: tuple[int, int]) -> None:
+def own_size(model: str) -> tuple[int, int] | None:
+    """The model's own size (its UNet's sample size x its VAE's scale factor) when its
+    configs can be read without loading it; None otherwise."""
+    from difflab.sd.load import configured_size, resolve_model
+
+    try:
+        return configured_size(resolve_model(model))
+    except UsageError:
+        return None
+
+
+def size_hint(lab: Lab, model: str) -> str:
+    """The placeholder of the size box: what an empty box makes for ``model`` (one the page
+    may read: :meth:`~difflab.ui.lab.Lab.model`)."""
+    try:
+        size = own_size(lab.model(model)) if blank(model) else None
+    except UsageError:
+        size = None
+    return f"{size_text(size)} (the model's own)" if size else "empty: the model's own size"
+
+
+def check_size(size: tuple[int, int] | None) -> None:
+    if size is None:
+        return
     if max(size) > limits.SD_SIDE:
         raise UsageError(
             f"size {size_text(size)}: the web UI takes at most {limits.SD_SIDE:,} pixels a "
@@ -56,7 +82,7 @@ def generation(prompt, negative_prompt, guidance, steps, seed, n, size) -> SDGen
 
 
 def start_sd(
-    lab: Lab, prompt: str, negative_prompt: str = "", guidance: float = GENERATION.guidance,
+    lab: Lab, prompt: str, negative_prompt: str = "", guidance: float | None = GENERATION.guidance,
     steps: int = GENERATION.steps, seed: int = GENERATION.seed, n: int = GENERATION.n,
     size: str = size_text(GENERATION.size), scheduler: str | None = None, model: str = "",
     safety_checker: bool = PIPELINE.safety_checker,
@@ -66,6 +92,8 @@ def start_sd(
         model=lab.model(blank(model) or PIPELINE.model), device=lab.device,
         scheduler=blank(scheduler), safety_checker=safety_checker,
     )  # fmt: skip
+    if gen.size is None:  # the model's own size, within the page's caps too
+        check_size(own_size(spec.model))
     out = lab.runs / SD_OUT / time.strftime("%Y%m%d-%H%M%S")
     return lab.jobs.submit("sd", gen.prompt[:40], lambda job: _sd(lab, job, gen, spec, out))
 
@@ -82,7 +110,7 @@ def caption(rec) -> str:
 
 
 def _sd(lab: Lab, job: Job, gen: SDGeneration, spec: SDPipelineSpec, out: Path) -> dict:
-    from difflab.sd.generate import generate
+    from difflab.experiments.sd_alignment import accuracy_text, generate_measured
 
     def on_step(done: int, total: int) -> None:
         job.check()  # Cancel stops before the next image or denoising step
@@ -90,14 +118,16 @@ def _sd(lab: Lab, job: Job, gen: SDGeneration, spec: SDPipelineSpec, out: Path) 
 
     job.update(None, "loading the pipeline")
     out.mkdir(parents=True, exist_ok=True)
-    r = generate(gen, out, spec, progress=False, on_step=on_step)
+    r, judged = generate_measured(gen, out, spec, progress=False, on_step=on_step)
     images = [
         {"png": str(rec.png), "caption": caption(rec), "flagged": bool(rec.diagnosis.nsfw),
          "black": rec.diagnosis.black}
         for rec in r.images
     ]  # fmt: skip
     job.update(1.0, f"{len(images)} image(s), {r.seconds_per_image:.1f} s each")
-    return {"images": images, "settings": r.settings, "notes": r.notes, "folder": str(out)}
+    accuracy = None if judged is None else accuracy_text(judged)
+    settings = r.settings | ({} if judged is None else {"prompt_accuracy": judged["prompt_accuracy"]})  # fmt: skip
+    return {"images": images, "settings": settings, "notes": r.notes, "folder": str(out), "prompt_accuracy": accuracy}  # fmt: skip
 
 
 def sweep_axes(prompts: str, guidance, steps, seeds, size, clip_model) -> SDSweepAxes:
@@ -172,6 +202,8 @@ def generate_notes(out: dict) -> tuple[str, str]:
         for i in out["images"] if i["flagged"] or i["black"]
     ]  # fmt: skip
     notes += [f"- note: {n}" for n in out["notes"]]
+    if out.get("prompt_accuracy"):
+        notes.insert(0, f"- {out['prompt_accuracy']}")
     return suffix, "\n".join(notes)
 
 
@@ -188,11 +220,11 @@ def build(lab: Lab, page) -> None:
                 with gr.Column(scale=1):
                     prompt = gr.Textbox(label="Prompt", lines=2)
                     neg = gr.Textbox(label="Negative prompt")
-                    guidance = gr.Number(value=GENERATION.guidance, label="Guidance (CFG scale)", minimum=0)  # fmt: skip
+                    guidance = gr.Number(value=GENERATION.guidance, label="Guidance (CFG scale; empty: the model's, 7.5 for SD)", minimum=0)  # fmt: skip
                     steps = gr.Number(value=GENERATION.steps, label="Steps", precision=0, minimum=1, maximum=limits.SD_STEPS)  # fmt: skip
                     seed = gr.Number(value=GENERATION.seed, label="Seed", precision=0, minimum=0)
                     n = gr.Number(value=GENERATION.n, label="Images", precision=0, minimum=1, maximum=limits.SD_IMAGES)  # fmt: skip
-                    size = gr.Textbox(value=size_text(GENERATION.size), label="Size (WxH, multiples of 8)")  # fmt: skip
+                    size = gr.Textbox(value=size_text(GENERATION.size), label="Size (WxH, multiples of 8; empty: the model's own)", placeholder=size_hint(lab, first))  # fmt: skip
                     sched = gr.Dropdown(["", *SD_SCHEDULERS], value=PIPELINE.scheduler or "", label="Scheduler (empty: the model's)")  # fmt: skip
                     model = gr.Dropdown(models, value=first, allow_custom_value=True, label="Model (Models tab, or a Hub id / path)")  # fmt: skip
                     safety = gr.Checkbox(value=PIPELINE.safety_checker, label="Safety checker")
@@ -210,7 +242,7 @@ def build(lab: Lab, page) -> None:
                     e_guid = gr.Textbox(label="Guidance values", value=as_text(AXES.guidance))
                     e_steps = gr.Textbox(label="Step counts", value=as_text(AXES.steps))
                     e_seeds = gr.Textbox(label="Seeds", value=as_text(AXES.seeds))
-                    e_size = gr.Textbox(value=size_text(AXES.size), label="Size")
+                    e_size = gr.Textbox(value=size_text(AXES.size), label="Size (empty: the model's own)", placeholder=size_hint(lab, first))  # fmt: skip
                     e_model = gr.Dropdown(models, value=first, allow_custom_value=True, label="Model")  # fmt: skip
                     e_clip = gr.Textbox(value=AXES.clip_model or "none", label="CLIP model for the score (Hub id or folder; none to skip)")  # fmt: skip
                     e_go = gr.Button("Run sweep", variant="primary")
@@ -241,5 +273,9 @@ def build(lab: Lab, page) -> None:
         res = sd_sweep_results(lab, Path(job.result).name)
         yield job.status_line(), table(res["summary"]), res["grids"] + res["plots"]
 
+    model.change(
+        lambda m: gr.update(placeholder=size_hint(lab, m)), [model], [size], api_name=False
+    )
+    e_model.change(lambda m: gr.update(placeholder=size_hint(lab, m)), [e_model], [e_size], api_name=False)  # fmt: skip
     go.click(on_generate, [prompt, neg, guidance, steps, seed, n, size, sched, model, safety], [status, gallery, notes, settings], api_name="sd_generate")  # fmt: skip
     e_go.click(on_sweep, [e_prompts, e_name, e_guid, e_steps, e_seeds, e_size, e_model, e_clip], [e_status, e_table, e_grids], api_name="sd_sweep")  # fmt: skip
