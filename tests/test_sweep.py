@@ -408,7 +408,7 @@ def test_bf16_sweep_has_its_own_identity_and_matches_sample(run, tmp_path, capsy
     and the two precisions never share a folder."""
     base = ["--guidance", "0,2", "--steps", "3", "--n", "2", "--device", "cpu"]
     fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
-    assert main(["sweep", str(run), *base, "--precision", "fp32", "--out", str(fp32)]) == 0
+    assert main(["sweep", str(run), *base, "--out", str(fp32)]) == 0
     assert main(["sweep", str(run), *base, "--precision", "bf16", "--out", str(bf16)]) == 0
     assert "precision" not in json.loads((fp32 / "sweep.json").read_text())
     assert json.loads((bf16 / "sweep.json").read_text())["precision"] == "bf16"
@@ -420,7 +420,7 @@ def test_bf16_sweep_has_its_own_identity_and_matches_sample(run, tmp_path, capsy
     assert main(["sample", str(run), *sample, "--precision", "bf16", "--out", str(npz)]) == 0
     assert np.array_equal(np.load(npz)["images"], b)
     capsys.readouterr()
-    assert main(["sweep", str(run), *base, "--precision", "fp32", "--out", str(bf16)]) == 2
+    assert main(["sweep", str(run), *base, "--out", str(bf16)]) == 2
     one_line_error(capsys, "holds a sweep with --precision bf16, not fp32")
     assert main(["sweep", str(run), *base, "--precision", "bf16", "--out", str(fp32)]) == 2
     one_line_error(capsys, "holds a sweep with --precision fp32, not bf16")

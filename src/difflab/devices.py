@@ -3,8 +3,8 @@ into torch terms.
 
 ``auto`` picks CUDA, then MPS, then the CPU; an explicit device must be present. Number
 formats have one vocabulary across the lab, :data:`PRECISIONS` (``fp32``, ``bf16``, ``fp16``):
-DDPM sampling takes ``auto``, ``fp32`` or ``bf16`` (bf16 autocast; ``auto`` is bf16 on CUDA
-and on CPUs where it measures faster, fp32 elsewhere), a Stable Diffusion pipeline ``auto``, ``fp16``, ``bf16`` or ``fp32`` (the
+DDPM sampling takes ``auto``, ``fp32`` or ``bf16`` (bf16 autocast; ``auto`` is bf16 on CUDA,
+fp32 elsewhere), a Stable Diffusion pipeline ``auto``, ``fp16``, ``bf16`` or ``fp32`` (the
 weights' dtype; ``auto`` is fp16 on CUDA/MPS, fp32 on the CPU). torch is imported only when
 a device is resolved, so the options that name these values stay cheap to import.
 """
@@ -60,29 +60,15 @@ def check_precision(precision: str | None) -> str:
     return precision
 
 
-def cpu_bf16_is_faster() -> bool:
-    """Whether bf16 autocast samples faster than fp32 on this machine's CPU.
-
-    Measured on x86 CPUs with AVX2 or AVX-512 (docs/benchmarks.md: 2.4x faster on a 2-core
-    AVX2 CPU, same accuracy and FD); on other CPUs (ARM, no vector units) bf16 is emulated
-    and fp32 stays.
-    """
-    import torch
-
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-
-
 def resolve_precision(precision: str | None, device: Any) -> str | None:
     """The autocast of the network while sampling: ``"bf16"`` or None (fp32).
 
-    ``auto`` is bf16 on CUDA, and on a CPU where bf16 measures faster
-    (:func:`cpu_bf16_is_faster`); fp32 elsewhere (MPS, other CPUs).
+    ``auto`` is bf16 on CUDA and fp32 elsewhere. bf16 is worth asking for on a CPU too: on a
+    2-core AVX2 CPU it sampled 2-3x faster with the same accuracy and FD (docs/benchmarks.md).
     """
     precision = check_precision(precision)
     if precision == "auto":
-        kind = _device_type(device)
-        fast = kind == "cuda" or (kind == "cpu" and cpu_bf16_is_faster())
-        return "bf16" if fast else None
+        return "bf16" if _device_type(device) == "cuda" else None
     return "bf16" if precision == "bf16" else None
 
 
