@@ -3,7 +3,9 @@ records counted as missing, tables byte for byte what the sweeps wrote before th
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -285,15 +287,21 @@ def test_tables_are_byte_for_byte_the_ones_before_the_core(tmp_path, kind):
     assert header == ",".join(ddpm_sweep.CSV_COLUMNS if kind == "ddpm" else sd_sweep._columns(identity))  # fmt: skip
     for name, digest in BEFORE[kind].items():
         data = (out / name).read_bytes()
-        if kind == "ddpm" and name.endswith(".csv"):  # the 8 interval columns come last
-            tail = "," + ",".join(ddpm_sweep.CI_COLUMNS)
-            lines = data.decode().splitlines()
-            assert lines[0].endswith(tail)
-            data = "".join(x.rsplit(",", 8)[0] + "\n" for x in lines).encode()
-        if kind == "ddpm" and name == "metrics.json":  # the summary's intervals are new
+        if name.endswith(".csv"):  # the interval columns are new: all else is as it was
+            rows_in = list(csv.reader(io.StringIO(data.decode(), newline="")))
+            keep = [i for i, c in enumerate(rows_in[0]) if "_ci_" not in c]
+            assert kind != "ddpm" or rows_in[0][-8:] == list(ddpm_sweep.CI_COLUMNS)
+            buf = io.StringIO(newline="")
+            csv.writer(buf, lineterminator="\n").writerows([[r[i] for i in keep] for r in rows_in])
+            data = buf.getvalue().encode()
+        if name == "metrics.json":  # so are the summary's intervals
             doc = json.loads(data)
             doc["summary"] = [
                 {k: v for k, v in r.items() if "_ci_" not in k} for r in doc["summary"]
             ]
+            if kind != "ddpm":  # the SD sweep's added measures: mini-SD's, and the intervals
+                added = ("prompt_accuracy", "diversity", "ci")
+                assert all(k in doc["measures"] for k in added)
+                doc["measures"] = {k: v for k, v in doc["measures"].items() if k not in added}
             data = (json.dumps(doc, indent=2) + "\n").encode()
         assert hashlib.sha256(data).hexdigest() == digest, name
