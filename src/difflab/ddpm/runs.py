@@ -42,9 +42,13 @@ _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # raw pickle protocol >= 2, or a torch
 
 
 def save_weights(
-    model: torch.nn.Module, path: str | Path, metadata: dict[str, Any] | None = None
+    model: torch.nn.Module | dict[str, torch.Tensor],
+    path: str | Path,
+    metadata: dict[str, Any] | None = None,
 ) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    """A model's weights (or a state dict) as safetensors, written atomically."""
+    state = model if isinstance(model, dict) else model.state_dict()
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)

@@ -255,7 +255,7 @@ class TrainingHooks:
 
     def _write_best(self) -> None:
         meta = {k: self.best[k] for k in ("step", "metric", "value")} | {"dataset": self.tc.dataset}
-        save_weights(_Weights(self.best["ema"]), self.trainer.run_dir / BEST, meta)
+        save_weights(self.best["ema"], self.trainer.run_dir / BEST, meta)
 
     # -- snapshots ------------------------------------------------------------------------
     def snapshot_if_due(self, step: int) -> None:
@@ -276,13 +276,3 @@ class TrainingHooks:
         for kept in snapshot_steps(run):
             if kept % interval:
                 snapshot_path(run, kept).unlink(missing_ok=True)
-
-
-class _Weights:
-    """Tensors that :func:`~difflab.ddpm.runs.save_weights` writes as a model's weights."""
-
-    def __init__(self, state: dict[str, torch.Tensor]) -> None:
-        self._state = state
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self._state
