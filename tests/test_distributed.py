@@ -113,6 +113,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
+@pytest.mark.slow  # 15-35 s; `make test-all` runs it
 def test_two_processes_match_one_process(runs):
     one, two = runs["one"], runs["two"]
     _assert_same_training(one, two)
@@ -122,6 +123,7 @@ def test_two_processes_match_one_process(runs):
     assert runs["two_stdout"].read_text().count("trained 5 steps") == 1
 
 
+@pytest.mark.slow  # 15-35 s; `make test-all` runs it
 def test_resume_across_process_counts(runs, tmp_path):
     """5 steps in two processes + 4 in one, and 5 in one + 4 in two, equal 9 straight."""
     two_then_one, one_then_two = tmp_path / "two_then_one", tmp_path / "one_then_two"

@@ -230,6 +230,7 @@ def _kill_and_resume(tmp_path: Path, kills: int, seed: int) -> None:
     assert not [p.name for p in run.iterdir() if p.name.startswith(".") and p.name != ".lock"]
 
 
+@pytest.mark.slow  # 15-35 s; `make test-all` runs it
 def test_sigkill_at_random_moments_loses_nothing(tmp_path):
     _kill_and_resume(tmp_path, kills=3, seed=14)
 

@@ -60,6 +60,7 @@ def test_two_processes_split_the_cells_and_rank_0_merges(tmp_path, monkeypatch):
     assert "0 cells computed" in again.stdout  # resumable as before: nothing left to do
 
 
+@pytest.mark.slow  # 15-35 s; `make test-all` runs it
 def test_sd_sweep_split_between_two_processes(tmp_path):
     pytest.importorskip("transformers")
     from PIL import Image
