@@ -17,10 +17,11 @@ import re
 from pathlib import Path
 from typing import Any, get_args
 
-from difflab.config import MAX_GUIDANCE, SamplerName
+from difflab.config import MAX_GUIDANCE, GuidanceMethod, SamplerName
 from difflab.errors import UsageError
 
 SAMPLERS: tuple[str, ...] = get_args(SamplerName)
+GUIDANCE_METHODS: tuple[str, ...] = get_args(GuidanceMethod)
 GRID_AXES = ("class", "sample", "guidance", "steps")
 MAX_SEED = 2**63 - 1
 SD_MAX_SIZE = 4096
@@ -174,6 +175,21 @@ def check_trajectory(sampler: str, steps: int, guidance: float, eta: float, T: i
     check_steps(steps, T)
     check_float(guidance, "--guidance", 0, MAX_GUIDANCE)
     check_float(eta, "--eta", 0, 1)
+
+
+def check_guidance_method(
+    method: Any, sampler: str | None, option: str = "--guidance-method",
+    sampler_option: str = "--sampler",
+) -> str:  # fmt: skip
+    """cfg or cfg++; cfg++ (Chung et al. 2024) is defined for the ddim sampler only (None:
+    the sampler is not known yet)."""
+    check_choice(method, GUIDANCE_METHODS, option, "guidance method")
+    if method == "cfg++" and sampler is not None and sampler != "ddim":
+        raise UsageError(
+            f"{option} cfg++: CFG++ is defined for DDIM only; it needs {sampler_option} ddim, "
+            f"not {sampler}"
+        )
+    return method
 
 
 def check_interval(value: Any, option: str) -> tuple[float, float]:

@@ -26,6 +26,7 @@ Precision = Literal["auto", "no", "bf16", "fp16"]
 KeepBest = Literal["fd", "kid", "accuracy"]  # the evaluation metric whose best weights are kept
 Tracker = Literal["tensorboard", "wandb"]
 GuidanceSchedule = Literal["constant", "linear", "cosine"]
+GuidanceMethod = Literal["cfg", "cfg++"]  # cfg++: Chung et al. 2024, DDIM only
 
 
 # -- value checks: every config object checks its values once, where it is built -----------
@@ -228,6 +229,7 @@ class SampleConfig:
     guidance_interval: tuple[float, float] | None = None  # [sigma_lo, sigma_hi], EDM sigmas
     guidance_schedule: GuidanceSchedule = "constant"  # weight of s - 1: constant, linear, cosine
     guidance_rescale: float = 0.0  # phi of Lin et al. 2024 (0: off)
+    guidance_method: GuidanceMethod = "cfg"  # cfg++: re-noise with the unconditional eps
 
     def __post_init__(self) -> None:
         _check_int("sample", "steps", self.steps, 1, 100_000)
@@ -244,6 +246,11 @@ class SampleConfig:
                 f"unknown schedule; choose one of {allowed}"
             )
         _check_float("sample", "guidance_rescale", self.guidance_rescale, 0, 1)
+        if self.guidance_method != "cfg":
+            from difflab.checks import check_guidance_method  # checks imports this module
+
+            name = option_name("sample", "guidance_method")
+            check_guidance_method(self.guidance_method, self.sampler, name, "--set sample.sampler")
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from difflab.checks import (
     check_choice,
     check_classes,
     check_float,
+    check_guidance_method,
     check_int,
     check_seed,
     check_steps,
@@ -50,7 +51,8 @@ _ENOUGH_FOR_DIVERSITY = "need at least 2 samples per class (for diversity)"
 
 
 def _check_guidance_shape(opts: Any) -> None:
-    """The guidance interval, schedule and rescale fields of ``opts`` (None: the run's)."""
+    """The guidance interval, schedule, rescale and method fields of ``opts`` (None: the
+    run's); cfg++ with a sampler given other than ddim is refused here, the run's in for_run."""
     if opts.guidance_interval is not None:
         iv = opts.guidance_interval
         off = isinstance(iv, str) and iv.strip().lower() == "none"
@@ -58,15 +60,21 @@ def _check_guidance_shape(opts: Any) -> None:
     schedule = _maybe(opts.guidance_schedule, check_choice, GUIDANCE_SCHEDULES, "--guidance-schedule", "schedule")  # fmt: skip
     rescale = _maybe(opts.guidance_rescale, check_float, "--guidance-rescale", 0, 1)
     _set(opts, guidance_schedule=schedule, guidance_rescale=rescale)
+    if opts.guidance_method is not None:
+        _set(opts, guidance_method=check_guidance_method(opts.guidance_method, opts.sampler))
 
 
 def _guidance_shape_for_run(opts: Any, cfg: RunConfig) -> dict[str, Any]:
-    """The guidance interval (None: everywhere), schedule and rescale, the run's where None."""
+    """The guidance interval (None: everywhere), schedule, rescale and method, the run's where
+    None; cfg++ (given or the run's) is checked against the sampler (given or the run's)."""
     sc, iv = cfg.sample, opts.guidance_interval
+    method = opts.guidance_method or sc.guidance_method
+    check_guidance_method(method, opts.sampler or sc.sampler)
     return {
         "guidance_interval": sc.guidance_interval if iv is None else None if iv == "none" else iv,
         "guidance_schedule": opts.guidance_schedule or sc.guidance_schedule,
         "guidance_rescale": sc.guidance_rescale if opts.guidance_rescale is None else opts.guidance_rescale,
+        "guidance_method": method,
     }  # fmt: skip
 
 
@@ -85,6 +93,7 @@ class SampleOptions(_Checked):
     guidance_interval: tuple[float, float] | str | None = None
     guidance_schedule: str | None = None  # constant, linear or cosine
     guidance_rescale: float | None = None  # phi in [0, 1]
+    guidance_method: str | None = None  # cfg or cfg++ (ddim only)
     seed: int = 0
     precision: str = "auto"  # auto, fp32 or bf16 (autocast)
     rows: str = "class"  # grid rows: class, sample, guidance or steps
@@ -129,6 +138,7 @@ class EvalOptions(_Checked):
     guidance_interval: tuple[float, float] | str | None = None  # as SampleOptions
     guidance_schedule: str | None = None
     guidance_rescale: float | None = None
+    guidance_method: str | None = None
     seed: int = 0
     precision: str = "auto"
     inception: bool = False  # also Inception FID/KID (slow on a CPU)
@@ -213,7 +223,7 @@ class ReverseOptions(_Checked):
 @dataclass(frozen=True)
 class DDPMSweepAxes(_Checked):
     """``difflab sweep``: the axes of a guidance x steps x sampler x seed sweep (sorted), of
-    the guidance interval, schedule and rescale (default: plain guidance only, whatever the
+    the guidance interval, schedule, rescale and method (default: plain guidance only, whatever the
     run's ``sample`` config says, as for guidance itself) and of the run's checkpoints (which
     of them the run kept is checked against its folder when the sweep starts)."""
 
@@ -227,6 +237,7 @@ class DDPMSweepAxes(_Checked):
     guidance_intervals: tuple[tuple[float, float] | None, ...] = (None,)  # None: everywhere
     guidance_schedules: tuple[str, ...] = ("constant",)
     guidance_rescales: tuple[float, ...] = (0.0,)
+    guidance_methods: tuple[str, ...] = ("cfg",)  # cfg++ needs every sampler to be ddim
     # training steps whose weights are swept (train --snapshot-every), sorted, or "all" (every
     # snapshot and the final weights); None: the final weights only, and no checkpoint axis
     checkpoints: tuple[int, ...] | str | None = None
@@ -262,6 +273,13 @@ class DDPMSweepAxes(_Checked):
             check_float(x, "--guidance-rescale", 0, 1)
         _set(self, guidance_intervals=intervals, guidance_schedules=tuple(sorted(schedules)))
         _set(self, guidance_rescales=tuple(sorted(rescales)))
+        methods = parse_list(self.guidance_methods, str, "--guidance-method", "cfg,cfg++")
+        for x in methods:
+            check_guidance_method(x, None)
+        if "cfg++" in methods:
+            for x in samplers:
+                check_guidance_method("cfg++", x)
+        _set(self, guidance_methods=tuple(sorted(methods)))
 
     def for_run(self, cfg: RunConfig) -> DDPMSweepAxes:
         for st in self.steps:

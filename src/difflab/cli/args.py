@@ -61,7 +61,7 @@ def add_precision(p: argparse.ArgumentParser) -> None:
 
 
 def add_guidance_shape(p: argparse.ArgumentParser, several: str = "") -> None:
-    """Where and how strongly guidance acts (difflab.ddpm.guidance; default: the run's)."""
+    """Where and how guidance acts (difflab.ddpm.guidance; default: the run's)."""
     p.add_argument("--guidance-interval", metavar="LO:HI",
                    help=f"guide only where the noise level sigma is in [LO, HI] (Kynkaenniemi et "
                    f"al. 2024), conditional elsewhere; none: at every step{several}")  # fmt: skip
@@ -69,6 +69,9 @@ def add_guidance_shape(p: argparse.ArgumentParser, several: str = "") -> None:
                    f"linear or cosine (rising towards t = 0, mean 1){several}")  # fmt: skip
     p.add_argument("--guidance-rescale", help=f"phi in [0, 1] of rescaled guidance (Lin et al. "
                    f"2024, diffusers' guidance_rescale); 0: off{several}")  # fmt: skip
+    p.add_argument("--guidance-method", help=f"cfg, or cfg++ (Chung et al. 2024; --sampler ddim "
+                   f"only): DDIM steps through the guided x_0 but re-noises with the "
+                   f"unconditional eps{several}")  # fmt: skip
 
 
 def add_trust_pickle(p: argparse.ArgumentParser, what: str = "a pickle checkpoint") -> None:

@@ -56,7 +56,7 @@ def _sweep(args: argparse.Namespace) -> None:
     axes = build(
         DDPMSweepAxes, args, samplers="sampler", n_per_class="n",
         guidance_intervals="guidance_interval", guidance_schedules="guidance_schedule",
-        guidance_rescales="guidance_rescale",
+        guidance_rescales="guidance_rescale", guidance_methods="guidance_method",
     )  # fmt: skip
     r = sweep_run(args.run, axes, args.out, device=resolve_device(args.device))
     distributed.shutdown()

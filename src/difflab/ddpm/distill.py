@@ -7,8 +7,9 @@ starts from the teacher's weights, and each round trains it so that one determin
 step from ``t`` to ``t''`` lands where two steps of the round's teacher (``t -> t' -> t''``)
 land; the round's student becomes the next round's teacher, so every round halves the steps.
 The first round's teacher is the guided one, ``x0 = x0_uncond + s (x0_cond - x0_uncond)``
-(with the run's interval, schedule and rescale), so the student learns the guided sampler in
-one conditional pass per step (Meng et al. 2023, "On Distillation of Guided Diffusion Models",
+(with the run's interval, schedule and rescale; with its method cfg++ the teacher's DDIM
+steps re-noise with the unconditional eps, Chung et al. 2024), so the student learns the
+guided sampler in one conditional pass per step (Meng et al. 2023, "On Distillation of Guided Diffusion Models",
 with s fixed rather than an input). The target ``x~`` is the paper's and its loss is weighted
 by ``1 + SNR(t)`` (the paper's "SNR+1" weighting, which is the v-prediction loss); a student
 of an eps teacher predicts v instead, which stays well-posed at one step. Everything is a
@@ -216,10 +217,15 @@ class Distiller:
         ckpt.save_checkpoint(self.out, self.student, self._state(), meta)
 
     # -- one step (Salimans & Ho 2022, Algorithm 2) ----------------------------------------
-    def _teacher_x0(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The round teacher's (guided in the first round) clipped estimate of x_0 from z_t."""
+    def _teacher_x0(
+        self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The round teacher's (guided in the first round) clipped estimate of x_0 from z_t, and
+        the eps its DDIM step re-noises with: None (the one of x_0), or with a cfg++ first
+        teacher the unconditional one (Chung et al. 2024; the x_0's own where s = 1)."""
         net, diffusion = self.teacher, self.t_diffusion if self.round == 0 else self.diffusion
         s = self.scales[t] if self.round == 0 else None  # (B,)
+        eps = None
         if s is None or bool((s == 1).all()):
             out = net(z, t, y)
         else:  # the conditional and unconditional passes in one batch: (2B, C, H, W)
@@ -228,13 +234,26 @@ class Distiller:
             out = uncond + s.view(-1, 1, 1, 1) * (cond - uncond)
             if self.t_cfg.sample.guidance_rescale > 0:
                 out = rescale_guidance(out, cond, self.t_cfg.sample.guidance_rescale)
+            if self.t_cfg.sample.guidance_method == "cfg++":
+                eps, x0_u = diffusion.eps_x0_from_output(uncond, z, t)
+                if diffusion.cfg.clip_x0:
+                    eps = diffusion.predict_eps_from_x0(z, t, x0_u.clamp(-1, 1))
         x0 = diffusion.eps_x0_from_output(out, z, t)[1]
-        return x0.clamp(-1, 1) if diffusion.cfg.clip_x0 else x0
+        x0 = x0.clamp(-1, 1) if diffusion.cfg.clip_x0 else x0
+        if eps is not None:  # plain conditional where the step's scale is 1
+            own = diffusion.predict_eps_from_x0(z, t, x0)
+            eps = torch.where((s == 1).view(-1, 1, 1, 1), own, eps)
+        return x0, eps
 
-    def _ddim(self, z: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, t_to: torch.Tensor):
-        """One deterministic DDIM step z_t -> z_{t_to} through x0 (Song et al. 2021, eq. 12)."""
+    def _ddim(
+        self, z: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, t_to: torch.Tensor,
+        eps: torch.Tensor | None = None,
+    ):  # fmt: skip
+        """One deterministic DDIM step z_t -> z_{t_to} through x0 (Song et al. 2021, eq. 12),
+        re-noised with ``eps`` (None: the eps of x0 and z_t)."""
         a, a_to = self.abar[t].view(-1, 1, 1, 1), self.abar[t_to].view(-1, 1, 1, 1)
-        eps = (z - a.sqrt() * x0) / (1 - a).sqrt()
+        if eps is None:
+            eps = (z - a.sqrt() * x0) / (1 - a).sqrt()
         return a_to.sqrt() * x0 + (1 - a_to).sqrt() * eps
 
     def loss(self, step: int) -> torch.Tensor:
@@ -250,8 +269,10 @@ class Distiller:
         t, t1, t2 = grid[2 * i], grid[2 * i + 1], grid[2 * i + 2]  # t, t' and t'' of the paper
         z = self.diffusion.q_sample(x, t, noise)
         with torch.no_grad():  # two teacher steps t -> t' -> t''
-            z1 = self._ddim(z, self._teacher_x0(z, t, y), t, t1)
-            z2 = self._ddim(z1, self._teacher_x0(z1, t1, y), t1, t2)
+            x0, eps = self._teacher_x0(z, t, y)
+            z1 = self._ddim(z, x0, t, t1, eps)
+            x0, eps = self._teacher_x0(z1, t1, y)
+            z2 = self._ddim(z1, x0, t1, t2, eps)
         a, a2 = self.abar[t].view(-1, 1, 1, 1), self.abar[t2].view(-1, 1, 1, 1)
         x_target = distillation_target(z, z2, a, a2)
         x_hat = self.diffusion.eps_x0_from_output(self.student(z, t, y), z, t)[1]

@@ -77,7 +77,7 @@ def sample_labels(
     batch size, on how many images are asked for or on the other classes.
     ``on_step(step)`` sees every step of every batch (live previews, cancelling by raising).
     ``shape`` holds :func:`~difflab.ddpm.sampling.sample_steps`'s
-    ``guidance_interval``, ``guidance_schedule`` and ``guidance_rescale``.
+    ``guidance_interval``, ``guidance_schedule``, ``guidance_rescale`` and ``guidance_method``.
     """
     out = []
     indices = indices_within_class(labels)
@@ -173,18 +173,19 @@ def sample_run(
 
 
 def guidance_shape(opts, only_set: bool = False) -> dict:
-    """The guidance interval, schedule and rescale of resolved options (``for_run``), as the
-    keyword arguments of :func:`sample_labels`; ``only_set``: only those not at their default
-    (the settings written into a PNG, unchanged for plain guidance)."""
+    """The guidance interval, schedule, rescale and method of resolved options (``for_run``),
+    as the keyword arguments of :func:`sample_labels`; ``only_set``: only those not at their
+    default (the settings written into a PNG, unchanged for plain guidance)."""
     shape = {
         "guidance_interval": opts.guidance_interval, "guidance_schedule": opts.guidance_schedule,
-        "guidance_rescale": opts.guidance_rescale,
+        "guidance_rescale": opts.guidance_rescale, "guidance_method": opts.guidance_method,
     }  # fmt: skip
     if only_set:
         plain = {
             "guidance_interval": None,
             "guidance_schedule": "constant",
             "guidance_rescale": 0.0,
+            "guidance_method": "cfg",
         }
         shape = {k: v for k, v in shape.items() if v != plain[k]}
     return shape

@@ -1,6 +1,6 @@
-"""Where and how strongly classifier-free guidance acts: interval, schedule and rescale.
+"""Where and how classifier-free guidance acts: interval, schedule, rescale and method.
 
-Three refinements of the guidance scale ``s`` (diffusers' convention, s = 1 conditional),
+Four refinements of the guidance scale ``s`` (diffusers' convention, s = 1 conditional),
 each a key of :class:`~difflab.config.SampleConfig` whose default leaves guidance as it is:
 
 - **interval** (Kynkäänniemi et al. 2024): guidance only where the noise level
@@ -16,7 +16,12 @@ each a key of :class:`~difflab.config.SampleConfig` whose default leaves guidanc
   flawed", section 3.4, as diffusers' ``rescale_noise_cfg``): the guided output is rescaled to
   the conditional output's standard deviation per sample, and mixed with the unrescaled one:
   ``phi * guided * std(cond) / std(guided) + (1 - phi) * guided``, on the network's output
-  in its own parameterisation (eps, x0 or v).
+  in its own parameterisation (eps, x0 or v);
+- **method** ``cfg`` (the guided output gives both x_0 and the eps of the update) or
+  ``cfg++`` (Chung et al. 2024, "CFG++: Manifold-constrained Classifier Free Guidance for
+  Diffusion Models", Algorithm 1, DDIM only, with s as the paper's lambda): the DDIM step
+  goes through the guided x_0 but re-noises with the unconditional eps,
+  ``x_prev = sqrt(abar_prev) x0_s + sqrt(1 - abar_prev - sigma^2) eps_uncond``.
 
 The step's scale is then ``1 + (s - 1) * weight(t)`` with weight 0 outside the interval.
 Nothing here draws random numbers.
@@ -29,9 +34,10 @@ from typing import get_args
 
 import torch
 
-from difflab.config import GuidanceSchedule
+from difflab.config import GuidanceMethod, GuidanceSchedule
 
 GUIDANCE_SCHEDULES: tuple[str, ...] = get_args(GuidanceSchedule)
+GUIDANCE_METHODS: tuple[str, ...] = get_args(GuidanceMethod)
 
 
 def schedule_weight(schedule: str, r: float) -> float:

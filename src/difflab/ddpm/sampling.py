@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from difflab.checks import SAMPLERS, check_trajectory
+from difflab.checks import SAMPLERS, check_guidance_method, check_trajectory
 from difflab.ddpm.diffusion import GaussianDiffusion
 from difflab.ddpm.guidance import guidance_weight, rescale_guidance, sigmas
 from difflab.errors import UsageError
@@ -130,7 +130,8 @@ class GuidedModel:
 
     ``interval``, ``schedule`` and ``rescale`` shape the guidance per step
     (:mod:`difflab.ddpm.guidance`); their defaults (None, constant, 0) compute exactly what
-    plain guidance does.
+    plain guidance does. ``method`` ``cfg++`` (Chung et al. 2024, for DDIM) keeps the guided
+    x_0 but returns the unconditional eps, with which the DDIM update re-noises.
     """
 
     def __init__(
@@ -142,12 +143,14 @@ class GuidedModel:
         interval: tuple[float, float] | None = None,
         schedule: str = "constant",
         rescale: float = 0.0,
+        method: str = "cfg",
     ):
         """``guidance`` is one scale, or one per sample (B,) to batch several guidance values."""
         self.model, self.diffusion = model, diffusion
         self.guidance = guidance if isinstance(guidance, torch.Tensor) else float(guidance)
         self.autocast = autocast
         self.interval, self.schedule, self.rescale = interval, schedule, float(rescale)
+        self.method = method
         self._sigmas = None if interval is None else sigmas(diffusion.alphas_cumprod)
         self.null_label = model.num_classes
         self._plans: dict[bool, tuple[torch.Tensor, ...]] = {}  # see _mixed
@@ -175,9 +178,10 @@ class GuidedModel:
             if self.autocast == "bf16"
             else nullcontext()
         )
+        renoise = None  # cfg++: the output whose eps re-noises the step (None: out's own)
         with ctx:
             if isinstance(s, torch.Tensor):
-                out = self._mixed(x, tt, labels, null, w)
+                out, renoise = self._mixed(x, tt, labels, null, w)
             elif s == 1.0:
                 out = self.model(x, tt, labels)
             elif s == 0.0:
@@ -188,21 +192,32 @@ class GuidedModel:
                 out = uncond + s * (cond - uncond)
                 if self.rescale > 0:
                     out = rescale_guidance(out, cond, self.rescale)
-        out = out.float()
+                if self.method == "cfg++":
+                    renoise = uncond
+        eps, x0 = self._eps_x0(out.float(), x, tt)
+        if renoise is not None:  # CFG++: x0 guided, eps unconditional (Chung et al. 2024)
+            eps = self._eps_x0(renoise.float(), x, tt)[0]
+        return eps, x0
+
+    def _eps_x0(self, out: torch.Tensor, x: torch.Tensor, tt: torch.Tensor):
+        """(eps, x0) of a network output; with ``clip_x0``, x0 clipped and eps recomputed."""
         eps, x0 = self.diffusion.eps_x0_from_output(out, x, tt)
         if self.diffusion.cfg.clip_x0:
             x0 = x0.clamp(-1, 1)
             eps = self.diffusion.predict_eps_from_x0(x, tt, x0)
         return eps, x0
 
-    def _mixed(self, x, tt, labels, null, w: float = 1.0) -> torch.Tensor:
+    def _mixed(
+        self, x, tt, labels, null, w: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One forward for a batch whose samples have different guidance scales (B,).
 
         Only the passes a sample needs are run: the conditional one unless s = 0, the
         unconditional one unless s = 1; all of them in a single batch. Which samples need
         which pass is worked out on the first call only (``nonzero`` waits for the device);
         a schedule's weight w != 1 moves s = 0 off 0, so those steps have a second plan in
-        which every sample runs the conditional pass.
+        which every sample runs the conditional pass. Returns the guided output and, for
+        cfg++, the output each sample re-noises with (unconditional; conditional where s = 1).
         """
         exact = w == 1.0
         if exact not in self._plans:
@@ -224,9 +239,12 @@ class GuidedModel:
         guided = uncond + w_ * (cond - uncond)
         if self.rescale > 0:
             guided = rescale_guidance(guided, cond, self.rescale)
-        return torch.where(
+        out = torch.where(
             ~need_u.view_as(w_), cond, torch.where(~need_c.view_as(w_), uncond, guided)
         )
+        if self.method != "cfg++":
+            return out, None
+        return out, torch.where(~need_u.view_as(w_), cond, uncond)
 
 
 def sample_steps(
@@ -247,6 +265,7 @@ def sample_steps(
     guidance_interval: tuple[float, float] | None = None,
     guidance_schedule: str = "constant",
     guidance_rescale: float = 0.0,
+    guidance_method: str = "cfg",
 ) -> Iterator[Step]:
     """Run the reverse process for ``labels`` (B,), yielding each :class:`Step`.
 
@@ -263,12 +282,14 @@ def sample_steps(
     they share x_T and the step noise, so each block follows the trajectory it would follow
     if sampled on its own.
 
-    ``guidance_interval``, ``guidance_schedule`` and ``guidance_rescale`` shape the guidance
-    per step (:mod:`difflab.ddpm.guidance`; the defaults leave it as it is).
+    ``guidance_interval``, ``guidance_schedule``, ``guidance_rescale`` and
+    ``guidance_method`` (cfg, or cfg++ with the ddim sampler) shape the guidance per step
+    (:mod:`difflab.ddpm.guidance`; the defaults leave it as it is).
     """
     scales = guidance.tolist() if isinstance(guidance, torch.Tensor) else [guidance]
     for g in sorted(set(scales)):  # a cheap guard: callers pass options checked when built
         check_trajectory(sampler, steps, g, eta, diffusion.num_timesteps)
+    check_guidance_method(guidance_method, sampler)
     if groups < 1 or labels.shape[0] % groups:
         raise ValueError(f"groups={groups} does not divide the batch of {labels.shape[0]}")
     device = next(model.parameters()).device
@@ -303,8 +324,9 @@ def sample_steps(
         return z if groups == 1 else z.repeat(groups, 1, 1, 1)
 
     net = GuidedModel(
-        model, diffusion, guidance, autocast, guidance_interval, guidance_schedule, guidance_rescale
-    )
+        model, diffusion, guidance, autocast, guidance_interval, guidance_schedule,
+        guidance_rescale, guidance_method,
+    )  # fmt: skip
     was_training = model.training
     model.eval()
     try:

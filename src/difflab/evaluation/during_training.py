@@ -77,6 +77,7 @@ class TrainingEvaluator:
             "sampler": sc.sampler, "steps": tc.eval_steps or sc.steps, "guidance": sc.guidance,
             "eta": sc.eta, "spacing": sc.spacing, "guidance_interval": sc.guidance_interval,
             "guidance_schedule": sc.guidance_schedule, "guidance_rescale": sc.guidance_rescale,
+            "guidance_method": sc.guidance_method,
         }  # fmt: skip
         self.autocast = resolve_precision("auto", self.device)
 

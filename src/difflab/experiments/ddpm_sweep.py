@@ -65,9 +65,10 @@ FORMAT = 2  # 2: each image has its own seed (difflab.seeds); 1 seeded whole bat
 OPTIONS = {"samplers": "--sampler", "steps": "--steps", "guidance": "--guidance", "seeds": "--seeds",
            "n_per_class": "--n", "precision": "--precision", "guidance_intervals": "--guidance-interval",
            "guidance_schedules": "--guidance-schedule", "guidance_rescales": "--guidance-rescale",
-           "checkpoints": "--checkpoints"}  # fmt: skip
+           "guidance_methods": "--guidance-method", "checkpoints": "--checkpoints"}  # fmt: skip
 PRESENTATION = ("grid_class",)  # identity keys that may change without touching any cell
-PLAIN = {"guidance_intervals": ["none"], "guidance_schedules": ["constant"], "guidance_rescales": [0.0]}  # fmt: skip
+PLAIN = {"guidance_intervals": ["none"], "guidance_schedules": ["constant"], "guidance_rescales": [0.0],
+         "guidance_methods": ["cfg"]}  # fmt: skip
 # what an identity without these keys means (not written): sweeps made before the option
 IMPLIED = {"precision": "fp32", **PLAIN}
 
@@ -81,7 +82,8 @@ def interval_text(interval: list | tuple | None) -> str:
 class Cell:
     """One cell. The guidance-shape fields are None when the sweep has no such axis (a cell
     record without them then matches, as records made before the axes existed); else the
-    axis' value: the interval as :func:`interval_text`, the schedule's name, phi. So is
+    axis' value: the interval as :func:`interval_text`, the schedule's name, phi, the method
+    (cfg or cfg++). So is
     ``checkpoint``: the training step of the weights sampled (:mod:`.ddpm_checkpoints`)."""
 
     sampler: str
@@ -91,6 +93,7 @@ class Cell:
     guidance_interval: str | None = None
     guidance_schedule: str | None = None
     guidance_rescale: float | None = None
+    guidance_method: str | None = None
     checkpoint: int | None = None
 
     @property
@@ -104,6 +107,8 @@ class Cell:
             key += f"_{self.guidance_schedule}"
         if shape["guidance_rescale"] != 0.0:
             key += f"_phi{self.guidance_rescale!r}"
+        if shape["guidance_method"] != "cfg":
+            key += "_cfgpp"
         key += f"_seed{self.seed}"
         return key if self.checkpoint is None else f"{key}_ckpt{self.checkpoint}"
 
@@ -115,6 +120,7 @@ class Cell:
             "guidance_interval": None if iv in (None, "none") else tuple(map(float, iv.split(":"))),
             "guidance_schedule": self.guidance_schedule or "constant",
             "guidance_rescale": self.guidance_rescale or 0.0,
+            "guidance_method": self.guidance_method or "cfg",
         }  # fmt: skip
 
     @property
@@ -144,13 +150,14 @@ def sweep_identity(run: str | Path, axes: DDPMSweepAxes, device: str = "cpu") ->
 
     A bf16 sweep (``precision``, resolved for ``device``) has ``"precision": "bf16"``; an
     fp32 sweep has no such key, as sweeps made before the option existed; so has a sweep
-    whose guidance-shape axes (interval, schedule, rescale) are plain guidance only.
+    whose guidance-shape axes (interval, schedule, rescale, method) are plain guidance only.
     """
     autocast = resolve_precision(axes.precision, device)
     shape = {
         "guidance_intervals": [interval_text(v) for v in axes.guidance_intervals],  # as typed
         "guidance_schedules": list(axes.guidance_schedules),
         "guidance_rescales": list(axes.guidance_rescales),
+        "guidance_methods": list(axes.guidance_methods),
     }
     shape = {k: v for k, v in shape.items() if v != PLAIN[k]}
     run = check_run_dir(run)
@@ -175,16 +182,16 @@ def check_folder(out: str | Path, identity: dict[str, Any]) -> bool:
 
 def all_cells(identity: dict[str, Any]) -> list[Cell]:
     """Cells in run order: checkpoint (one model each, when the sweep has the axis), seed (one
-    x_T each), then sampler, steps, the guidance-shape axes (interval, schedule, rescale; each
-    only when the sweep has it) and guidance."""
+    x_T each), then sampler, steps, the guidance-shape axes (interval, schedule, rescale,
+    method; each only when the sweep has it) and guidance."""
     i = identity
     shape = [
         i.get("guidance_intervals", [None]), i.get("guidance_schedules", [None]),
-        i.get("guidance_rescales", [None]),
+        i.get("guidance_rescales", [None]), i.get("guidance_methods", [None]),
     ]  # fmt: skip
     return [
-        Cell(smp, st, g, seed, iv, sch, phi, ck)
-        for ck, seed, smp, st, iv, sch, phi, g in itertools.product(
+        Cell(smp, st, g, seed, iv, sch, phi, method, ck)
+        for ck, seed, smp, st, iv, sch, phi, method, g in itertools.product(
             i.get("checkpoints", [None]),
             i["seeds"],
             i["samplers"],

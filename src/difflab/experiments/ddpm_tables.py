@@ -32,6 +32,7 @@ SHAPE_AXES = {
     "guidance_intervals": "guidance_interval",
     "guidance_schedules": "guidance_schedule",
     "guidance_rescales": "guidance_rescale",
+    "guidance_methods": "guidance_method",
 }
 SHAPE_FIELDS = tuple(SHAPE_AXES.values())  # of Cell, in the order of the tables' columns
 CHECKPOINT_COLUMNS = ("checkpoint", "images_seen")  # the checkpoint axis (training step)
