@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -45,3 +47,18 @@ def train_args(out: Path, epochs: float, *extra: str, **train) -> list[str]:
             if key not in ("class_names", "epochs", "minutes"):
                 args += ["--set", f"{section}.{key}={json.dumps(value)}"]
     return args + list(extra)  # after the --set options, so that they win
+
+
+@contextmanager
+def judged_tiny_run(tmp: Path, **kw) -> Iterator[Path]:
+    """:func:`tiny_run` in ``tmp``, with the reference classifier cached under ``tmp`` and
+    trained for one epoch while the context lasts (a module fixture yields from it)."""
+    import pytest
+
+    from difflab.evaluation import judge as judge_mod
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIFFLAB_CACHE", str(tmp / "cache"))
+        real = judge_mod.train_judge
+        mp.setattr(judge_mod, "train_judge", lambda *a, **k: real(*a, **{**k, "epochs": 1}))
+        yield tiny_run(tmp, **kw)

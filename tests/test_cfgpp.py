@@ -18,10 +18,9 @@ from difflab.ddpm.distill import Distiller
 from difflab.ddpm.generate import guidance_shape
 from difflab.ddpm.sampling import GuidedModel, sample, sample_steps
 from difflab.errors import UsageError
-from difflab.evaluation import judge as judge_mod
 from difflab.experiments.ddpm_sweep import all_cells, sweep_identity, sweep_run
 from difflab.options import DDPMSweepAxes, EvalOptions, SampleOptions
-from helpers import tiny_run
+from helpers import judged_tiny_run
 
 
 def eps_x0(out, x, sa, s1, objective):
@@ -127,11 +126,8 @@ def test_bad_config_and_option_values(make, match):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cfgpp")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DIFFLAB_CACHE", str(tmp / "cache"))
-        real = judge_mod.train_judge
-        mp.setattr(judge_mod, "train_judge", lambda *a, **k: real(*a, **{**k, "epochs": 1}))
-        yield tiny_run(tmp)
+    with judged_tiny_run(tmp) as path:
+        yield path
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,9 @@ from difflab.ddpm.diffusion import GaussianDiffusion
 from difflab.ddpm.guidance import guidance_weight, rescale_guidance, schedule_weight, sigmas
 from difflab.ddpm.sampling import GuidedModel, sample
 from difflab.errors import UsageError
-from difflab.evaluation import judge as judge_mod
 from difflab.experiments.ddpm_sweep import sweep_run
 from difflab.options import DDPMSweepAxes, SampleOptions
-from helpers import tiny_run
+from helpers import judged_tiny_run
 
 SAMPLERS = ("ddpm", "ddim", "dpm++", "unipc", "euler")
 
@@ -193,11 +192,8 @@ def test_bad_config_values(set_, match):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("guidance")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DIFFLAB_CACHE", str(tmp / "cache"))
-        real = judge_mod.train_judge
-        mp.setattr(judge_mod, "train_judge", lambda *a, **k: real(*a, **{**k, "epochs": 1}))
-        yield tiny_run(tmp)
+    with judged_tiny_run(tmp) as path:
+        yield path
 
 
 @pytest.mark.parametrize(

@@ -18,11 +18,10 @@ from difflab.ddpm import sampling
 from difflab.ddpm.generate import sample_labels, sample_run
 from difflab.ddpm.runs import load_run
 from difflab.ddpm.sampling import sample, sample_steps
-from difflab.evaluation import judge as judge_mod
 from difflab.experiments.ddpm_sweep import sweep_run
 from difflab.options import DDPMSweepAxes, EvalOptions, SampleOptions
 from difflab.seeds import ImageNoise, image_seeds, indices_within_class, initial_noise
-from helpers import tiny_run
+from helpers import judged_tiny_run
 
 SHAPE = (1, 8, 8)  # one digits image of the tiny run
 
@@ -31,11 +30,8 @@ SHAPE = (1, 8, 8)  # one digits image of the tiny run
 def run(tmp_path_factory):
     """A tiny digits run; the judge is cached in a temporary folder and trained for one epoch."""
     tmp = tmp_path_factory.mktemp("seeds")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DIFFLAB_CACHE", str(tmp / "cache"))
-        real = judge_mod.train_judge
-        mp.setattr(judge_mod, "train_judge", lambda *a, **k: real(*a, **{**k, "epochs": 1}))
-        yield tiny_run(tmp)
+    with judged_tiny_run(tmp) as path:
+        yield path
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,12 @@ from safetensors.torch import load_file, save_file
 
 from difflab.checks import parse_list
 from difflab.cli import main
-from difflab.evaluation import judge as judge_mod
 from difflab.experiments import ddpm_sweep as sweep_mod
 from difflab.experiments.ddpm_sweep import sweep_run
 from difflab.figures.images import png_settings
 from difflab.files import file_sha256
 from difflab.options import DDPMSweepAxes
-from helpers import tiny_run
+from helpers import judged_tiny_run
 
 AXES = DDPMSweepAxes(guidance="0,2", steps="2,3", seeds="0", n_per_class=2)
 QUIET = dict(progress=False, plots=False, max_group=8)
@@ -28,11 +27,8 @@ QUIET = dict(progress=False, plots=False, max_group=8)
 def run(tmp_path_factory):
     """A tiny digits run; the judge is cached in a temporary folder and trained for one epoch."""
     tmp = tmp_path_factory.mktemp("sweep")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DIFFLAB_CACHE", str(tmp / "cache"))
-        real = judge_mod.train_judge
-        mp.setattr(judge_mod, "train_judge", lambda *a, **k: real(*a, **{**k, "epochs": 1}))
-        yield tiny_run(tmp)
+    with judged_tiny_run(tmp) as path:
+        yield path
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
