@@ -141,25 +141,6 @@ def cfgpp_run(run, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize(
-    "command, extra, match",
-    [
-        ("sample", ["--guidance-method", "cfgpp"], "--guidance-method 'cfgpp': unknown guidance method; choose one of cfg, cfg++"),
-        ("sample", ["--sampler", "ddpm", "--guidance-method", "cfg++"], "--guidance-method cfg++: CFG++ is defined for DDIM only; it needs --sampler ddim, not ddpm"),
-        ("eval", ["--sampler", "dpm++", "--guidance-method", "cfg++"], "it needs --sampler ddim, not dpm++"),
-        ("sweep", ["--guidance-method", "cfg,bogus"], "--guidance-method 'bogus': unknown guidance method"),
-        ("sweep", ["--sampler", "ddim,ddpm", "--guidance-method", "cfg,cfg++"], "--guidance-method cfg++: CFG++ is defined for DDIM only; it needs --sampler ddim, not ddpm"),
-    ],
-)  # fmt: skip
-def test_bad_values_one_line_exit_2(run, tmp_path, capsys, command, extra, match):
-    out = tmp_path / ("s.npz" if command == "sample" else "sw")
-    args = [command, str(run), "--device", "cpu", *extra] + (["--out", str(out)] if command != "eval" else [])  # fmt: skip
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and match in err, err
-    assert not out.exists()
-
-
 @pytest.mark.parametrize("command", ["sample", "eval"])
 def test_a_runs_cfgpp_default_with_another_sampler_is_one_line(cfgpp_run, tmp_path, capsys, command):  # fmt: skip
     out = ["--out", str(tmp_path / "s.npz")] if command == "sample" else []

@@ -207,6 +207,11 @@ def run(tmp_path_factory):
         ("sweep", ["--guidance-interval", "none,2:1"], "--guidance-interval 2:1: LO is above HI"),
         ("sweep", ["--guidance-schedule", "constant,bogus"], "--guidance-schedule 'bogus'"),
         ("sweep", ["--guidance-rescale", "0,2"], "--guidance-rescale 2: must be between 0 and 1"),
+        ("sample", ["--guidance-method", "cfgpp"], "--guidance-method 'cfgpp': unknown guidance method; choose one of cfg, cfg++"),
+        ("sample", ["--sampler", "ddpm", "--guidance-method", "cfg++"], "--guidance-method cfg++: CFG++ is defined for DDIM only; it needs --sampler ddim, not ddpm"),
+        ("eval", ["--sampler", "dpm++", "--guidance-method", "cfg++"], "it needs --sampler ddim, not dpm++"),
+        ("sweep", ["--guidance-method", "cfg,bogus"], "--guidance-method 'bogus': unknown guidance method"),
+        ("sweep", ["--sampler", "ddim,ddpm", "--guidance-method", "cfg,cfg++"], "--guidance-method cfg++: CFG++ is defined for DDIM only; it needs --sampler ddim, not ddpm"),
     ],
 )  # fmt: skip
 def test_bad_values_one_line_exit_2(run, tmp_path, capsys, command, extra, match):
