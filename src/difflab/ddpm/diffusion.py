@@ -169,6 +169,17 @@ class GaussianDiffusion:
         eps = s * xt + a * out
         return eps, x0
 
+    def sampling_eps_x0(
+        self, out: torch.Tensor, xt: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps, x0) of a network output as a sampling step uses them: with ``clip_x0``, x0
+        clipped to [-1, 1] and eps recomputed from the clipped x0."""
+        eps, x0 = self.eps_x0_from_output(out, xt, t)
+        if self.cfg.clip_x0:
+            x0 = x0.clamp(-1, 1)
+            eps = self.predict_eps_from_x0(xt, t, x0)
+        return eps, x0
+
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         abar = self.buf("alphas_cumprod", t.device)[t]
         return abar / (1 - abar)

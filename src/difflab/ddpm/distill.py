@@ -235,13 +235,9 @@ class Distiller:
             if self.t_cfg.sample.guidance_rescale > 0:
                 out = rescale_guidance(out, cond, self.t_cfg.sample.guidance_rescale)
             if self.t_cfg.sample.guidance_method == "cfg++":
-                eps, x0_u = diffusion.eps_x0_from_output(uncond, z, t)
-                if diffusion.cfg.clip_x0:
-                    eps = diffusion.predict_eps_from_x0(z, t, x0_u.clamp(-1, 1))
-        x0 = diffusion.eps_x0_from_output(out, z, t)[1]
-        x0 = x0.clamp(-1, 1) if diffusion.cfg.clip_x0 else x0
+                eps = diffusion.sampling_eps_x0(uncond, z, t)[0]
+        own, x0 = diffusion.sampling_eps_x0(out, z, t)
         if eps is not None:  # plain conditional where the step's scale is 1
-            own = diffusion.predict_eps_from_x0(z, t, x0)
             eps = torch.where((s == 1).view(-1, 1, 1, 1), own, eps)
         return x0, eps
 

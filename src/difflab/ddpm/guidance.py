@@ -34,10 +34,9 @@ from typing import get_args
 
 import torch
 
-from difflab.config import GuidanceMethod, GuidanceSchedule
+from difflab.config import GuidanceSchedule
 
 GUIDANCE_SCHEDULES: tuple[str, ...] = get_args(GuidanceSchedule)
-GUIDANCE_METHODS: tuple[str, ...] = get_args(GuidanceMethod)
 
 
 def schedule_weight(schedule: str, r: float) -> float:

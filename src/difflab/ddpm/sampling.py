@@ -194,17 +194,9 @@ class GuidedModel:
                     out = rescale_guidance(out, cond, self.rescale)
                 if self.method == "cfg++":
                     renoise = uncond
-        eps, x0 = self._eps_x0(out.float(), x, tt)
+        eps, x0 = self.diffusion.sampling_eps_x0(out.float(), x, tt)
         if renoise is not None:  # CFG++: x0 guided, eps unconditional (Chung et al. 2024)
-            eps = self._eps_x0(renoise.float(), x, tt)[0]
-        return eps, x0
-
-    def _eps_x0(self, out: torch.Tensor, x: torch.Tensor, tt: torch.Tensor):
-        """(eps, x0) of a network output; with ``clip_x0``, x0 clipped and eps recomputed."""
-        eps, x0 = self.diffusion.eps_x0_from_output(out, x, tt)
-        if self.diffusion.cfg.clip_x0:
-            x0 = x0.clamp(-1, 1)
-            eps = self.diffusion.predict_eps_from_x0(x, tt, x0)
+            eps = self.diffusion.sampling_eps_x0(renoise.float(), x, tt)[0]
         return eps, x0
 
     def _mixed(
