@@ -88,3 +88,69 @@ def test_bad_schedule_values_are_refused():
         make_betas(DiffusionConfig(timesteps=1))
     with pytest.raises(UsageError, match="beta_start"):
         make_betas(DiffusionConfig(beta_start=0.5, beta_end=0.1))
+
+
+def _v_min_snr(**kw) -> GaussianDiffusion:
+    return GaussianDiffusion(
+        DiffusionConfig(objective="v", loss_weighting="min_snr", min_snr_gamma=1.0, **kw)
+    )
+
+
+def test_uniform_timesteps_are_the_plain_randint_draw():
+    """The default draw is unchanged: torch.randint from the step's generator."""
+    d = GaussianDiffusion(DiffusionConfig())
+    got = d.sample_timesteps(64, torch.Generator().manual_seed(3))
+    want = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(got, want)
+
+
+def test_importance_sampling_keeps_the_expected_loss_of_uniform_sampling():
+    """p(t) is proportional to the min-SNR weight w(t), so mean(w) = w(t) / (T p(t)) and
+    sum_t p(t) * mean(w) * l(t) equals (1/T) sum_t w(t) l(t) for any per-step loss l."""
+    uni, imp = _v_min_snr(), _v_min_snr(timestep_sampling="importance")
+    t = torch.arange(1000)
+    w = uni.loss_weight(t).double()
+    snr = uni.snr(t).double()
+    torch.testing.assert_close(w, snr.clamp(max=1.0) / (snr + 1))  # v target, gamma = 1
+    p = imp.timestep_probs().double()
+    assert p.sum().item() == pytest.approx(1.0, abs=1e-6)
+    torch.testing.assert_close(p, w / w.sum(), rtol=1e-5, atol=1e-9)
+    loss_t = torch.rand(1000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected_uniform = (w * loss_t).mean()
+    expected_importance = (p * imp.item_weight(t).double() * loss_t).sum()
+    assert expected_importance.item() == pytest.approx(expected_uniform.item(), rel=1e-5)
+    # training_loss gives every item the weight mean(w) under importance sampling
+    x0, noise = torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
+    out = torch.ones(2, 1, 2, 2)
+    tt = torch.tensor([0, 999])
+    got = imp.training_loss(out, x0, tt, noise).item()
+    assert got == pytest.approx(w.mean().item(), rel=1e-5)
+    assert uni.training_loss(out, x0, tt, noise).item() == pytest.approx(w[tt].mean().item())
+
+
+@pytest.mark.parametrize("share", [0.25, 1.0])
+def test_a_uniform_share_mixes_the_distributions_and_keeps_the_expected_loss(share):
+    uni = _v_min_snr()
+    mix = _v_min_snr(timestep_sampling="importance", timestep_uniform_share=share)
+    t = torch.arange(1000)
+    w = uni.loss_weight(t).double()
+    p = mix.timestep_probs().double()
+    torch.testing.assert_close(p, (1 - share) * w / w.sum() + share / 1000, rtol=1e-5, atol=1e-9)
+    loss_t = torch.rand(1000, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    expected = (p * mix.item_weight(t).double() * loss_t).sum().item()
+    assert expected == pytest.approx((w * loss_t).mean().item(), rel=1e-5)
+    if share == 1.0:  # all uniform: each item keeps its own weight w(t)
+        torch.testing.assert_close(mix.item_weight(t).double(), w, rtol=1e-5, atol=1e-9)
+
+
+def test_importance_draws_follow_their_probabilities():
+    imp = _v_min_snr(timestep_sampling="importance")
+    t = imp.sample_timesteps(200_000, torch.Generator().manual_seed(1))
+    assert t.min() >= 0 and t.max() < 1000
+    p = imp.timestep_probs().double()
+    mean_t = (p * torch.arange(1000, dtype=torch.float64)).sum().item()
+    assert t.double().mean().item() == pytest.approx(mean_t, abs=1.5)
+    # the steps with almost no weight (nearly clean or pure noise) are hardly ever drawn
+    assert (t < 20).double().mean().item() < 0.01 and (t > 900).double().mean().item() < 0.01
+    again = imp.sample_timesteps(500, torch.Generator().manual_seed(1))
+    assert torch.equal(again, imp.sample_timesteps(500, torch.Generator().manual_seed(1)))

@@ -33,9 +33,16 @@ def test_loss_goes_down(tmp_path):
     assert last < 0.7 * first
 
 
-def test_resume_is_exact(tmp_path):
+V_MIN_SNR = ["diffusion.objective=v", "diffusion.loss_weighting=min_snr", "diffusion.min_snr_gamma=1"]
+IMPORTANCE = [*V_MIN_SNR, "diffusion.timestep_sampling=importance"]
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "importance"])
+def test_resume_is_exact(tmp_path, sampling):
     """N steps straight == N/2 steps, stop, resume, N/2 steps: identical weights."""
     cfg = tiny_config(epochs=0.2)  # 9 steps of 32 on 1433 digits
+    if sampling == "importance":
+        cfg = cfg.override(IMPORTANCE)
     straight = tmp_path / "straight"
     r = train(cfg, straight, device="cpu", progress=False)
     assert r.steps == 9
@@ -55,6 +62,35 @@ def test_resume_is_exact(tmp_path):
         json.loads(line)["step"] for line in (split / "metrics.jsonl").read_text().splitlines()
     ]
     assert steps == list(range(1, 10))
+
+
+def test_importance_sampling_trains_on_its_own_timesteps(tmp_path, monkeypatch):
+    """The trainer draws t through the diffusion's sampler: importance sampling changes the
+    draws (so the weights) towards the timesteps that the loss weighting weighs most."""
+    from difflab.ddpm.diffusion import GaussianDiffusion
+
+    drawn = []
+    original = GaussianDiffusion.sample_timesteps
+
+    def spy(self, n, generator):
+        t = original(self, n, generator)
+        drawn.append((self.cfg.timestep_sampling, t.clone()))
+        return t
+
+    monkeypatch.setattr(GaussianDiffusion, "sample_timesteps", spy)
+    weighted = tiny_config(epochs=0.1).override(V_MIN_SNR)
+    train(weighted, tmp_path / "uniform", device="cpu", progress=False)
+    train(weighted.override(IMPORTANCE), tmp_path / "importance", device="cpu", progress=False)
+    kinds = {kind for kind, _ in drawn}
+    assert kinds == {"uniform", "importance"}
+    uni = torch.cat([t for kind, t in drawn if kind == "uniform"])
+    imp = torch.cat([t for kind, t in drawn if kind == "importance"])
+    assert len(uni) == len(imp) > 0 and not torch.equal(uni, imp)
+    weight = GaussianDiffusion(weighted.diffusion).loss_weight
+    assert weight(imp).mean() > 1.5 * weight(uni).mean()
+    a = load_file(tmp_path / "uniform" / "model.safetensors")
+    b = load_file(tmp_path / "importance" / "model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
 def test_out_with_a_run_needs_resume(tmp_path):

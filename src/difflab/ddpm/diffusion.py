@@ -185,6 +185,46 @@ class GaussianDiffusion:
         return abar / (1 - abar)
 
     # -- training ---------------------------------------------------------------------------
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """The per-item weight (B,) of the loss at timesteps ``t`` under uniform sampling:
+        min(SNR, gamma) expressed for the chosen target (Hang et al. 2023, sec. 3.4), or 1."""
+        if self.cfg.loss_weighting != "min_snr":
+            return torch.ones(t.shape, device=t.device)
+        snr = self.snr(t)
+        clipped = snr.clamp(max=self.cfg.min_snr_gamma)
+        return {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[self.cfg.objective]
+
+    def timestep_probs(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """p(t) (T,) of ``timestep_sampling="importance"``: proportional to the loss weight,
+        mixed with the uniform distribution by ``timestep_uniform_share``."""
+        w = self.loss_weight(torch.arange(self.num_timesteps)).double()
+        share = self.cfg.timestep_uniform_share
+        p = (1 - share) * w / w.sum() + share / self.num_timesteps
+        return p.float().to(device)
+
+    def _probs(self, device: torch.device) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_probs_cache", {})
+        if device not in cache:
+            cache[device] = self.timestep_probs(device)
+        return cache[device]
+
+    def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``n`` training timesteps drawn with ``generator`` on its device (uniform, or by
+        :meth:`timestep_probs`)."""
+        dev = generator.device
+        if self.cfg.timestep_sampling == "uniform":
+            return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=dev)
+        return torch.multinomial(self._probs(dev), n, replacement=True, generator=generator)
+
+    def item_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """The weight (B,) of each item's loss at the drawn timesteps ``t``: the loss weight
+        w(t) under uniform sampling; w(t) / (T p(t)) under importance sampling, which keeps
+        the expected loss (and gradient) of uniform sampling."""
+        w = self.loss_weight(t)
+        if self.cfg.timestep_sampling == "uniform":
+            return w
+        return w / (self.num_timesteps * self._probs(t.device)[t])
+
     def training_loss(
         self,
         out: torch.Tensor,
@@ -192,14 +232,15 @@ class GaussianDiffusion:
         t: torch.Tensor,
         noise: torch.Tensor,
     ) -> torch.Tensor:
-        """Mean squared error on the objective's target, optionally min-SNR weighted."""
+        """Mean squared error on the objective's target, weighted by :meth:`item_weight`.
+
+        With importance sampling (t drawn with p(t) proportional to the weight w(t), no
+        uniform share) every item gets the same weight mean(w) = w(t) / (T p(t)): the expected
+        loss and gradient are those of uniform sampling, with less variance.
+        """
         obj = self.cfg.objective
         target = noise if obj == "eps" else x0 if obj == "x0" else self.velocity(x0, t, noise)
         per_item = F.mse_loss(out.float(), target.float(), reduction="none").flatten(1).mean(1)
-        if self.cfg.loss_weighting == "min_snr":
-            # min(SNR, gamma) expressed for the chosen target (Hang et al. 2023, sec. 3.4)
-            snr = self.snr(t)
-            clipped = snr.clamp(max=self.cfg.min_snr_gamma)
-            weight = {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[obj]
-            per_item = per_item * weight
+        if self.cfg.loss_weighting == "min_snr" or self.cfg.timestep_sampling != "uniform":
+            per_item = per_item * self.item_weight(t)
         return per_item.mean()

@@ -250,7 +250,7 @@ class Trainer:
         x0, y = self._batch(step)
         g = runfolder.step_generator(tc.seed, step, self.device)
         n, shape, dev = tc.batch_size, (tc.batch_size, *x0.shape[1:]), g.device
-        t = torch.randint(0, self.diffusion.num_timesteps, (n,), generator=g, device=dev)[self.rows]
+        t = self.diffusion.sample_timesteps(n, g)[self.rows]
         noise = torch.randn(shape, generator=g, device=dev)[self.rows]
         drop = (torch.rand(n, generator=g, device=dev) < tc.label_dropout)[self.rows]
         if tc.channels_last:
