@@ -128,21 +128,6 @@ def test_importance_sampling_keeps_the_expected_loss_of_uniform_sampling():
     assert uni.training_loss(out, x0, tt, noise).item() == pytest.approx(w[tt].mean().item())
 
 
-@pytest.mark.parametrize("share", [0.25, 1.0])
-def test_a_uniform_share_mixes_the_distributions_and_keeps_the_expected_loss(share):
-    uni = _v_min_snr()
-    mix = _v_min_snr(timestep_sampling="importance", timestep_uniform_share=share)
-    t = torch.arange(1000)
-    w = uni.loss_weight(t).double()
-    p = mix.timestep_probs().double()
-    torch.testing.assert_close(p, (1 - share) * w / w.sum() + share / 1000, rtol=1e-5, atol=1e-9)
-    loss_t = torch.rand(1000, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    expected = (p * mix.item_weight(t).double() * loss_t).sum().item()
-    assert expected == pytest.approx((w * loss_t).mean().item(), rel=1e-5)
-    if share == 1.0:  # all uniform: each item keeps its own weight w(t)
-        torch.testing.assert_close(mix.item_weight(t).double(), w, rtol=1e-5, atol=1e-9)
-
-
 def test_importance_draws_follow_their_probabilities():
     imp = _v_min_snr(timestep_sampling="importance")
     t = imp.sample_timesteps(200_000, torch.Generator().manual_seed(1))

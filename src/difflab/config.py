@@ -134,7 +134,6 @@ class DiffusionConfig:
     # drawn with p(t) proportional to w(t) and each item weighted w(t) / (T p(t)), which
     # keeps the expected loss of uniform sampling with less variance
     timestep_sampling: TimestepSampling = "uniform"
-    timestep_uniform_share: float = 0.0  # importance sampling: this share of t stays uniform
     clip_x0: bool = True  # clip the predicted x0 to [-1, 1] while sampling
 
     def __post_init__(self) -> None:
@@ -148,7 +147,6 @@ class DiffusionConfig:
                 f"--set diffusion.beta_end {self.beta_end:g}: must be at least beta_start {self.beta_start:g}"
             )
         _check_float("diffusion", "min_snr_gamma", self.min_snr_gamma, 0, 1e6, open_low=True)
-        _check_float("diffusion", "timestep_uniform_share", self.timestep_uniform_share, 0, 1)
 
 
 @dataclass(frozen=True)

@@ -195,12 +195,9 @@ class GaussianDiffusion:
         return {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[self.cfg.objective]
 
     def timestep_probs(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """p(t) (T,) of ``timestep_sampling="importance"``: proportional to the loss weight,
-        mixed with the uniform distribution by ``timestep_uniform_share``."""
+        """p(t) (T,) of ``timestep_sampling="importance"``: proportional to the loss weight."""
         w = self.loss_weight(torch.arange(self.num_timesteps)).double()
-        share = self.cfg.timestep_uniform_share
-        p = (1 - share) * w / w.sum() + share / self.num_timesteps
-        return p.float().to(device)
+        return (w / w.sum()).float().to(device)
 
     def _probs(self, device: torch.device) -> torch.Tensor:
         cache = self.__dict__.setdefault("_probs_cache", {})
@@ -234,8 +231,8 @@ class GaussianDiffusion:
     ) -> torch.Tensor:
         """Mean squared error on the objective's target, weighted by :meth:`item_weight`.
 
-        With importance sampling (t drawn with p(t) proportional to the weight w(t), no
-        uniform share) every item gets the same weight mean(w) = w(t) / (T p(t)): the expected
+        With importance sampling (t drawn with p(t) proportional to the weight w(t)) every
+        item gets the same weight mean(w) = w(t) / (T p(t)): the expected
         loss and gradient are those of uniform sampling, with less variance.
         """
         obj = self.cfg.objective
