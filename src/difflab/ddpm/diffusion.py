@@ -232,8 +232,8 @@ class GaussianDiffusion:
         """Mean squared error on the objective's target, weighted by :meth:`item_weight`.
 
         With importance sampling (t drawn with p(t) proportional to the weight w(t)) every
-        item gets the same weight mean(w) = w(t) / (T p(t)): the expected
-        loss and gradient are those of uniform sampling, with less variance.
+        item gets the same weight mean(w) = w(t) / (T p(t)): the expected loss and gradient
+        are those of uniform sampling, with less variance.
         """
         obj = self.cfg.objective
         target = noise if obj == "eps" else x0 if obj == "x0" else self.velocity(x0, t, noise)
