@@ -58,6 +58,7 @@ class _Buffers:
     posterior_variance: torch.Tensor
     posterior_mean_coef1: torch.Tensor
     posterior_mean_coef2: torch.Tensor
+    timestep_probs: torch.Tensor | None = None  # importance sampling's p(t), set after the rest
 
 
 class GaussianDiffusion:
@@ -82,6 +83,8 @@ class GaussianDiffusion:
             posterior_mean_coef1=betas * abar_prev.sqrt() / (1 - abar),
             posterior_mean_coef2=(1 - abar_prev) * alphas.sqrt() / (1 - abar),
         )
+        w = self.loss_weight(torch.arange(self.num_timesteps)).double()
+        self._b64.timestep_probs = w / w.sum()  # importance sampling's p(t): needs snr's buffers
         self.signal_at_T = float(abar[-1].sqrt())
         if warn and self.signal_at_T > SIGNAL_WARN_LEVEL:
             warnings.warn(
@@ -196,14 +199,7 @@ class GaussianDiffusion:
 
     def timestep_probs(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """p(t) (T,) of ``timestep_sampling="importance"``: proportional to the loss weight."""
-        w = self.loss_weight(torch.arange(self.num_timesteps)).double()
-        return (w / w.sum()).float().to(device)
-
-    def _probs(self, device: torch.device) -> torch.Tensor:
-        cache = self.__dict__.setdefault("_probs_cache", {})
-        if device not in cache:
-            cache[device] = self.timestep_probs(device)
-        return cache[device]
+        return self.buf("timestep_probs", device)
 
     def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """``n`` training timesteps drawn with ``generator`` on its device (uniform, or by
@@ -211,7 +207,7 @@ class GaussianDiffusion:
         dev = generator.device
         if self.cfg.timestep_sampling == "uniform":
             return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=dev)
-        return torch.multinomial(self._probs(dev), n, replacement=True, generator=generator)
+        return torch.multinomial(self.timestep_probs(dev), n, replacement=True, generator=generator)
 
     def item_weight(self, t: torch.Tensor) -> torch.Tensor:
         """The weight (B,) of each item's loss at the drawn timesteps ``t``: the loss weight
@@ -220,7 +216,7 @@ class GaussianDiffusion:
         w = self.loss_weight(t)
         if self.cfg.timestep_sampling == "uniform":
             return w
-        return w / (self.num_timesteps * self._probs(t.device)[t])
+        return w / (self.num_timesteps * self.timestep_probs(t.device)[t])
 
     def training_loss(
         self,
@@ -238,6 +234,4 @@ class GaussianDiffusion:
         obj = self.cfg.objective
         target = noise if obj == "eps" else x0 if obj == "x0" else self.velocity(x0, t, noise)
         per_item = F.mse_loss(out.float(), target.float(), reduction="none").flatten(1).mean(1)
-        if self.cfg.loss_weighting == "min_snr" or self.cfg.timestep_sampling != "uniform":
-            per_item = per_item * self.item_weight(t)
-        return per_item.mean()
+        return (per_item * self.item_weight(t)).mean()
