@@ -5,6 +5,9 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# what `--precision auto` means on a CPU is measured per machine; the tests pin it so that
+# their images do not depend on the machine they run on (tests/test_sampling.py measures)
+os.environ.setdefault("DIFFLAB_CPU_PRECISION", "fp32")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,5 +1,8 @@
 """Parity of our DDPM and DDIM samplers with diffusers' schedulers on the same predictions."""
 
+import json
+import math
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -270,9 +273,66 @@ def test_precision_resolves_per_device():
     from difflab.devices import resolve_precision
 
     assert resolve_precision("auto", "cpu") is None and resolve_precision(None, "cpu") is None
+    # (auto on a CPU is pinned to fp32 for the tests: conftest.py; measured below)
     assert (
         resolve_precision("auto", "cuda:1") == "bf16" and resolve_precision("auto", "mps") is None
     )
     assert resolve_precision("bf16", "cpu") == "bf16" and resolve_precision("fp32", "cuda") is None
     with pytest.raises(UsageError, match="--precision 'fp16': choose one of auto, fp32, bf16"):
         resolve_precision("fp16", "cpu")
+
+
+def test_cpu_auto_precision_is_measured_once_per_machine(tmp_path, monkeypatch):
+    """auto on a CPU is bf16 only where it measured >= BF16_MIN_SPEEDUP faster; the choice and
+    its figures are cached per CPU/torch/threads, and $DIFFLAB_CPU_PRECISION pins it."""
+    from difflab import devices
+
+    monkeypatch.delenv(devices.CPU_PRECISION_ENV)
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path))
+    calls = []
+
+    def fake(speedup):
+        def measure():
+            calls.append(speedup)
+            return speedup
+
+        return measure
+
+    try:
+        for speedup, expected in ((devices.BF16_MIN_SPEEDUP + 0.01, "bf16"), (1.0, None)):
+            devices.cpu_sampling_precision.cache_clear()
+            (tmp_path / "cpu-precision.json").unlink(missing_ok=True)
+            monkeypatch.setattr(devices, "measure_bf16_speedup", fake(speedup))
+            assert devices.resolve_precision("auto", "cpu") == expected
+            assert devices.resolve_precision("fp32", "cpu") is None  # explicit wins
+            saved = json.loads((tmp_path / "cpu-precision.json").read_text())
+            (entry,) = saved.values()
+            assert entry["choice"] == (expected or "fp32")
+            assert entry["bf16_speedup"] == round(speedup, 3)
+        # a new process reads the cache instead of measuring again
+        devices.cpu_sampling_precision.cache_clear()
+        monkeypatch.setattr(devices, "measure_bf16_speedup", fake(9.0))
+        assert devices.resolve_precision("auto", "cpu") is None and calls[-1] == 1.0
+        # a damaged cache is measured again and rewritten
+        (tmp_path / "cpu-precision.json").write_text("{not json")
+        devices.cpu_sampling_precision.cache_clear()
+        assert devices.resolve_precision("auto", "cpu") == "bf16" and calls[-1] == 9.0
+        # the environment pins it without measuring; a bad value is one line naming it
+        devices.cpu_sampling_precision.cache_clear()
+        monkeypatch.setenv(devices.CPU_PRECISION_ENV, "fp32")
+        assert devices.resolve_precision("auto", "cpu") is None and len(calls) == 3
+        devices.cpu_sampling_precision.cache_clear()
+        monkeypatch.setenv(devices.CPU_PRECISION_ENV, "fp16")
+        with pytest.raises(UsageError, match="DIFFLAB_CPU_PRECISION='fp16': choose fp32 or bf16"):
+            devices.resolve_precision("auto", "cpu")
+    finally:
+        devices.cpu_sampling_precision.cache_clear()
+
+
+def test_bf16_speedup_is_measured_without_touching_the_random_state():
+    from difflab.devices import measure_bf16_speedup
+
+    before = torch.random.get_rng_state()
+    speedup = measure_bf16_speedup(batch=4, repeats=1)
+    assert math.isfinite(speedup) and speedup > 0
+    assert torch.equal(torch.random.get_rng_state(), before)

@@ -33,7 +33,11 @@ def test_loss_goes_down(tmp_path):
     assert last < 0.7 * first
 
 
-V_MIN_SNR = ["diffusion.objective=v", "diffusion.loss_weighting=min_snr", "diffusion.min_snr_gamma=1"]
+V_MIN_SNR = [
+    "diffusion.objective=v",
+    "diffusion.loss_weighting=min_snr",
+    "diffusion.min_snr_gamma=1",
+]
 IMPORTANCE = [*V_MIN_SNR, "diffusion.timestep_sampling=importance"]
 
 

@@ -4,13 +4,21 @@ into torch terms.
 ``auto`` picks CUDA, then MPS, then the CPU; an explicit device must be present. Number
 formats have one vocabulary across the lab, :data:`PRECISIONS` (``fp32``, ``bf16``, ``fp16``):
 DDPM sampling takes ``auto``, ``fp32`` or ``bf16`` (bf16 autocast; ``auto`` is bf16 on CUDA,
-fp32 elsewhere), a Stable Diffusion pipeline ``auto``, ``fp16``, ``bf16`` or ``fp32`` (the
+on a CPU whichever of the two measured faster on it, :func:`cpu_sampling_precision`, and fp32
+on MPS), a Stable Diffusion pipeline ``auto``, ``fp16``, ``bf16`` or ``fp32`` (the
 weights' dtype; ``auto`` is fp16 on CUDA/MPS, fp32 on the CPU). torch is imported only when
 a device is resolved, so the options that name these values stay cheap to import.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import sys
+import time
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 from difflab.errors import UsageError
@@ -18,6 +26,8 @@ from difflab.errors import UsageError
 PRECISIONS = ("fp32", "bf16", "fp16")  # the one vocabulary of number formats
 SAMPLING_PRECISIONS = ("auto", "fp32", "bf16")  # DDPM sampling: autocast of the network
 SD_DTYPES = ("auto", "fp16", "bf16", "fp32")  # Stable Diffusion: dtype of the pipeline
+CPU_PRECISION_ENV = "DIFFLAB_CPU_PRECISION"  # fp32 or bf16: what auto means on a CPU, unmeasured
+BF16_MIN_SPEEDUP = 1.25  # bf16 is auto's choice on a CPU only when at least this much faster
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -63,13 +73,111 @@ def check_precision(precision: str | None) -> str:
 def resolve_precision(precision: str | None, device: Any) -> str | None:
     """The autocast of the network while sampling: ``"bf16"`` or None (fp32).
 
-    ``auto`` is bf16 on CUDA and fp32 elsewhere. bf16 is worth asking for on a CPU too: on a
-    2-core AVX2 CPU it sampled 2-3x faster with the same accuracy and FD (docs/benchmarks.md).
+    ``auto`` is bf16 on CUDA, fp32 on MPS, and on a CPU what :func:`cpu_sampling_precision`
+    measured faster on it (on a 2-core AVX2 CPU without AVX-512-BF16, bf16 sampled about 2x
+    faster with the same accuracy and FD: docs/benchmarks.md). The choice is one per machine,
+    never per call, so an image's pixels do not depend on how many are drawn with it.
     """
     precision = check_precision(precision)
     if precision == "auto":
-        return "bf16" if _device_type(device) == "cuda" else None
+        kind = _device_type(device)
+        if kind == "cuda":
+            return "bf16"
+        return "bf16" if kind == "cpu" and cpu_sampling_precision() == "bf16" else None
     return "bf16" if precision == "bf16" else None
+
+
+def _cache_file() -> Path:
+    env = os.environ.get("DIFFLAB_CACHE")
+    base = Path(env).expanduser() if env else Path.home() / ".cache" / "difflab"
+    return base / "cpu-precision.json"
+
+
+def _cpu_key() -> str:
+    """This CPU and software, as the choice depends on them: model, cores, torch, threads."""
+    import torch
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} | {os.cpu_count()} CPUs | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+def measure_bf16_speedup(batch: int = 200, repeats: int = 3) -> float:
+    """fp32 time / bf16-autocast time of one forward pass, on the CPU, of a network shaped
+    like the ``quick`` preset's U-Net on ``batch`` 28x28 images (2x2 patches: 14x14 with 32
+    channels, then 7x7 with 64; random weights): best of ``repeats`` each, after a warm-up.
+    About a second on a 2-core CPU."""
+    import torch
+    from torch import nn
+
+    def block(c_in: int, c_out: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(8, c_out), nn.SiLU()]
+
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(0)
+        net = nn.Sequential(
+            *block(4, 32), *block(32, 32), nn.Conv2d(32, 64, 3, stride=2, padding=1),
+            *block(64, 64), *block(64, 64), nn.Upsample(scale_factor=2),
+            *block(64, 32), nn.Conv2d(32, 4, 3, padding=1),
+        ).eval()  # fmt: skip
+        x = torch.randn(batch, 4, 14, 14)
+    best = {}
+    with torch.inference_mode():
+        for mode in ("fp32", "bf16"):
+            times = []
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16"):
+                    net(x)
+                times.append(time.perf_counter() - start)
+            best[mode] = min(times[1:])
+    return best["fp32"] / best["bf16"]
+
+
+@cache
+def cpu_sampling_precision() -> str:
+    """``fp32`` or ``bf16``: what ``auto`` samples with on this CPU.
+
+    ``$DIFFLAB_CPU_PRECISION`` pins it; otherwise bf16 when :func:`measure_bf16_speedup`
+    found it at least :data:`BF16_MIN_SPEEDUP` times faster here. The measurement is made
+    once per CPU model, core count, torch version and thread count, and kept in
+    ``$DIFFLAB_CACHE/cpu-precision.json`` (``~/.cache/difflab`` by default) with its figures.
+    """
+    pinned = os.environ.get(CPU_PRECISION_ENV)
+    if pinned is not None:
+        if pinned not in ("fp32", "bf16"):
+            raise UsageError(f"{CPU_PRECISION_ENV}={pinned!r}: choose fp32 or bf16")
+        return pinned
+    path, key = _cache_file(), _cpu_key()
+    try:
+        known = json.loads(path.read_text())
+        choice = known[key]["choice"]
+        if choice in ("fp32", "bf16"):
+            return choice
+    except (OSError, ValueError, KeyError, TypeError):
+        known = None
+    print(f"measuring fp32 against bf16 sampling on this CPU, once (kept in {path})",
+          file=sys.stderr, flush=True)  # fmt: skip
+    speedup = measure_bf16_speedup()
+    choice = "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"
+    if not isinstance(known, dict):
+        known = {}
+    known[key] = {"choice": choice, "bf16_speedup": round(speedup, 3),
+                  "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
+    try:
+        from difflab.files import write_json
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, known)
+    except OSError:
+        pass  # a read-only home: measure again next time
+    return choice
 
 
 def check_dtype(dtype: str) -> str:

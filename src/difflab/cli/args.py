@@ -55,8 +55,8 @@ def add_precision(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision",
         help=f"network precision while sampling: {', '.join(SAMPLING_PRECISIONS[1:])} (bf16 "
-        "autocast; 2-3x faster on a CPU too, docs/benchmarks.md) or auto (the default: bf16 "
-        "on CUDA, else fp32)",
+        "autocast) or auto (the default: bf16 on CUDA; on a CPU whichever measured faster on "
+        "it, once, kept in ~/.cache/difflab; $DIFFLAB_CPU_PRECISION pins it; fp32 on MPS)",
     )
 
 

@@ -153,7 +153,13 @@ class PromptJudge:
             x = (x * torch.as_tensor(LUMA, dtype=x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
         size = (self.judge.height or x.shape[2], self.judge.width or x.shape[3])
         if tuple(x.shape[2:]) != size:
-            x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True)
+            # by a whole factor: box averaging, the near-inverse of making a small image large
+            # (real 8x8 digits taken to 16x16 and back were read 88 % right, 69 % with
+            # antialiased bilinear); otherwise antialiased bilinear (mnist5k 28 -> 32 -> 28:
+            # 97.8 %, box 97.1 %)
+            whole = x.shape[2] % size[0] == 0 and x.shape[3] % size[1] == 0
+            kw = {"mode": "area"} if whole else {"mode": "bilinear", "antialias": True}
+            x = torch.nn.functional.interpolate(x, size=size, **kw)
         return x.clamp(-1, 1)
 
     def measure(self, images: Sequence[np.ndarray]) -> tuple[list[int], np.ndarray]:
