@@ -282,7 +282,7 @@ def test_precision_resolves_per_device():
         resolve_precision("fp16", "cpu")
 
 
-def test_cpu_auto_precision_is_measured_once_per_machine(tmp_path, monkeypatch):
+def test_cpu_auto_precision_is_measured_once_per_machine(tmp_path, monkeypatch, capsys):
     """auto on a CPU is bf16 only where it measured >= BF16_MIN_SPEEDUP faster; the choice and
     its figures are cached per CPU/torch/threads, and $DIFFLAB_CPU_PRECISION pins it."""
     from difflab import devices
@@ -317,10 +317,20 @@ def test_cpu_auto_precision_is_measured_once_per_machine(tmp_path, monkeypatch):
         (tmp_path / "cpu-precision.json").write_text("{not json")
         devices.cpu_sampling_precision.cache_clear()
         assert devices.resolve_precision("auto", "cpu") == "bf16" and calls[-1] == 9.0
+        assert (
+            "sampling precision on this CPU: bf16 (bf16 measured 9.00x" in capsys.readouterr().err
+        )
+        # a cache that cannot be written: the choice still stands, and the notice says so
+        blocker = tmp_path / "file"
+        blocker.write_text("")
+        monkeypatch.setenv("DIFFLAB_CACHE", str(blocker / "sub"))
+        devices.cpu_sampling_precision.cache_clear()
+        assert devices.resolve_precision("auto", "cpu") == "bf16"
+        assert "not kept:" in capsys.readouterr().err and len(calls) == 4
         # the environment pins it without measuring; a bad value is one line naming it
         devices.cpu_sampling_precision.cache_clear()
         monkeypatch.setenv(devices.CPU_PRECISION_ENV, "fp32")
-        assert devices.resolve_precision("auto", "cpu") is None and len(calls) == 3
+        assert devices.resolve_precision("auto", "cpu") is None and len(calls) == 4
         devices.cpu_sampling_precision.cache_clear()
         monkeypatch.setenv(devices.CPU_PRECISION_ENV, "fp16")
         with pytest.raises(UsageError, match="DIFFLAB_CPU_PRECISION='fp16': choose fp32 or bf16"):
