@@ -335,6 +335,14 @@ def test_cpu_auto_precision_is_measured_once_per_machine(tmp_path, monkeypatch, 
         monkeypatch.setenv(devices.CPU_PRECISION_ENV, "fp16")
         with pytest.raises(UsageError, match="DIFFLAB_CPU_PRECISION='fp16': choose fp32 or bf16"):
             devices.resolve_precision("auto", "cpu")
+        # empty is unset; another machine's entry stays beside the new one
+        monkeypatch.setenv(devices.CPU_PRECISION_ENV, "")
+        monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path))
+        (tmp_path / "cpu-precision.json").write_text('{"another CPU": {"choice": "fp32"}}')
+        devices.cpu_sampling_precision.cache_clear()
+        assert devices.resolve_precision("auto", "cpu") == "bf16" and len(calls) == 5
+        saved = json.loads((tmp_path / "cpu-precision.json").read_text())
+        assert len(saved) == 2 and saved["another CPU"] == {"choice": "fp32"}
     finally:
         devices.cpu_sampling_precision.cache_clear()
 

@@ -87,12 +87,6 @@ def resolve_precision(precision: str | None, device: Any) -> str | None:
     return "bf16" if precision == "bf16" else None
 
 
-def _cache_file() -> Path:
-    env = os.environ.get("DIFFLAB_CACHE")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "difflab"
-    return base / "cpu-precision.json"
-
-
 def _cpu_key() -> str:
     """This CPU and software, as the choice depends on them: model, cores, torch, threads."""
     import torch
@@ -150,28 +144,27 @@ def cpu_sampling_precision() -> str:
     ``$DIFFLAB_CACHE/cpu-precision.json`` (``~/.cache/difflab`` by default) with its figures.
     """
     pinned = os.environ.get(CPU_PRECISION_ENV)
-    if pinned is not None:
+    if pinned:  # set and not empty (an empty value is unset, as for $DIFFLAB_CACHE)
         if pinned not in ("fp32", "bf16"):
             raise UsageError(f"{CPU_PRECISION_ENV}={pinned!r}: choose fp32 or bf16")
         return pinned
-    path, key = _cache_file(), _cpu_key()
+    from difflab.files import cache_base, write_json
+
+    path, key = cache_base() / "cpu-precision.json", _cpu_key()
     try:
-        known = json.loads(path.read_text())
-        choice = known[key]["choice"]
-        if choice in ("fp32", "bf16"):
-            return choice
-    except (OSError, ValueError, KeyError, TypeError):
-        known = None
+        known = json.loads(path.read_text())  # other machines' entries are kept
+    except (OSError, ValueError):  # none yet, unreadable, not UTF-8 or not JSON
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    entry = known.get(key)
+    if isinstance(entry, dict) and entry.get("choice") in ("fp32", "bf16"):
+        return entry["choice"]
     speedup = measure_bf16_speedup()
     choice = "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"
-    if not isinstance(known, dict):
-        known = {}
     known[key] = {"choice": choice, "bf16_speedup": round(speedup, 3),
                   "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
     where = f"kept in {path}"
     try:
-        from difflab.files import write_json
-
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, known)
     except OSError as e:  # a read-only home: measured again next time

@@ -27,6 +27,12 @@ LOCK_FILE = ".lock"
 TEMP_GLOB = ".*.tmp*"  # the names atomic_path gives its temporary files
 
 
+def cache_base() -> Path:
+    """difflab's own cache folder: ``$DIFFLAB_CACHE``, else ``~/.cache/difflab``."""
+    env = os.environ.get("DIFFLAB_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "difflab"
+
+
 def _fsync_folder(folder: Path) -> None:
     """Flush ``folder``'s entries (a rename in it) to the disk; a no-op where folders cannot
     be opened (Windows)."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -27,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from difflab.errors import UsageError
-from difflab.files import atomic_path, write_json
+from difflab.files import atomic_path, cache_base, write_json
 
 RECIPE_VERSION = 2
 FEATURE_DIM = 128
@@ -247,9 +246,7 @@ def _device(device: str | torch.device) -> str:
 def cache_root(cache_dir: str | Path | None = None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
-    env = os.environ.get("DIFFLAB_CACHE")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "difflab"
-    return base / "judges"
+    return cache_base() / "judges"
 
 
 def cache_key(dataset: str) -> str:
