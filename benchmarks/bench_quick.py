@@ -29,6 +29,7 @@ from difflab.ddpm.data import load_dataset
 from difflab.ddpm.generate import sample_labels
 from difflab.ddpm.runs import load_run
 from difflab.ddpm.training import train
+from difflab.evaluation.during_training import TrainingEvaluator
 from difflab.evaluation.evaluate import evaluate_samples
 
 
@@ -38,7 +39,9 @@ def bench_ours(minutes: float, args, workdir: Path) -> dict:
     if args.set:
         cfg = cfg.override(args.set)
     run = workdir / f"ours-{minutes:g}min"
-    result = train(cfg, run, device="cpu", progress=not args.quiet)
+    result = train(
+        cfg, run, device="cpu", progress=not args.quiet, make_evaluator=TrainingEvaluator
+    )
     model, diffusion, cfg = load_run(run)
     sc = cfg.sample
     sampler, steps = args.sampler or sc.sampler, args.steps or sc.steps
@@ -48,6 +51,7 @@ def bench_ours(minutes: float, args, workdir: Path) -> dict:
     images = sample_labels(
         model, diffusion, labels, guidance=guidance, steps=steps, sampler=sampler,
         spacing=sc.spacing, seed=args.seed, batch_size=args.batch, progress=not args.quiet,
+        guidance_interval=sc.guidance_interval if args.guidance is None else None,
     )  # fmt: skip
     sample_s = time.perf_counter() - t0
     m = evaluate_samples(images, labels, "mnist5k")

@@ -67,10 +67,16 @@ def test_the_student_is_a_run_folder_that_records_its_teacher(teacher, student):
     assert d.teacher_sha256 == file_sha256(teacher / "model.safetensors")
     assert (d.steps, d.teacher_steps, d.rounds, d.teacher_guidance) == (1, 4, 2, 2.0)
     rows = [json.loads(line) for line in (student / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, 7))
-    assert [r["round"] for r in rows] == [1, 1, 1, 2, 2, 2]
-    assert [r["student_steps"] for r in rows] == [2, 2, 2, 1, 1, 1]
-    assert all(r["loss"] > 0 and "epoch" in r and "elapsed_s" in r for r in rows)
+    assert [r["step"] for r in rows] == list(
+        range(1, 10)
+    )  # two progressive rounds, one adversarial
+    assert [r["round"] for r in rows] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert [r["student_steps"] for r in rows] == [2, 2, 2, 1, 1, 1, 1, 1, 1]
+    assert all(r["loss"] > 0 for r in rows[:6])  # squared errors; the adversarial loss is signed
+    assert all("epoch" in r and "elapsed_s" in r for r in rows)
+    assert ["critic_loss" in r for r in rows] == [False] * 6 + [True] * 3
+    assert all(0 <= r["critic_loss"] < 10 for r in rows[6:])  # the hinge loss, about 2 at first
+    assert d.adversarial == 0.4
     # a trained run's config.json has no distill section, and old files load without one
     t = json.loads((teacher / "config.json").read_text())
     assert "distill" not in t and RunConfig.from_dict(t).distill is None
@@ -94,7 +100,7 @@ def test_resume_is_exact(teacher, tmp_path):
     dc = tiny_distill(teacher)
     straight = tmp_path / "straight"
     distill(dc, straight, device="cpu", progress=False)
-    for stop in (4, 3):
+    for stop in (4, 3, 6, 8):  # mid-round, a round's end, the adversarial round's start and middle
         split = tmp_path / f"split{stop}"
         distill(dc, split, device="cpu", progress=False, stop_at_step=stop)
         assert json.loads((split / "metrics.jsonl").read_text().splitlines()[-1])["step"] == stop
@@ -104,7 +110,7 @@ def test_resume_is_exact(teacher, tmp_path):
         for k in a:
             assert torch.equal(a[k], b[k]), (stop, k)
         steps = [json.loads(line)["step"] for line in (split / "metrics.jsonl").open()]
-        assert steps == list(range(1, 7))
+        assert steps == list(range(1, 10))
         assert RunConfig.load(split / "config.json") == RunConfig.load(straight / "config.json")
 
 
@@ -113,10 +119,28 @@ def test_distillation_learns(teacher, tmp_path):
     out = tmp_path / "k4"
     distill(tiny_distill(teacher, steps=4, teacher_steps=8, round_steps=40, lr=2e-3), out,
             device="cpu", progress=False)  # fmt: skip
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").open() if '"round": 1,' in line]
+    assert len(rows) == 40
     first = sum(r["loss"] for r in rows[:5]) / 5
     last = sum(r["loss"] for r in rows[-5:]) / 5
     assert last < 0.8 * first
+
+
+def test_the_adversarial_round_trains_a_critic_and_can_be_left_out(teacher, tmp_path):
+    """The critic learns to tell real images from the student's (its hinge loss falls from
+    about 2, chance); ``adversarial = 0`` is progressive distillation alone."""
+    out = tmp_path / "adv"
+    distill(tiny_distill(teacher, teacher_steps=2, round_steps=40), out, device="cpu",
+            progress=False)  # fmt: skip
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    critic = [r["critic_loss"] for r in rows if r["round"] == 2]
+    assert len(critic) == 40 and 1.5 < critic[0] < 2.5
+    assert sum(critic[-5:]) / 5 < 0.9 * sum(critic[:5]) / 5
+    plain = tmp_path / "plain"
+    distill(tiny_distill(teacher, adversarial=0.0), plain, device="cpu", progress=False)
+    rows = [json.loads(line) for line in (plain / "metrics.jsonl").open()]
+    assert [r["round"] for r in rows] == [1, 1, 1, 2, 2, 2] and "critic_loss" not in rows[-1]
+    assert RunConfig.load(plain / "config.json").distill.adversarial == 0.0
 
 
 def test_resume_refuses_other_options_and_missing_state(teacher, student, tmp_path):
@@ -217,7 +241,7 @@ def test_the_ui_samples_a_student(student, tmp_path):
     shutil.copytree(student, runs / "k1")
     lab = Lab(runs, tmp_path / "models", device="cpu")
     assert lab.run_names() == ["k1"]
-    assert run_summary(runs, runs / "k1")["steps"] == 6
+    assert run_summary(runs, runs / "k1")["steps"] == 9
     job = start_sampling(lab, "k1", classes="0,1", n_per_class=1)
     assert job.wait(60) and job.state == "done", job.status_line()
     assert "1 steps" in job.title and "s=1" in job.title
@@ -234,3 +258,9 @@ def test_default_teacher_steps_take_one_or_two_rounds():
     }
     assert got == {1: (4, 2), 2: (4, 1), 4: (8, 1)}
     assert DistillConfig(steps=1, teacher_steps=16).rounds == 4
+
+
+def test_a_student_from_before_the_adversarial_round_reads_as_progressive_only(student):
+    data = json.loads((student / "config.json").read_text())
+    del data["distill"]["adversarial"]
+    assert RunConfig.from_dict(data).distill.adversarial == 0.0

@@ -43,6 +43,7 @@ FLAGS = {  # options with their own command-line flag; the rest are --set SECTIO
     ("train", "snapshot_every"): "--snapshot-every", ("train", "log_with"): "--log-with",
     ("distill", "steps"): "--steps", ("distill", "teacher_steps"): "--teacher-steps",
     ("distill", "teacher_guidance"): "--guidance", ("distill", "round_steps"): "--round-steps",
+    ("distill", "adversarial"): "--adversarial",
     **{("distill", k): f"--{k.replace('_', '-')}" for k in ("minutes", "batch_size", "lr", "seed")},
 }  # fmt: skip
 
@@ -181,6 +182,10 @@ class TrainConfig:
     )
     snapshot_every: int = 0  # keep the EMA weights every this many steps (snapshots/; 0 = off)
     log_with: Tracker | None = None  # also log to TensorBoard (RUN/logs) or Weights & Biases
+    # end by choosing the run's default guidance from its samples (evaluation.guidance_choice)
+    choose_guidance: bool = False
+    guidance_target: float = 0.99  # the conditional accuracy the chosen scale must reach
+    guidance_n_per_class: int = 50  # samples per class for each scale tried
 
     def __post_init__(self) -> None:
         _check_int("train", "batch_size", self.batch_size, 1, 65_536)
@@ -203,6 +208,8 @@ class TrainConfig:
         if self.eval_steps is not None:
             _check_int("train", "eval_steps", self.eval_steps, 1, 100_000)
         _check_int("train", "snapshot_every", self.snapshot_every, 0, 10**9)
+        _check_float("train", "guidance_target", self.guidance_target, 0, 1)
+        _check_int("train", "guidance_n_per_class", self.guidance_n_per_class, 2, 10_000)
         for key, kind in (("keep_best", KeepBest), ("log_with", Tracker)):
             value = getattr(self, key)
             if value is not None and value not in get_args(kind):
@@ -273,6 +280,7 @@ class DistillConfig:
     round_steps: int | None = None  # ... or this many optimizer steps per round (wins)
     batch_size: int = 32
     lr: float = 1e-3  # Adam, annealed linearly to 0 within each round
+    adversarial: float = 0.4  # share of --minutes for a last, adversarial round (0: none)
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 100
@@ -299,6 +307,7 @@ class DistillConfig:
         elif self.round_steps is None:
             raise UsageError("distill: give --minutes or --round-steps")
         _check_float("distill", "lr", self.lr, 0, 1, open_low=True)
+        _check_float("distill", "adversarial", self.adversarial, 0, 1, open_high=True)
 
 
 @dataclass(frozen=True)
@@ -320,6 +329,9 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> RunConfig:
+        distill = data.get("distill")
+        if isinstance(distill, dict) and "adversarial" not in distill:
+            data = {**data, "distill": {**distill, "adversarial": 0.0}}  # a student made before it
         return _build(cls, data, where)
 
     @classmethod
@@ -358,13 +370,10 @@ class RunConfig:
 
 # -- presets ----------------------------------------------------------------------------
 PRESETS: dict[str, RunConfig] = {
-    # CPU, minutes: the embedded 5k MNIST subset on two cores. The U-Net works on 2x2 patches
-    # (14x14 -> 7x7) and predicts v with min-SNR weighting, gamma = 1, with the timesteps
-    # drawn in proportion to that weight (importance sampling: the same loss with less
-    # variance), and a warm-up of 50 steps. These speed up early learning: after 740 steps
-    # (about a minute) 97 % against 93 % with uniform timesteps, and after one minute by the
-    # clock 96 % against 93 % with a warm-up of 100; after five minutes all are the same
-    # within their intervals. See docs/benchmarks.md for the ablations that chose these.
+    # CPU, minutes: the embedded 5k MNIST subset on two cores. A U-Net on 2x2 patches; v,
+    # min-SNR (gamma = 1) with importance-sampled timesteps, a 50-step warm-up: fast early
+    # learning. The cosine schedule wins on FD after a few minutes but wants more guidance
+    # early, so training ends by choosing its own guidance. See docs/benchmarks.md.
     "quick": RunConfig(
         preset="quick",
         model=ModelConfig(base_channels=32, channel_mults=(1, 2), patch_size=2),
@@ -373,8 +382,11 @@ PRESETS: dict[str, RunConfig] = {
             loss_weighting="min_snr",
             min_snr_gamma=1.0,
             timestep_sampling="importance",
+            schedule="cosine",
         ),
-        train=TrainConfig(batch_size=32, lr=2e-3, minutes=2.0, warmup_steps=50),
+        train=TrainConfig(
+            batch_size=32, lr=2e-3, minutes=2.0, warmup_steps=50, choose_guidance=True
+        ),
         sample=SampleConfig(sampler="dpm++", steps=10, guidance=2.0),
     ),
     # The lab's recipe: a wider model on full MNIST, meant for a GPU.

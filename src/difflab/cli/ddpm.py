@@ -156,6 +156,10 @@ def _train(args: argparse.Namespace) -> None:
             f"trained {result.steps} steps in {result.seconds:.0f} s "
             f"({result.images_per_s:.0f} images/s); run folder: {result.run_dir}"
         )
+        if result.guidance is not None:
+            from difflab.evaluation.guidance_choice import describe
+
+            print(describe(result.guidance))
 
 
 # -- sample and eval ------------------------------------------------------------------------

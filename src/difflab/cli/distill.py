@@ -15,7 +15,7 @@ from difflab.devices import resolve_device
 
 def add(sub) -> None:
     p = command(sub, "distill", "distil a run into a few-step student run (progressive "
-                "distillation, guidance folded in)", _distill)  # fmt: skip
+                "distillation, guidance folded in, then an adversarial round)", _distill)  # fmt: skip
     p.add_argument("teacher", metavar="TEACHER", help="the run folder to distil")
     p.add_argument("--steps", type=int, required=True,
                    help="the student's sampling steps (network passes per image): 1, 2 or 4")  # fmt: skip
@@ -26,6 +26,9 @@ def add(sub) -> None:
                    help="the guidance scale s folded into the student (default: the teacher's)")  # fmt: skip
     p.add_argument("--minutes", type=float, help="budget of all rounds together (default "
                    f"{default(DistillConfig, 'minutes')})")  # fmt: skip
+    p.add_argument("--adversarial", type=float, help="share of --minutes (or one round of "
+                   "--round-steps) for a last, adversarial round against a critic of real "
+                   f"images (default {default(DistillConfig, 'adversarial')}; 0: progressive only)")  # fmt: skip
     p.add_argument("--round-steps", type=int,
                    help="optimizer steps per round instead of a time budget (wins over --minutes)")  # fmt: skip
     p.add_argument("--batch-size", type=int, help=f"default {default(DistillConfig, 'batch_size')}")  # fmt: skip
@@ -43,5 +46,8 @@ def _distill(args: argparse.Namespace) -> None:
 
     dc = build(DistillConfig, args)
     r = distill(dc, args.out, device=resolve_device(args.device), resume=args.resume)
-    print(f"wrote {r.run_dir}: {dc.steps}-step student after {r.rounds} round(s), "
+    rounds = f"{r.rounds} progressive round(s)" + (
+        " and an adversarial one" if dc.adversarial else ""
+    )
+    print(f"wrote {r.run_dir}: {dc.steps}-step student after {rounds}, "
           f"{r.steps} steps in {r.seconds:.0f} s, last loss {r.final_loss:.4f}")  # fmt: skip

@@ -16,6 +16,9 @@ of an eps teacher predicts v instead, which stays well-posed at one step. Everyt
 resumable run folder: the draws of step n come from ``(seed, n)``, the time of each round is
 kept in the train state, and the student's ``config.json`` (its sample defaults set to DDIM
 at the current round's steps with s = 1) records the teacher's path, hash and guidance.
+
+By default a last, adversarial round follows (:mod:`difflab.ddpm.adversarial`); its critic
+and the critic's optimizer are in the train state, so a resume is exact there too.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ from typing import Any
 import torch
 
 from difflab import runfolder
-from difflab.config import DistillConfig, RunConfig, SampleConfig
+from difflab.config import DistillConfig, RunConfig, SampleConfig, option_name
 from difflab.ddpm import runs as ckpt
+from difflab.ddpm.adversarial import STUDENT_LR, adversarial_step, make_critic
 from difflab.ddpm.data import load_dataset
 from difflab.ddpm.diffusion import GaussianDiffusion
 from difflab.ddpm.guidance import guidance_weight, rescale_guidance, sigmas
@@ -41,9 +45,9 @@ from difflab.files import append_jsonl, file_sha256
 
 SPACING = "trailing"  # the student's grid: its first step starts from pure noise
 # the options a resume may not change, with the names the command line gives them
-FIXED = {"teacher": "TEACHER", "steps": "--steps", "teacher_steps": "--teacher-steps",
-         "teacher_guidance": "--guidance", "round_steps": "--round-steps",
-         "batch_size": "--batch-size", "lr": "--lr", "seed": "--seed"}  # fmt: skip
+FIXED = {"teacher": "TEACHER", **{k: option_name("distill", k) for k in (
+    "steps", "teacher_steps", "teacher_guidance", "round_steps", "batch_size", "lr", "seed",
+    "adversarial")}}  # fmt: skip
 
 
 @dataclass
@@ -131,6 +135,12 @@ class Distiller:
         self.round, self.round_step, self.round_elapsed, self.step = 0, 0, 0.0, 0
         self.elapsed = 0.0  # seconds of optimizer steps, all rounds
         self.optimizer = self._optimizer()
+        self.phases = dc.rounds + (1 if dc.adversarial > 0 else 0)  # the rounds, adversarial last
+        m = t_cfg.model
+        self.critic, self.critic_optimizer = make_critic(
+            m.in_channels, m.num_classes, dc.seed, self.device
+        )
+        self.critic_loss = float("nan")
         self.notes: list[str] = []
         if resume:
             self._load_state()
@@ -152,8 +162,21 @@ class Distiller:
              for t in range(T)]  # fmt: skip
         return (1 + (s - 1) * torch.tensor(w, dtype=torch.float32)).to(self.device)
 
+    @property
+    def adversarial_round(self) -> bool:
+        return self.round >= self.dc.rounds
+
     def _optimizer(self) -> torch.optim.Optimizer:
+        if self.adversarial_round:  # betas as usual for adversarial training
+            return torch.optim.Adam(self.student.parameters(), lr=STUDENT_LR, betas=(0.0, 0.99))
         return torch.optim.Adam(self.student.parameters(), lr=self.dc.lr)
+
+    def round_seconds(self, round_: int) -> float:
+        """Round ``round_``'s --minutes: the adversarial share, else an even part of the rest."""
+        dc, share = self.dc, self.dc.adversarial
+        if round_ >= dc.rounds:
+            return dc.minutes * 60 * share
+        return dc.minutes * 60 * (1 - share) / dc.rounds
 
     def _check_resume(self, dc: DistillConfig) -> DistillConfig:
         """The saved record, which the options given may not contradict (--minutes may change)."""
@@ -183,15 +206,20 @@ class Distiller:
             "round_elapsed": self.round_elapsed, "elapsed": self.elapsed, "student": self.student.state_dict(),
             "teacher": self.teacher.state_dict() if self.round > 0 else {},
             "optimizer": self.optimizer.state_dict(),
+            "critic": self.critic.state_dict(), "critic_optimizer": self.critic_optimizer.state_dict(),
         }  # fmt: skip
 
     def _load_state(self) -> None:
         state = ckpt.load_train_state(self.out)
         try:
             self.student.load_state_dict(state["student"])
-            if state["round"] > 0:
+            self.round = int(state["round"])
+            if self.round > 0:
                 self.teacher.load_state_dict(state["teacher"])
+            self.optimizer = self._optimizer()  # of the round resumed in
             self.optimizer.load_state_dict(state["optimizer"])
+            self.critic.load_state_dict(state["critic"])
+            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         except (KeyError, RuntimeError, ValueError) as e:
             why = next(iter(str(e).strip().splitlines()), type(e).__name__)[:160]
             raise UsageError(
@@ -254,6 +282,8 @@ class Distiller:
 
     def loss(self, step: int) -> torch.Tensor:
         """The distillation loss of step ``step``; its draws come from ``(seed, step)``."""
+        if self.adversarial_round:
+            return self.adversarial_loss(step)
         dc, n = self.dc, self.student_steps(self.round)
         g = runfolder.step_generator(dc.seed, step, self.device)
         idx = torch.randint(0, len(self.images), (dc.batch_size,), generator=g, device=g.device)
@@ -275,25 +305,43 @@ class Distiller:
         per_item = (x_hat - x_target).pow(2).flatten(1).mean(1)
         return (per_item / (1 - a.flatten())).mean()  # weight 1 + SNR(t) = 1 / (1 - abar_t)
 
+    def adversarial_loss(self, step: int) -> torch.Tensor:
+        """A critic update, then the student's loss of step ``step``; draws from (seed, step)."""
+        dc, n, b = self.dc, self.student_steps(self.round), self.dc.batch_size
+        g = runfolder.step_generator(dc.seed, step, self.device)
+        idx = torch.randint(0, len(self.images), (2, b), generator=g, device=g.device)
+        i = torch.randint(0, n, (b,), generator=g, device=g.device)
+        x, real = (self.images[j].float().div_(127.5).sub_(1.0) for j in idx)  # (B, C, H, W)
+        noise = torch.randn(x.shape, generator=g, device=g.device)
+        y, y_real = self.labels[idx[0]], self.labels[idx[1]]
+        t = teacher_grid(self.diffusion.num_timesteps, n).to(self.device)[2 * i]
+        z = self.diffusion.q_sample(x, t, noise)
+        x_hat = self.diffusion.eps_x0_from_output(self.student(z, t, y), z, t)[1]
+        with torch.no_grad():
+            anchor = self.diffusion.eps_x0_from_output(self.teacher(z, t, y), z, t)[1]
+        loss, self.critic_loss = adversarial_step(self.critic, self.critic_optimizer, x_hat,
+                                                  anchor, y, real, y_real)  # fmt: skip
+        return loss
+
     # -- the loop ---------------------------------------------------------------------------
     def round_progress(self) -> float:
         dc = self.dc
         if dc.round_steps is not None:
             return self.round_step / dc.round_steps
-        return self.round_elapsed / (dc.minutes * 60 / dc.rounds)
+        return self.round_elapsed / self.round_seconds(self.round)
 
     def _done(self) -> int:
         """Where the progress bar stands: steps, or seconds of the rounds' budgets."""
         dc = self.dc
         if dc.round_steps is not None:
             return self.step
-        return int(self.round * dc.minutes * 60 / dc.rounds + self.round_elapsed)
+        return int(sum(self.round_seconds(r) for r in range(self.round)) + self.round_elapsed)
 
     def _next_round(self) -> None:
         """The round's student becomes the teacher of the next, which halves the steps."""
         self.round += 1
         self.round_step, self.round_elapsed = 0, 0.0
-        if self.round < self.dc.rounds:
+        if self.round < self.phases:
             self.teacher = copy.deepcopy(self.student).requires_grad_(False).eval()
             self.optimizer = self._optimizer()
             self.cfg = student_config(self.t_cfg, self.dc, self.student_steps(self.round))
@@ -303,14 +351,17 @@ class Distiller:
     def fit(self, stop_at_step: int | None = None,
             should_stop: Callable[[], bool] | None = None) -> DistillResult:  # fmt: skip
         dc = self.dc
-        total = dc.rounds * dc.round_steps if dc.round_steps is not None else int(dc.minutes * 60)
-        bar = runfolder.progress_bar(total, self._done(), f"distill {dc.teacher_steps}->{dc.steps}",
+        total = self.phases * dc.round_steps if dc.round_steps is not None else int(dc.minutes * 60)
+        what = f"distill {dc.teacher_steps}->{dc.steps}" + (
+            " +adversarial" if dc.adversarial else ""
+        )
+        bar = runfolder.progress_bar(total, self._done(), what,
                                      "step" if dc.round_steps else "s", self.progress)  # fmt: skip
         losses, loss, start, t_start = [], float("nan"), self.step, time.perf_counter()
         lr = dc.lr
         with runfolder.stop_on_signals() as signalled:
             try:
-                while self.round < dc.rounds:
+                while self.round < self.phases:
                     if (
                         signalled
                         or (stop_at_step is not None and self.step >= stop_at_step)
@@ -321,7 +372,7 @@ class Distiller:
                     if progress >= 1:
                         self._next_round()
                         continue
-                    lr = dc.lr * (1 - progress)
+                    lr = (STUDENT_LR if self.adversarial_round else dc.lr) * (1 - progress)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
                     t0 = time.perf_counter()
@@ -341,7 +392,7 @@ class Distiller:
                     self.round_elapsed, self.elapsed = self.round_elapsed + dt, self.elapsed + dt
                     if self.step % dc.log_every == 0:
                         loss = self._log(losses, lr)
-                        bar.set_postfix(round=f"{self.round + 1}/{dc.rounds}", loss=f"{loss:.4f}")
+                        bar.set_postfix(round=f"{self.round + 1}/{self.phases}", loss=f"{loss:.4f}")
                         losses = []
                     bar.update(self._done() - bar.n)
                     if self.step % dc.checkpoint_every == 0:
@@ -350,7 +401,7 @@ class Distiller:
                 bar.close()
             if losses:
                 loss = self._log(losses, lr)
-            if self.round < dc.rounds or not (self.out / ckpt.WEIGHTS).exists():
+            if self.round < self.phases or not (self.out / ckpt.WEIGHTS).exists():
                 self.save_checkpoint()
         if signalled:
             length = f"--minutes {dc.minutes:g}" if dc.round_steps is None else ""
@@ -363,13 +414,15 @@ class Distiller:
 
     def _log(self, losses: list[float], lr: float) -> float:
         row = {
-            "step": self.step, "round": self.round + 1 if self.round < self.dc.rounds else self.round,
+            "step": self.step, "round": self.round + 1 if self.round < self.phases else self.round,
             "student_steps": self.cfg.sample.steps,
             "epoch": round(self.step * self.dc.batch_size / len(self.images), 4),
             "loss": sum(losses) / len(losses), "lr": lr,
             "images_per_s": round(self.dc.batch_size * self.step / max(self.elapsed, 1e-9), 1),
             "elapsed_s": round(self.elapsed, 2),
         }  # fmt: skip
+        if self.adversarial_round and self.round < self.phases:
+            row["critic_loss"] = self.critic_loss  # of the step's critic update
         append_jsonl(self.out / ckpt.METRICS, row)
         return row["loss"]
 

@@ -30,12 +30,13 @@ from difflab.files import atomic_path, write_text
 from difflab.runfolder import CONFIG, METRICS, TRAIN_STATE
 
 __all__ = [
-    "CONFIG", "METRICS", "SNAPSHOTS", "TRAIN_STATE", "WEIGHTS", "check_run_dir", "init_from_run",
+    "CONFIG", "GUIDANCE", "METRICS", "SNAPSHOTS", "TRAIN_STATE", "WEIGHTS", "check_run_dir", "init_from_run",
     "load_run", "load_train_state", "snapshot_path", "snapshot_steps",
     "load_weights", "save_checkpoint", "save_config", "save_weights", "weights_metadata",
 ]  # fmt: skip
 
 WEIGHTS = "model.safetensors"
+GUIDANCE = "guidance.json"  # the scales tried when the run chose its default guidance
 SNAPSHOTS = "snapshots"  # EMA weights kept at chosen steps: snapshots/step-0001000.safetensors
 
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # raw pickle protocol >= 2, or a torch zip archive

@@ -39,10 +39,8 @@ from difflab.errors import UsageError
 from difflab.files import append_jsonl
 from difflab.runfolder import TrainingDiverged, TrainingInterrupted
 
-__all__ = [
-    "TrainResult", "Trainer", "TrainingDiverged", "TrainingInterrupted", "init_from_run", "resolve_config",
-    "train",
-]  # fmt: skip
+__all__ = ["TrainResult", "Trainer", "TrainingDiverged", "TrainingInterrupted", "init_from_run",
+           "resolve_config", "train"]  # fmt: skip
 
 
 @dataclass
@@ -52,6 +50,7 @@ class TrainResult:
     seconds: float
     images_per_s: float
     final_loss: float
+    guidance: dict | None = None  # what train.choose_guidance measured and chose (guidance.json)
 
 
 def _lr_factor(progress: float, step: int, warmup: int, schedule: str) -> float:
@@ -394,7 +393,7 @@ class Trainer:
             loss = losses[-1] if losses else loss
             self.elapsed = time.perf_counter() - t0
             if finished:
-                self.hooks.at_end(self.step, self.elapsed)  # the quality of the last weights
+                self.hooks.at_end(self.step, self.elapsed)  # last weights: quality, guidance
         finally:
             bar.close()
             self.hooks.finish()
@@ -410,9 +409,8 @@ class Trainer:
         self.accelerator.wait_for_everyone()  # the run folder is complete when any rank returns
         steps = self.step - start_step
         run_seconds = max(self.elapsed, 1e-9)
-        return TrainResult(
-            self.run_dir, self.step, run_seconds, steps * tc.batch_size / run_seconds, loss
-        )
+        rate = steps * tc.batch_size / run_seconds
+        return TrainResult(self.run_dir, self.step, run_seconds, rate, loss, self.hooks.guidance)
 
 
 def train(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +31,16 @@ import torch
 from difflab import distributed, runfolder
 from difflab.config import RunConfig
 from difflab.ddpm.runs import (
+    GUIDANCE,
     SNAPSHOTS,
+    save_config,
     save_weights,
     snapshot_path,
     snapshot_steps,
     weights_metadata,
 )
 from difflab.errors import UsageError
-from difflab.files import append_jsonl
+from difflab.files import append_jsonl, write_json
 
 BEST = "best.safetensors"
 PROGRESS = Path("figures") / "progress"
@@ -93,10 +96,11 @@ class TrainingHooks:
         self.tc = trainer.cfg.train
         self.main = trainer.accelerator.is_main_process
         self.evaluator = None
-        if self.tc.evaluates:
+        if self.tc.evaluates or self.tc.choose_guidance:
             if make_evaluator is None:
+                flag = "--eval-every" if self.tc.evaluates else "--set train.choose_guidance"
                 raise UsageError(
-                    "--eval-every: this caller of the trainer gives no evaluator; train through "
+                    f"{flag}: this caller of the trainer gives no evaluator; train through "
                     f"difflab.train or `difflab train` (run: {trainer.run_dir})"
                 )
             if self.main:  # the judge is trained or loaded now, before the training clock
@@ -104,6 +108,7 @@ class TrainingHooks:
         self.last_eval_step = -1
         self.last_eval_elapsed = 0.0
         self.best: dict[str, Any] | None = None  # {"step", "metric", "value", "ema"}
+        self.guidance: dict[str, Any] | None = None  # what train.choose_guidance chose, at the end
         self.tracking = False
 
     # -- state ----------------------------------------------------------------------------
@@ -187,9 +192,27 @@ class TrainingHooks:
         return time.perf_counter() - start
 
     def at_end(self, step: int, elapsed: float) -> None:
-        """The evaluation of the last weights, when training ran to its end."""
+        """The evaluation of the last weights, and the guidance chosen from them
+        (``self.guidance``), when training ran to its end."""
         if self.tc.evaluates and step != self.last_eval_step and step > 0:
             self.evaluate(step, elapsed)
+        self.guidance = self.choose_guidance()
+
+    def choose_guidance(self) -> dict[str, Any] | None:
+        """With ``train.choose_guidance``, the run's default guidance chosen from its finished
+        EMA weights (rank 0): written into ``config.json`` with the record in ``guidance.json``;
+        returns the record (None on the other ranks, or when not asked)."""
+        t, record = self.trainer, None
+        if self.tc.choose_guidance and self.main:
+            devices = [t.device] if t.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                sample, record = self.evaluator.choose_guidance(t.ema_model)
+            t.cfg = replace(t.cfg, sample=sample)
+            write_json(t.run_dir / GUIDANCE, record)
+            save_config(t.cfg, t.run_dir)
+        if self.tc.choose_guidance and t.world > 1:
+            t.accelerator.wait_for_everyone()
+        return record
 
     def eval_due(self, step: int, elapsed: float) -> bool:
         """Whether an evaluation is due after ``step`` at ``elapsed`` training seconds."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from difflab.config import RunConfig
+from difflab.config import RunConfig, SampleConfig
 from difflab.ddpm.data import load_dataset
 from difflab.ddpm.diffusion import GaussianDiffusion
 from difflab.ddpm.generate import sample_labels
@@ -63,8 +63,9 @@ class TrainingEvaluator:
             if judge is None
             else judge
         )
-        train = load_dataset(tc.dataset, "train", tc.data_dir)
-        test = load_dataset(tc.dataset, "test", tc.data_dir)
+        self.cfg = cfg
+        self.train = train = load_dataset(tc.dataset, "train", tc.data_dir)
+        self.test = test = load_dataset(tc.dataset, "test", tc.data_dir)
         self.class_names = list(train.class_names)
         k = self.judge.num_classes
         self.labels = torch.arange(k).repeat_interleave(tc.eval_n_per_class)  # (N,)
@@ -111,6 +112,15 @@ class TrainingEvaluator:
             "seconds": round(time.perf_counter() - t0, 3),
         }
         return Evaluation(metrics, self.grid(images, step, metrics))
+
+    def choose_guidance(self, model: torch.nn.Module, on_row=None) -> tuple[SampleConfig, dict]:
+        """The run's default guidance chosen from ``model``'s samples
+        (:mod:`.guidance_choice`): its new sample settings and the record of the scales tried."""
+        from difflab.evaluation.guidance_choice import GuidanceChooser
+
+        chooser = GuidanceChooser(self.cfg, self.judge, self.train, self.test,
+                                  self.test_features, self.device, self.autocast)  # fmt: skip
+        return chooser.choose(model, self.diffusion, on_row=on_row)
 
     def grid(self, images: torch.Tensor, step: int, metrics: dict[str, float]) -> np.ndarray:
         """The samples as a table: a row per class, the first few samples of each."""

@@ -21,7 +21,9 @@ from difflab.ddpm import runs as ckpt
 from difflab.ddpm.generate import sample_run
 from difflab.ddpm.processes import forward_figure, plot_run, reverse_figure
 from difflab.ddpm.training import train
+from difflab.evaluation.during_training import TrainingEvaluator
 from difflab.evaluation.evaluate import evaluate_run, format_eval
+from difflab.evaluation.guidance_choice import describe
 from difflab.experiments.ddpm_sweep import SWEEP_FILE, sweep_identity, sweep_run
 from difflab.experiments.report import write_report
 from difflab.options import (
@@ -46,12 +48,14 @@ def run_demo(
         cfg = replace(cfg, train=replace(cfg.train, minutes=minutes, epochs=None))
     if (out / ckpt.TRAIN_STATE).exists():
         print(f"{out} already holds a run; training it further (delete the folder to start over)")
-        result = train(cfg, out, device=device, resume=True)
+        result = train(cfg, out, device=device, resume=True, make_evaluator=TrainingEvaluator)
     else:
-        result = train(cfg, out, device=device)
+        result = train(cfg, out, device=device, make_evaluator=TrainingEvaluator)
     print(
         f"trained {result.steps} steps in {result.seconds:.0f} s ({result.images_per_s:.0f} images/s)"
     )
+    if result.guidance is not None:
+        print(describe(result.guidance))
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
     grid = sample_run(out, SampleOptions(n_per_class=10), figures / "samples.png", device=device)

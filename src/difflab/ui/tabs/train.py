@@ -84,7 +84,7 @@ def _fit(lab: Lab, job: Job, cfg: RunConfig, out: Path, resume: bool) -> str:
     from difflab.ddpm.training import Trainer
     from difflab.evaluation.during_training import TrainingEvaluator
 
-    if cfg.train.evaluates and not resume:
+    if (cfg.train.evaluates or cfg.train.choose_guidance) and not resume:
         job.update(0.0, "loading the reference classifier (trained once, then cached)")
     trainer = Trainer(
         cfg, out, device=lab.device, resume=resume, progress=False,
@@ -110,10 +110,15 @@ def _fit(lab: Lab, job: Job, cfg: RunConfig, out: Path, resume: bool) -> str:
     result = trainer.fit(should_stop=should_stop)
     plot_run(out)  # loss and schedule figures for the Runs tab
     what = "stopped" if job.cancelled() else "finished"
+    chosen = ""
+    if result.guidance is not None:
+        from difflab.evaluation.guidance_choice import describe
+
+        chosen = "; " + describe(result.guidance)
     job.update(
         1.0 if not job.cancelled() else None,
         f"{what} at step {result.steps}; checkpoint saved in {out.name} "
-        f"({result.images_per_s:.0f} images/s)",
+        f"({result.images_per_s:.0f} images/s){chosen}",
     )
     return str(out)
 

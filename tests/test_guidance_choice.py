@@ -1,0 +1,117 @@
+"""A run's own default guidance, chosen from its samples when training ends."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from difflab.cli.main import main
+from difflab.config import RunConfig, get_preset
+from difflab.ddpm.training import train
+from difflab.evaluation.during_training import TrainingEvaluator
+from difflab.evaluation.guidance_choice import INTERVAL, SCALES, bisect_scales, describe, pick
+from helpers import tiny_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def judge_cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIFFLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest.mark.parametrize("lowest", range(len(SCALES) + 1))  # len(SCALES): none reaches
+def test_bisection_finds_the_lowest_scale_that_reaches_in_three_tries(lowest):
+    reaches = {s: i >= lowest for i, s in enumerate(SCALES)}
+    tried = bisect_scales(reaches.__getitem__)
+    assert len(tried) <= 3 and len(set(tried)) == len(tried)
+    rows = [{"guidance": s, "accuracy": 0.995 if reaches[s] else 0.9 + s / 100, "fd": s}
+            for s in tried]  # fmt: skip
+    chosen = pick(rows, 0.99)["guidance"]
+    assert chosen == (SCALES[lowest] if lowest < len(SCALES) else max(tried))
+    if lowest < len(SCALES):
+        assert SCALES[lowest] in tried  # it was measured, not guessed
+        if lowest > 0:
+            assert SCALES[lowest - 1] in tried  # and the scale below it was seen to fall short
+
+
+def test_pick_by_hand():
+    rows = [
+        {"guidance": 2.5, "accuracy": 0.995, "fd": 3.0},
+        {"guidance": 1.75, "accuracy": 0.991, "fd": 2.0},
+        {"guidance": 1.5, "accuracy": 0.97, "fd": 1.0},
+    ]
+    assert pick(rows, 0.99)["guidance"] == 1.75  # the lowest that reaches, not the first tried
+    assert pick(rows, 0.999)["guidance"] == 2.5  # none reaches: the most accurate
+    tie = [
+        {"guidance": 3.0, "accuracy": 0.9, "fd": 5.0},
+        {"guidance": 4.0, "accuracy": 0.9, "fd": 4.0},
+    ]
+    assert pick(tie, 0.99)["guidance"] == 4.0  # equals: the lower FD
+
+
+def test_the_quick_preset_chooses_its_guidance():
+    tc = get_preset("quick").train
+    assert tc.choose_guidance and tc.guidance_target == 0.99
+    assert get_preset("quick").diffusion.schedule == "cosine"
+    assert not get_preset("paper").train.choose_guidance
+
+
+def test_training_ends_by_writing_the_chosen_guidance(tmp_path):
+    cfg = tiny_config(epochs=0.2, choose_guidance=True, guidance_n_per_class=3, guidance_target=0.0)
+    run = tmp_path / "run"
+    result = train(cfg, run, device="cpu", progress=False, make_evaluator=TrainingEvaluator)
+    record = json.loads((run / "guidance.json").read_text())
+    assert result.guidance == record
+    # every scale reaches a target of 0: the bisection walks down to the lowest
+    assert [r["guidance"] for r in record["rows"]] == [2.5, 1.75, 1.5]
+    assert record["chosen"] == {"guidance": 1.5, "guidance_interval": list(INTERVAL)}
+    assert record["n"] == 30 and record["reached_target"]
+    for r in record["rows"]:
+        assert 0 <= r["accuracy"] <= 1 and r["fd"] > 0
+        assert r["fd_ratio"] == pytest.approx(r["fd"] / record["fd_floor"])
+    saved = RunConfig.load(run / "config.json")
+    assert (saved.sample.guidance, saved.sample.guidance_interval) == (1.5, INTERVAL)
+    assert saved.sample.steps == cfg.sample.steps  # only the guidance changed
+    assert "s = 1.5 for sigma in [0.5, 1e+06]" in describe(record)
+
+    # an unreachable target: the most accurate of the scales tried (bisecting upwards)
+    other = tmp_path / "other"
+    cfg = tiny_config(epochs=0.2, choose_guidance=True, guidance_n_per_class=3, guidance_target=1.0)
+    record = train(
+        cfg, other, device="cpu", progress=False, make_evaluator=TrainingEvaluator
+    ).guidance
+    tried = [r["guidance"] for r in record["rows"]]
+    if not record["reached_target"]:
+        assert tried == [2.5, 4.0]  # up from the middle: 3 is not needed once 4 falls short
+        assert record["chosen"]["guidance"] == pick(record["rows"], 1.0)["guidance"]
+    assert RunConfig.load(other / "config.json").sample.guidance == record["chosen"]["guidance"]
+
+    # the same weights make the same choice: resuming a finished run chooses again, alike
+    again = train(cfg, other, device="cpu", progress=False, resume=True,
+                  make_evaluator=TrainingEvaluator).guidance  # fmt: skip
+
+    def measured(rec):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rec["rows"]]
+
+    assert measured(again) == measured(record)
+
+
+def test_training_without_an_evaluator_refuses_to_choose(tmp_path):
+    from difflab.errors import UsageError
+
+    with pytest.raises(UsageError, match="train.choose_guidance: this caller"):
+        train(tiny_config(choose_guidance=True), tmp_path / "r", device="cpu", progress=False)
+
+
+@pytest.mark.parametrize(
+    "setting", ["train.guidance_target=2", "train.guidance_target=nan",
+                "train.guidance_n_per_class=1", "train.choose_guidance=maybe"],
+)  # fmt: skip
+def test_bad_choice_options_get_one_line(setting, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--minutes", "0.01", "--set", setting, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and setting.split("=")[0].split(".")[1] in err[0]
+    assert not out.exists()
