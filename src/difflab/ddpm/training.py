@@ -393,6 +393,7 @@ class Trainer:
             loss = losses[-1] if losses else loss
             self.elapsed = time.perf_counter() - t0
             if finished:
+                bar.close()  # what the end prints goes below the finished bar
                 self.hooks.at_end(self.step, self.elapsed)  # last weights: quality, guidance
         finally:
             bar.close()

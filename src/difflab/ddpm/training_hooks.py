@@ -20,6 +20,7 @@ TensorBoard (``RUN/logs``) or Weights & Biases tracker. Rank 0 alone writes and 
 from __future__ import annotations
 
 import importlib.util
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -86,6 +87,10 @@ def accelerator_options(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.train.log_with is None:
         return {}
     return {"log_with": cfg.train.log_with, "project_dir": str(run_dir)}
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 class TrainingHooks:
@@ -206,7 +211,8 @@ class TrainingHooks:
         if self.tc.choose_guidance and self.main:
             devices = [t.device] if t.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices), torch.no_grad():
-                sample, record = self.evaluator.choose_guidance(t.ema_model)
+                show = _to_stderr if t.progress else None  # a line per scale tried
+                sample, record = self.evaluator.choose_guidance(t.ema_model, show=show)
             t.cfg = replace(t.cfg, sample=sample)
             write_json(t.run_dir / GUIDANCE, record)
             save_config(t.cfg, t.run_dir)

@@ -113,14 +113,14 @@ class TrainingEvaluator:
         }
         return Evaluation(metrics, self.grid(images, step, metrics))
 
-    def choose_guidance(self, model: torch.nn.Module, on_row=None) -> tuple[SampleConfig, dict]:
+    def choose_guidance(self, model: torch.nn.Module, show=None) -> tuple[SampleConfig, dict]:
         """The run's default guidance chosen from ``model``'s samples
-        (:mod:`.guidance_choice`): its new sample settings and the record of the scales tried."""
-        from difflab.evaluation.guidance_choice import GuidanceChooser
+        (:mod:`.guidance_choice`): its new sample settings and the record of the scales tried;
+        ``show(line)``, when given, gets a line per scale as it is measured."""
+        from difflab.evaluation.guidance_choice import GuidanceChooser, row_line
 
-        chooser = GuidanceChooser(self.cfg, self.judge, self.train, self.test,
-                                  self.test_features, self.device, self.autocast)  # fmt: skip
-        return chooser.choose(model, self.diffusion, on_row=on_row)
+        on_row = None if show is None else (lambda row: show(row_line(row)))
+        return GuidanceChooser(self).choose(model, on_row=on_row)
 
     def grid(self, images: torch.Tensor, step: int, metrics: dict[str, float]) -> np.ndarray:
         """The samples as a table: a row per class, the first few samples of each."""

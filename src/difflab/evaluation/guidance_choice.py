@@ -28,12 +28,12 @@ from typing import Any
 
 import torch
 
-from difflab.config import RunConfig, SampleConfig
+from difflab.config import SampleConfig
 from difflab.ddpm.generate import sample_labels
 from difflab.evaluation.distances import frechet_distance
 from difflab.evaluation.metrics import conditional_accuracy, real_floor
 
-SCALES = (1.5, 1.75, 2.0, 2.5, 3.0, 4.0)  # tried in this order
+SCALES = (1.5, 1.75, 2.0, 2.5, 3.0, 4.0)  # ascending: bisected (bisect_scales)
 INTERVAL = (0.5, 1e6)  # sigma_lo, sigma_hi: guidance off below sigma = 0.5
 
 
@@ -61,41 +61,39 @@ def bisect_scales(reaches, scales=SCALES) -> list[float]:
 
 
 class GuidanceChooser:
-    """Measures scales on one run's samples; built with the evaluator's judge and data."""
+    """Measures scales on one run's samples with a
+    :class:`~difflab.evaluation.during_training.TrainingEvaluator`'s judge, data and settings."""
 
-    def __init__(self, cfg: RunConfig, judge: Any, train: Any, test: Any, test_features,
-                 device: torch.device, autocast: str | None) -> None:  # fmt: skip
-        self.cfg, self.judge, self.device, self.autocast = cfg, judge, device, autocast
-        k = judge.num_classes
-        self.labels = torch.arange(k).repeat_interleave(cfg.train.guidance_n_per_class)
-        self.test_features = test_features
-        self.floor = real_floor(judge, train, test, n=min(len(self.labels), len(train)))
+    def __init__(self, evaluator: Any) -> None:
+        self.ev, self.cfg = evaluator, evaluator.cfg
+        k = evaluator.judge.num_classes
+        self.labels = torch.arange(k).repeat_interleave(self.cfg.train.guidance_n_per_class)
+        n = min(len(self.labels), len(evaluator.train))
+        self.floor = real_floor(evaluator.judge, evaluator.train, evaluator.test, n=n)
 
-    def measure(self, model: torch.nn.Module, diffusion: Any, scale: float) -> dict[str, Any]:
-        sc, t0 = self.cfg.sample, time.perf_counter()
-        images = sample_labels(
-            model, diffusion, self.labels, guidance=scale, steps=sc.steps, sampler=sc.sampler,
-            eta=sc.eta, spacing=sc.spacing, seed=self.cfg.train.seed, progress=False,
-            autocast=self.autocast, guidance_interval=INTERVAL,
-            guidance_schedule=sc.guidance_schedule, guidance_rescale=sc.guidance_rescale,
-            guidance_method=sc.guidance_method,
-        )  # fmt: skip
-        acc = conditional_accuracy(self.judge, images, self.labels)["overall"]
-        fd = frechet_distance(self.judge.features(images), self.test_features)
+    def measure(self, model: torch.nn.Module, scale: float) -> dict[str, Any]:
+        ev, t0 = self.ev, time.perf_counter()
+        settings = {**ev.settings, "steps": self.cfg.sample.steps, "guidance": scale,
+                    "guidance_interval": INTERVAL}  # fmt: skip
+        images = sample_labels(model, ev.diffusion, self.labels, seed=ev.seed, progress=False,
+                               autocast=ev.autocast, **settings)  # fmt: skip
+        acc = conditional_accuracy(ev.judge, images, self.labels)["overall"]
+        fd = frechet_distance(ev.judge.features(images), ev.test_features)
         return {
             "guidance": scale, "guidance_interval": list(INTERVAL), "accuracy": acc, "fd": fd,
             "fd_ratio": fd / self.floor if self.floor > 0 else float("inf"),
             "seconds": round(time.perf_counter() - t0, 2),
         }  # fmt: skip
 
-    def choose(self, model: torch.nn.Module, diffusion: Any,
+    def choose(self, model: torch.nn.Module,
                on_row=None) -> tuple[SampleConfig, dict[str, Any]]:  # fmt: skip
-        """The run's new sample settings and the record written to ``guidance.json``."""
+        """The run's new sample settings and the record written to ``guidance.json``;
+        ``on_row(row)`` sees each scale's measurement as it is made."""
         target, rows = self.cfg.train.guidance_target, []
         t0 = time.perf_counter()
 
         def reaches(scale: float) -> bool:
-            rows.append(self.measure(model, diffusion, scale))
+            rows.append(self.measure(model, scale))
             if on_row is not None:
                 on_row(rows[-1])
             return rows[-1]["accuracy"] >= target
@@ -134,3 +132,9 @@ def describe(record: dict[str, Any]) -> str:
         f"samples; {len(record['rows'])} scale(s) tried in {record['seconds']:.0f} s "
         f"(guidance.json)"
     )
+
+
+def row_line(row: dict[str, Any]) -> str:
+    """One scale's measurement, as the trainer shows it while choosing."""
+    return (f"choosing guidance: s = {row['guidance']:g}: {row['accuracy']:.1%} recognised, "
+            f"FD {row['fd_ratio']:.2f}x the floor ({row['seconds']:.1f} s)")  # fmt: skip
