@@ -354,3 +354,71 @@ def test_bf16_speedup_is_measured_without_touching_the_random_state():
     speedup = measure_bf16_speedup(batch=4, repeats=1)
     assert math.isfinite(speedup) and speedup > 0
     assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_cpu_training_precision_is_measured_beside_sampling(tmp_path, monkeypatch, capsys):
+    """train.mixed_precision=auto on a CPU: bf16 only where a training pass measured at least
+    BF16_MIN_SPEEDUP faster. Its figures sit under "training" in the machine's entry, beside
+    sampling's, and neither measurement overwrites the other."""
+    from difflab import devices
+
+    monkeypatch.delenv(devices.CPU_PRECISION_ENV)
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path))
+    asked = []
+
+    def fake(speedup_sampling, speedup_training):
+        def measure(batch=200, repeats=3, training=False):
+            asked.append(training)
+            return speedup_training if training else speedup_sampling
+
+        return measure
+
+    def clear():
+        devices.cpu_sampling_precision.cache_clear()
+        devices.cpu_training_precision.cache_clear()
+
+    try:
+        # each task has its own measurement: fp32 training beside bf16 sampling
+        clear()
+        monkeypatch.setattr(devices, "measure_bf16_speedup", fake(2.0, 1.0))
+        assert devices.auto_mixed_precision("cpu") == "no" and asked == [True]
+        assert devices.resolve_precision("auto", "cpu") == "bf16" and asked == [True, False]
+        (entry,) = json.loads((tmp_path / "cpu-precision.json").read_text()).values()
+        assert entry["choice"] == "bf16" and entry["training"]["choice"] == "fp32"
+        assert entry["training"]["bf16_speedup"] == 1.0
+        assert "training precision on this CPU: fp32" in capsys.readouterr().err
+        # read back in a new process without measuring
+        clear()
+        assert devices.auto_mixed_precision("cpu") == "no" and len(asked) == 2
+        # and the other way round; measuring one task keeps the other's figures
+        clear()
+        (tmp_path / "cpu-precision.json").unlink()
+        fast = devices.BF16_MIN_SPEEDUP
+        monkeypatch.setattr(devices, "measure_bf16_speedup", fake(fast - 0.01, fast))
+        assert devices.auto_mixed_precision("cpu") == "bf16"
+        assert devices.resolve_precision("auto", "cpu") is None
+        (entry,) = json.loads((tmp_path / "cpu-precision.json").read_text()).values()
+        assert (entry["choice"], entry["training"]["choice"]) == ("fp32", "bf16")
+        # CUDA trains in bf16 and MPS in fp32 without measuring; the environment pins the CPU
+        n = len(asked)
+        assert devices.auto_mixed_precision("cuda:0") == "bf16"
+        assert devices.auto_mixed_precision("mps") == "no" and len(asked) == n
+        clear()
+        monkeypatch.setenv(devices.CPU_PRECISION_ENV, "bf16")
+        assert devices.auto_mixed_precision("cpu") == "bf16" and len(asked) == n
+        # under a launcher every rank trains alike, unmeasured: fp32 unless pinned to bf16
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert devices.auto_mixed_precision("cpu") == "bf16"
+        monkeypatch.setenv(devices.CPU_PRECISION_ENV, "")
+        assert devices.auto_mixed_precision("cpu") == "no" and len(asked) == n
+    finally:
+        clear()
+
+
+def test_training_speedup_is_measured_with_a_backward_pass():
+    from difflab.devices import measure_bf16_speedup
+
+    before = torch.random.get_rng_state()
+    speedup = measure_bf16_speedup(batch=4, repeats=1, training=True)
+    assert math.isfinite(speedup) and speedup > 0
+    assert torch.equal(torch.random.get_rng_state(), before)

@@ -278,6 +278,29 @@ def test_speed_options_are_accepted_on_cpu(tmp_path):
     assert RunConfig.load(tmp_path / "run" / "config.json").train.channels_last
 
 
+@pytest.mark.parametrize("pinned", ["fp32", "bf16"])
+def test_auto_mixed_precision_on_cpu_trains_as_the_machine_choice(tmp_path, monkeypatch, pinned):
+    """train.mixed_precision=auto on a CPU autocasts the network as the machine's choice says
+    (pinned here by $DIFFLAB_CPU_PRECISION), and the result names it."""
+    from difflab import devices
+
+    monkeypatch.setenv(devices.CPU_PRECISION_ENV, pinned)
+    devices.cpu_training_precision.cache_clear()
+    seen = []
+    trainer = Trainer(tiny_config(), tmp_path / "run", device="cpu", progress=False)
+    forward = trainer.raw_model.forward
+
+    def spy(*args):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return forward(*args)
+
+    monkeypatch.setattr(trainer.raw_model, "forward", spy)
+    result = trainer.fit()
+    assert result.precision == pinned and len(seen) == result.steps == 5
+    assert set(seen) == ({torch.bfloat16} if pinned == "bf16" else {None})
+    devices.cpu_training_precision.cache_clear()
+
+
 def test_compile_flag_is_validated():
     data = tiny_config().to_dict()
     data["train"]["compile"] = "yes"

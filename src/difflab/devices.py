@@ -6,8 +6,10 @@ formats have one vocabulary across the lab, :data:`PRECISIONS` (``fp32``, ``bf16
 DDPM sampling takes ``auto``, ``fp32`` or ``bf16`` (bf16 autocast; ``auto`` is bf16 on CUDA,
 on a CPU whichever of the two measured faster on it, :func:`cpu_sampling_precision`, and fp32
 on MPS), a Stable Diffusion pipeline ``auto``, ``fp16``, ``bf16`` or ``fp32`` (the
-weights' dtype; ``auto`` is fp16 on CUDA/MPS, fp32 on the CPU). torch is imported only when
-a device is resolved, so the options that name these values stay cheap to import.
+weights' dtype; ``auto`` is fp16 on CUDA/MPS, fp32 on the CPU). DDPM training's
+``train.mixed_precision=auto`` is bf16 on CUDA and, on a CPU, whichever measured faster for a
+training step there (:func:`auto_mixed_precision`). torch is imported only when a device is
+resolved, so the options that name these values stay cheap to import.
 """
 
 from __future__ import annotations
@@ -87,6 +89,24 @@ def resolve_precision(precision: str | None, device: Any) -> str | None:
     return "bf16" if precision == "bf16" else None
 
 
+def auto_mixed_precision(device: str) -> str:
+    """What ``train.mixed_precision=auto`` trains with on ``device``, in accelerate's terms
+    (``"bf16"`` or ``"no"``): bf16 on CUDA, fp32 on MPS, and on a CPU what
+    :func:`cpu_training_precision` measured faster there. Processes started by a launcher
+    train in fp32 on a CPU unless ``$DIFFLAB_CPU_PRECISION`` pins bf16, so that no two ranks
+    can measure differently."""
+    kind = _device_type(device)
+    if kind == "cuda":
+        return "bf16"
+    if kind != "cpu":
+        return "no"
+    from difflab.distributed import launched_world_size
+
+    if launched_world_size() > 1:
+        return "bf16" if os.environ.get(CPU_PRECISION_ENV) == "bf16" else "no"
+    return "bf16" if cpu_training_precision() == "bf16" else "no"
+
+
 def _cpu_key() -> str:
     """This CPU and software, as the choice depends on them: model, cores, torch, threads."""
     import torch
@@ -102,10 +122,11 @@ def _cpu_key() -> str:
     return f"{name} | {os.cpu_count()} CPUs | torch {torch.__version__} | {torch.get_num_threads()} threads"
 
 
-def measure_bf16_speedup(batch: int = 200, repeats: int = 3) -> float:
-    """fp32 time / bf16-autocast time of one forward pass, on the CPU, of a network shaped
-    like the ``quick`` preset's U-Net on ``batch`` 28x28 images (2x2 patches: 14x14 with 32
-    channels, then 7x7 with 64; random weights): best of ``repeats`` each, after a warm-up.
+def measure_bf16_speedup(batch: int = 200, repeats: int = 3, training: bool = False) -> float:
+    """fp32 time / bf16-autocast time of one pass, on the CPU, of a network shaped like the
+    ``quick`` preset's U-Net on ``batch`` 28x28 images (2x2 patches: 14x14 with 32 channels,
+    then 7x7 with 64; random weights): best of ``repeats`` each, after a warm-up. A forward
+    pass, or with ``training`` a forward and backward pass (the work of a training step).
     About a second on a 2-core CPU."""
     import torch
     from torch import nn
@@ -119,19 +140,23 @@ def measure_bf16_speedup(batch: int = 200, repeats: int = 3) -> float:
             *block(4, 32), *block(32, 32), nn.Conv2d(32, 64, 3, stride=2, padding=1),
             *block(64, 64), *block(64, 64), nn.Upsample(scale_factor=2),
             *block(64, 32), nn.Conv2d(32, 4, 3, padding=1),
-        ).eval()  # fmt: skip
+        ).train(training)  # fmt: skip
         x = torch.randn(batch, 4, 14, 14)
-    best = {}
-    with torch.inference_mode():
-        for mode in ("fp32", "bf16"):
-            times = []
-            for _ in range(repeats + 1):
+
+    def one_pass(bf16: bool) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = net(x)
+        if training:
+            out.float().square().mean().backward()
+
+    times: dict[bool, list[float]] = {False: [], True: []}
+    with torch.inference_mode(not training):
+        for _ in range(repeats + 1):  # the two alternate, so a change of load hits both
+            for bf16 in (False, True):
                 start = time.perf_counter()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16"):
-                    net(x)
-                times.append(time.perf_counter() - start)
-            best[mode] = min(times[1:])
-    return best["fp32"] / best["bf16"]
+                one_pass(bf16)
+                times[bf16].append(time.perf_counter() - start)
+    return min(times[False][1:]) / min(times[True][1:])
 
 
 @cache
@@ -143,6 +168,22 @@ def cpu_sampling_precision() -> str:
     once per CPU model, core count, torch version and thread count, and kept in
     ``$DIFFLAB_CACHE/cpu-precision.json`` (``~/.cache/difflab`` by default) with its figures.
     """
+    return _cpu_choice("sampling")
+
+
+@cache
+def cpu_training_precision() -> str:
+    """``fp32`` or ``bf16``: what ``train.mixed_precision=auto`` trains with on this CPU.
+
+    As :func:`cpu_sampling_precision`, from a forward and backward pass at the ``quick``
+    preset's batch. At a fixed budget a bf16 step that much faster buys more training than
+    its rounding costs (docs/benchmarks.md). Kept under ``"training"`` in the same entry.
+    """
+    return _cpu_choice("training")
+
+
+def _cpu_choice(task: str) -> str:
+    """The measured (or pinned, or cached) CPU precision of ``task``: sampling or training."""
     pinned = os.environ.get(CPU_PRECISION_ENV)
     if pinned:  # set and not empty (an empty value is unset, as for $DIFFLAB_CACHE)
         if pinned not in ("fp32", "bf16"):
@@ -156,20 +197,30 @@ def cpu_sampling_precision() -> str:
     except (OSError, ValueError):  # none yet, unreadable, not UTF-8 or not JSON
         known = {}
     known = known if isinstance(known, dict) else {}
-    entry = known.get(key)
-    if isinstance(entry, dict) and entry.get("choice") in ("fp32", "bf16"):
-        return entry["choice"]
-    speedup = measure_bf16_speedup()
+    entry = known.get(key) if isinstance(known.get(key), dict) else {}
+    # sampling's figures sit at the top of a machine's entry, training's under "training"
+    found = entry if task == "sampling" else entry.get("training")
+    if isinstance(found, dict) and found.get("choice") in ("fp32", "bf16"):
+        return found["choice"]
+    if task == "training":
+        speedup = measure_bf16_speedup(batch=32, repeats=8, training=True)
+    else:
+        speedup = measure_bf16_speedup()
     choice = "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"
-    known[key] = {"choice": choice, "bf16_speedup": round(speedup, 3),
-                  "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
+    figures = {"choice": choice, "bf16_speedup": round(speedup, 3),
+               "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
+    if task == "sampling":
+        entry = {**{k: v for k, v in entry.items() if k == "training"}, **figures}
+    else:
+        entry = {**entry, "training": figures}
+    known[key] = entry
     where = f"kept in {path}"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, known)
     except OSError as e:  # a read-only home: measured again next time
         where = f"not kept: {path} cannot be written ({type(e).__name__}), so the next command measures again"
-    print(f"sampling precision on this CPU: {choice} (bf16 measured {speedup:.2f}x fp32's speed; "
+    print(f"{task} precision on this CPU: {choice} (bf16 measured {speedup:.2f}x fp32's speed; "
           f"{where})", file=sys.stderr, flush=True)  # fmt: skip
     return choice
 

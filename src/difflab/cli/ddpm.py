@@ -154,7 +154,7 @@ def _train(args: argparse.Namespace) -> None:
     if distributed.is_main_process():  # under torchrun, one line for all processes
         print(
             f"trained {result.steps} steps in {result.seconds:.0f} s "
-            f"({result.images_per_s:.0f} images/s); run folder: {result.run_dir}"
+            f"({result.images_per_s:.0f} images/s, {result.precision}); run folder: {result.run_dir}"
         )
         if result.guidance is not None:
             from difflab.evaluation.guidance_choice import describe

@@ -34,7 +34,7 @@ from difflab.ddpm.diffusion import GaussianDiffusion
 from difflab.ddpm.model import ContextUnet
 from difflab.ddpm.runs import init_from_run, resolve_config
 from difflab.ddpm.training_hooks import MakeEvaluator, TrainingHooks, accelerator_options
-from difflab.devices import resolve_device
+from difflab.devices import auto_mixed_precision, resolve_device
 from difflab.errors import UsageError
 from difflab.files import append_jsonl
 from difflab.runfolder import TrainingDiverged, TrainingInterrupted
@@ -51,6 +51,7 @@ class TrainResult:
     images_per_s: float
     final_loss: float
     guidance: dict | None = None  # what train.choose_guidance measured and chose (guidance.json)
+    precision: str = "fp32"  # the network's autocast in training: fp32, bf16 or fp16
 
 
 def _lr_factor(progress: float, step: int, warmup: int, schedule: str) -> float:
@@ -93,11 +94,10 @@ class Trainer:
             raise UsageError("train: give --epochs or --minutes")
         dev = resolve_device(device)
         distributed.check_device(dev, distributed.launched_world_size())
-        mp = tc.mixed_precision
-        if mp == "auto":
-            mp = "bf16" if dev.startswith("cuda") else "no"
+        mp = auto_mixed_precision(dev) if tc.mixed_precision == "auto" else tc.mixed_precision
         extra = accelerator_options(cfg, self.run_dir)  # a tracker, when train.log_with asks
         self.accelerator = runfolder.accelerator(mp, cpu=dev == "cpu", **extra)
+        self.precision = "fp32" if mp == "no" else mp
         self.device = self.accelerator.device
         self.world = self.accelerator.num_processes
         distributed.check_batch_size(tc.batch_size, self.world)
@@ -411,7 +411,9 @@ class Trainer:
         steps = self.step - start_step
         run_seconds = max(self.elapsed, 1e-9)
         rate = steps * tc.batch_size / run_seconds
-        return TrainResult(self.run_dir, self.step, run_seconds, rate, loss, self.hooks.guidance)
+        return TrainResult(
+            self.run_dir, self.step, run_seconds, rate, loss, self.hooks.guidance, self.precision
+        )
 
 
 def train(

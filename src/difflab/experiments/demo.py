@@ -52,7 +52,8 @@ def run_demo(
     else:
         result = train(cfg, out, device=device, make_evaluator=TrainingEvaluator)
     print(
-        f"trained {result.steps} steps in {result.seconds:.0f} s ({result.images_per_s:.0f} images/s)"
+        f"trained {result.steps} steps in {result.seconds:.0f} s "
+        f"({result.images_per_s:.0f} images/s, {result.precision})"
     )
     if result.guidance is not None:
         print(describe(result.guidance))

@@ -118,7 +118,7 @@ def _fit(lab: Lab, job: Job, cfg: RunConfig, out: Path, resume: bool) -> str:
     job.update(
         1.0 if not job.cancelled() else None,
         f"{what} at step {result.steps}; checkpoint saved in {out.name} "
-        f"({result.images_per_s:.0f} images/s){chosen}",
+        f"({result.images_per_s:.0f} images/s, {result.precision}){chosen}",
     )
     return str(out)
 
