@@ -411,6 +411,10 @@ def test_cpu_training_precision_is_measured_beside_sampling(tmp_path, monkeypatc
         assert devices.auto_mixed_precision("cpu") == "bf16"
         monkeypatch.setenv(devices.CPU_PRECISION_ENV, "")
         assert devices.auto_mixed_precision("cpu") == "no" and len(asked) == n
+        clear()  # a bad pin is refused under a launcher too, not read as fp32
+        monkeypatch.setenv(devices.CPU_PRECISION_ENV, "fp16")
+        with pytest.raises(UsageError, match="DIFFLAB_CPU_PRECISION='fp16': choose fp32 or bf16"):
+            devices.auto_mixed_precision("cpu")
     finally:
         clear()
 

@@ -102,8 +102,8 @@ def auto_mixed_precision(device: str) -> str:
         return "no"
     from difflab.distributed import launched_world_size
 
-    if launched_world_size() > 1:
-        return "bf16" if os.environ.get(CPU_PRECISION_ENV) == "bf16" else "no"
+    if launched_world_size() > 1 and not os.environ.get(CPU_PRECISION_ENV):
+        return "no"  # unpinned under a launcher: no rank measures
     return "bf16" if cpu_training_precision() == "bf16" else "no"
 
 
@@ -209,11 +209,7 @@ def _cpu_choice(task: str) -> str:
     choice = "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"
     figures = {"choice": choice, "bf16_speedup": round(speedup, 3),
                "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
-    if task == "sampling":
-        entry = {**{k: v for k, v in entry.items() if k == "training"}, **figures}
-    else:
-        entry = {**entry, "training": figures}
-    known[key] = entry
+    known[key] = {**entry, **figures} if task == "sampling" else {**entry, "training": figures}
     where = f"kept in {path}"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
