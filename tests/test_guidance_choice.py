@@ -22,10 +22,10 @@ def judge_cache(tmp_path_factory):
 
 
 @pytest.mark.parametrize("lowest", range(len(SCALES) + 1))  # len(SCALES): none reaches
-def test_bisection_finds_the_lowest_scale_that_reaches_in_three_tries(lowest):
+def test_bisection_finds_the_lowest_scale_that_reaches_in_four_tries(lowest):
     reaches = {s: i >= lowest for i, s in enumerate(SCALES)}
     tried = bisect_scales(reaches.__getitem__)
-    assert len(tried) <= 3 and len(set(tried)) == len(tried)
+    assert len(tried) <= 4 and len(set(tried)) == len(tried)  # ten scales: log2(11) rounded up
     rows = [{"guidance": s, "accuracy": 0.995 if reaches[s] else 0.9 + s / 100, "fd": s}
             for s in tried]  # fmt: skip
     chosen = pick(rows, 0.99)["guidance"]
@@ -65,16 +65,16 @@ def test_training_ends_by_writing_the_chosen_guidance(tmp_path):
     record = json.loads((run / "guidance.json").read_text())
     assert result.guidance == record
     # every scale reaches a target of 0: the bisection walks down to the lowest
-    assert [r["guidance"] for r in record["rows"]] == [2.5, 1.75, 1.5]
-    assert record["chosen"] == {"guidance": 1.5, "guidance_interval": list(INTERVAL)}
+    assert [r["guidance"] for r in record["rows"]] == [2.0, 1.5, 1.4, 1.25]
+    assert record["chosen"] == {"guidance": 1.25, "guidance_interval": list(INTERVAL)}
     assert record["n"] == 30 and record["reached_target"]
     for r in record["rows"]:
         assert 0 <= r["accuracy"] <= 1 and r["fd"] > 0
         assert r["fd_ratio"] == pytest.approx(r["fd"] / record["fd_floor"])
     saved = RunConfig.load(run / "config.json")
-    assert (saved.sample.guidance, saved.sample.guidance_interval) == (1.5, INTERVAL)
+    assert (saved.sample.guidance, saved.sample.guidance_interval) == (1.25, INTERVAL)
     assert saved.sample.steps == cfg.sample.steps  # only the guidance changed
-    assert "s = 1.5 for sigma in [0.5, 1e+06]" in describe(record)
+    assert "s = 1.25 for sigma in [0.5, 1e+06]" in describe(record)
 
     # an unreachable target: the most accurate of the scales tried (bisecting upwards)
     other = tmp_path / "other"
@@ -84,7 +84,7 @@ def test_training_ends_by_writing_the_chosen_guidance(tmp_path):
     ).guidance
     tried = [r["guidance"] for r in record["rows"]]
     if not record["reached_target"]:
-        assert tried == [2.5, 4.0]  # up from the middle: 3 is not needed once 4 falls short
+        assert tried == [2.0, 3.0, 4.0]  # up from the middle: 2.25 and 2.5 are not needed
         assert record["chosen"]["guidance"] == pick(record["rows"], 1.0)["guidance"]
     assert RunConfig.load(other / "config.json").sample.guidance == record["chosen"]["guidance"]
 

@@ -116,7 +116,7 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.raw_model = model.to(self.device)  # weights, EMA and checkpoints use this one
         self.ema_model = copy.deepcopy(model).requires_grad_(False)
-        fused = {"fused": True} if self.device.type == "cuda" else {}
+        fused = {"fused": True} if self.device.type in ("cuda", "cpu") else {}  # one kernel
         opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, **fused)
         if tc.compile:
             model = self._compiled(model)

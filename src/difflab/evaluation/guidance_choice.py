@@ -8,7 +8,7 @@ over-guides long ones. With ``train.choose_guidance`` (on in the ``quick`` prese
 trainer looks for the lowest scale of :data:`SCALES` whose samples reach the conditional
 accuracy ``train.guidance_target`` by the reference classifier, each scale guided only where
 the noise level sigma lies in :data:`INTERVAL` (Kynkäänniemi et al. 2024). Accuracy rises with
-s, so it bisects: three scales tried at most out of six. The FD also rises with s past the
+s, so it bisects: four scales tried at most out of ten. The FD also rises with s past the
 lowest scale that reaches the target, so that scale has the lowest FD of those that do.
 When no scale reaches it, the most accurate one tried is taken.
 
@@ -33,7 +33,7 @@ from difflab.ddpm.generate import sample_labels
 from difflab.evaluation.distances import frechet_distance
 from difflab.evaluation.metrics import conditional_accuracy, real_floor
 
-SCALES = (1.5, 1.75, 2.0, 2.5, 3.0, 4.0)  # ascending: bisected (bisect_scales)
+SCALES = (1.25, 1.4, 1.5, 1.6, 1.75, 2.0, 2.25, 2.5, 3.0, 4.0)  # ascending: bisected
 INTERVAL = (0.5, 1e6)  # sigma_lo, sigma_hi: guidance off below sigma = 0.5
 
 
