@@ -356,6 +356,22 @@ def test_bf16_speedup_is_measured_without_touching_the_random_state():
     assert torch.equal(torch.random.get_rng_state(), before)
 
 
+def test_the_precision_cache_tells_cpus_of_one_name_apart_by_their_bf16_instructions():
+    """Virtual machines name a Zen 3 and a Zen 4 both "AMD EPYC"; only one has bf16 dot
+    products, so they must not share a cached choice. Other processors' entries are ignored."""
+    from difflab.devices import _cpu_key
+
+    def info(flags):
+        return f"processor : 0\nmodel name : AMD EPYC\nflags : fpu {flags}\n\nprocessor : 1\nflags : x\n"
+
+    zen3, zen4 = _cpu_key(info("avx2")), _cpu_key(info("avx2 avx512f avx512_bf16"))
+    assert zen3 != zen4 and zen3.startswith("AMD EPYC |") and zen4.startswith("AMD EPYC |")
+    assert "avx512_bf16" in zen4 and "avx512_bf16" not in zen3
+    assert "amx_bf16" in _cpu_key(info("avx512_bf16 amx_bf16 amx_tile"))
+    assert _cpu_key(info("avx2 sse4_2")) == zen3  # flags that do not decide bf16 do not split
+    assert _cpu_key("") == _cpu_key("garbage without colons")  # unreadable: still one key
+
+
 def test_cpu_training_precision_is_measured_beside_sampling(tmp_path, monkeypatch, capsys):
     """train.mixed_precision=auto on a CPU: bf16 only where a training pass measured at least
     BF16_MIN_SPEEDUP faster. Its figures sit under "training" in the machine's entry, beside

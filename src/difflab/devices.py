@@ -107,19 +107,25 @@ def auto_mixed_precision(device: str) -> str:
     return "bf16" if cpu_training_precision() == "bf16" else "no"
 
 
-def _cpu_key() -> str:
-    """This CPU and software, as the choice depends on them: model, cores, torch, threads."""
+def _cpu_key(cpuinfo: str | None = None) -> str:
+    """This CPU and software, as the choice depends on them: model, bf16 instructions, cores,
+    torch, threads. Virtual machines often name only the vendor ("AMD EPYC"), so the
+    instruction sets tell CPUs of one name apart. ``cpuinfo``: /proc/cpuinfo's text."""
     import torch
 
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name} | {os.cpu_count()} CPUs | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    first = cpuinfo.split("\n\n")[0].splitlines()  # the first processor's entry
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first)}
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    isa = "+".join(f for f in ("avx512_bf16", "amx_bf16") if f in flags) or "no bf16 flags"
+    cap = torch.backends.cpu.get_cpu_capability()
+    return (f"{name} | {cap}, {isa} | {os.cpu_count()} CPUs | torch {torch.__version__} | "
+            f"{torch.get_num_threads()} threads")  # fmt: skip
 
 
 def measure_bf16_speedup(batch: int = 200, repeats: int = 3, training: bool = False) -> float:
