@@ -15,6 +15,7 @@ from difflab.cli import main
 from difflab.config import DiffusionConfig, DistillConfig, RunConfig, SampleConfig
 from difflab.ddpm.diffusion import GaussianDiffusion
 from difflab.ddpm.distill import Distiller
+from difflab.ddpm.distill_steps import ddim_step
 from difflab.ddpm.generate import guidance_shape
 from difflab.ddpm.sampling import GuidedModel, sample, sample_steps
 from difflab.errors import UsageError
@@ -198,7 +199,9 @@ def test_a_cfgpp_teacher_steps_through_the_guided_x0_with_the_unconditional_eps(
     torch.testing.assert_close(eps_pp, eps_u, atol=1e-5, rtol=1e-5)
     a_to = torch.cat([d.buf("alphas_cumprod"), torch.ones(1)])[t_to].view(-1, 1, 1, 1)
     want = a_to.sqrt() * x0 + (1 - a_to).sqrt() * eps_u
-    torch.testing.assert_close(pp._ddim(z, x0_pp, t, t_to, eps_pp), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        ddim_step(pp.abar, z, x0_pp, t, t_to, eps_pp), want, atol=1e-5, rtol=1e-5
+    )
     assert float(pp.loss(0).detach()) != float(plain.loss(0).detach())
     pp.round = 1  # later rounds distil the student: no unconditional eps
     assert pp._teacher_x0(z, t, y)[1] is None

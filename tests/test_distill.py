@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 
 from difflab.cli import main
 from difflab.config import DistillConfig, RunConfig
-from difflab.ddpm.distill import Distiller, distill, distillation_target, teacher_grid
+from difflab.ddpm.adversarial import adversarial_step, make_critic
+from difflab.ddpm.distill import Distiller, distill
+from difflab.ddpm.distill_steps import distillation_target, teacher_grid
 from difflab.ddpm.runs import load_run
 from difflab.errors import UsageError
 from difflab.files import file_sha256
@@ -114,6 +116,38 @@ def test_resume_is_exact(teacher, tmp_path):
         assert RunConfig.load(split / "config.json") == RunConfig.load(straight / "config.json")
 
 
+def test_bf16_distillation_resumes_exactly_and_keeps_its_precision(teacher, tmp_path):
+    """``--mixed-precision bf16`` runs the passes under bf16 autocast (other weights than
+    fp32's, which ``auto`` gives where the CPU is pinned to fp32), resumes bit for bit, and
+    a resume may not change it."""
+    dc = tiny_distill(teacher, mixed_precision="bf16")
+    straight, split, fp32 = tmp_path / "bf16", tmp_path / "split", tmp_path / "fp32"
+    assert distill(dc, straight, device="cpu", progress=False).precision == "bf16"
+    distill(dc, split, device="cpu", progress=False, stop_at_step=4)
+    distill(dc, split, device="cpu", progress=False, resume=True)
+    assert distill(tiny_distill(teacher), fp32, device="cpu", progress=False).precision == "fp32"
+    a, b, c = (load_file(d / "model.safetensors") for d in (straight, split, fp32))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    with pytest.raises(UsageError, match="--mixed-precision is 'no' here but 'bf16'"):
+        distill(tiny_distill(teacher, mixed_precision="no"), split, device="cpu", resume=True)
+
+
+def test_the_students_loss_leaves_the_critics_gradients_alone():
+    """The critic's weights get the gradient of its own loss only: the student's loss (which
+    back-propagates through the critic into x_hat) adds nothing to them."""
+    critic, opt = make_critic(1, 10, 0, "cpu")
+    g = torch.Generator().manual_seed(0)
+    x_hat = torch.randn(4, 1, 8, 8, generator=g, requires_grad=True)
+    real, y = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1, torch.tensor([0, 1, 2, 3])
+    loss, _ = adversarial_step(critic, opt, x_hat, x_hat.detach(), y, real, y)
+    before = [p.grad.clone() for p in critic.parameters()]
+    loss.backward()
+    assert all(torch.equal(p.grad, q) for p, q in zip(critic.parameters(), before, strict=True))
+    assert x_hat.grad is not None and x_hat.grad.abs().sum() > 0
+    assert all(p.requires_grad for p in critic.parameters())
+
+
 def test_distillation_learns(teacher, tmp_path):
     """More steps of the first round bring the loss down (the student fits the teacher)."""
     out = tmp_path / "k4"
@@ -188,6 +222,7 @@ def test_a_finished_student_resumes_to_itself(teacher, tmp_path):
         (["--steps", "1", "--minutes", "-1"], "--minutes -1"),
         (["--steps", "1", "--round-steps", "0"], "--round-steps 0"),
         (["--steps", "1", "--teacher-steps", "256"], "--teacher-steps 256"),  # T = 100
+        (["--steps", "1", "--mixed-precision", "fp16"], "--mixed-precision 'fp16'"),
     ],
 )
 def test_bad_options_are_one_line(teacher, tmp_path, capsys, args, words):

@@ -24,6 +24,7 @@ TimestepSampling = Literal["uniform", "importance"]
 SamplerName = Literal["ddpm", "ddim", "dpm++", "unipc", "euler"]
 Spacing = Literal["trailing", "leading", "linspace"]
 Precision = Literal["auto", "no", "bf16", "fp16"]
+DistillPrecision = Literal["auto", "no", "bf16"]  # fp16 would need loss scaling
 KeepBest = Literal["fd", "kid", "accuracy"]  # the evaluation metric whose best weights are kept
 Tracker = Literal["tensorboard", "wandb"]
 GuidanceSchedule = Literal["constant", "linear", "cosine"]
@@ -43,7 +44,7 @@ FLAGS = {  # options with their own command-line flag; the rest are --set SECTIO
     ("train", "snapshot_every"): "--snapshot-every", ("train", "log_with"): "--log-with",
     ("distill", "steps"): "--steps", ("distill", "teacher_steps"): "--teacher-steps",
     ("distill", "teacher_guidance"): "--guidance", ("distill", "round_steps"): "--round-steps",
-    ("distill", "adversarial"): "--adversarial",
+    ("distill", "adversarial"): "--adversarial", ("distill", "mixed_precision"): "--mixed-precision",
     **{("distill", k): f"--{k.replace('_', '-')}" for k in ("minutes", "batch_size", "lr", "seed")},
 }  # fmt: skip
 
@@ -58,6 +59,12 @@ def _check_int(section: str, key: str, value: int, low: int, high: int) -> None:
         raise UsageError(
             f"{option_name(section, key)} {value!r}: must be a whole number from {low} to {high:,}"
         )
+
+
+def _check_choice(section: str, key: str, value: Any, kind: Any, why: str = "") -> None:
+    if value not in get_args(kind):  # kind: a Literal
+        allowed = ", ".join(get_args(kind))
+        raise UsageError(f"{option_name(section, key)} {value!r}: {why}choose one of {allowed}")
 
 
 def _check_float(
@@ -185,7 +192,8 @@ class TrainConfig:
     # end by choosing the run's default guidance from its samples (evaluation.guidance_choice)
     choose_guidance: bool = False
     guidance_target: float = 0.99  # the conditional accuracy the chosen scale must reach
-    guidance_n_per_class: int = 50  # samples per class for each scale tried
+    guidance_fd_target: float = 1.5  # ... and the FD / floor it should stay within
+    guidance_n_per_class: int = 100  # samples per class for each scale tried
 
     def __post_init__(self) -> None:
         _check_int("train", "batch_size", self.batch_size, 1, 65_536)
@@ -209,13 +217,11 @@ class TrainConfig:
             _check_int("train", "eval_steps", self.eval_steps, 1, 100_000)
         _check_int("train", "snapshot_every", self.snapshot_every, 0, 10**9)
         _check_float("train", "guidance_target", self.guidance_target, 0, 1)
+        _check_float("train", "guidance_fd_target", self.guidance_fd_target, 0, 1e6, open_low=True)
         _check_int("train", "guidance_n_per_class", self.guidance_n_per_class, 2, 10_000)
         for key, kind in (("keep_best", KeepBest), ("log_with", Tracker)):
-            value = getattr(self, key)
-            if value is not None and value not in get_args(kind):
-                raise UsageError(
-                    f"{option_name('train', key)} {value!r}: choose one of {', '.join(get_args(kind))}"
-                )
+            if getattr(self, key) is not None:
+                _check_choice("train", key, getattr(self, key), kind)
         if self.keep_best is not None and not (self.eval_every or self.eval_every_minutes):
             raise UsageError(
                 f"--keep-best {self.keep_best}: needs evaluations; give --eval-every or "
@@ -251,12 +257,8 @@ class SampleConfig:
             from difflab.checks import check_interval  # checks imports this module
 
             check_interval(self.guidance_interval, option_name("sample", "guidance_interval"))
-        if self.guidance_schedule not in get_args(GuidanceSchedule):
-            allowed = ", ".join(get_args(GuidanceSchedule))
-            raise UsageError(
-                f"{option_name('sample', 'guidance_schedule')} {self.guidance_schedule!r}: "
-                f"unknown schedule; choose one of {allowed}"
-            )
+        _check_choice("sample", "guidance_schedule", self.guidance_schedule, GuidanceSchedule,
+                      "unknown schedule; ")  # fmt: skip
         _check_float("sample", "guidance_rescale", self.guidance_rescale, 0, 1)
         if self.guidance_method != "cfg":
             from difflab.checks import check_guidance_method  # checks imports this module
@@ -281,6 +283,7 @@ class DistillConfig:
     batch_size: int = 32
     lr: float = 1e-3  # Adam, annealed linearly to 0 within each round
     adversarial: float = 0.4  # share of --minutes for a last, adversarial round (0: none)
+    mixed_precision: DistillPrecision = "auto"  # the passes' autocast; auto as in train
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 100
@@ -308,6 +311,7 @@ class DistillConfig:
             raise UsageError("distill: give --minutes or --round-steps")
         _check_float("distill", "lr", self.lr, 0, 1, open_low=True)
         _check_float("distill", "adversarial", self.adversarial, 0, 1, open_high=True)
+        _check_choice("distill", "mixed_precision", self.mixed_precision, DistillPrecision)
 
 
 @dataclass(frozen=True)
@@ -346,12 +350,7 @@ class RunConfig:
         for item in assignments:
             key, sep, raw = item.partition("=")
             parts = key.strip().split(".")
-            if (
-                not sep
-                or len(parts) != 2
-                or parts[0] not in data
-                or not isinstance(data[parts[0]], dict)
-            ):
+            if not sep or len(parts) != 2 or not isinstance(data.get(parts[0]), dict):
                 sections = ", ".join(k for k, v in data.items() if isinstance(v, dict))
                 raise UsageError(
                     f"--set {item!r}: expected SECTION.KEY=VALUE with SECTION one of {sections}"

@@ -35,6 +35,9 @@ def add(sub) -> None:
     p.add_argument("--lr", type=float, help=f"Adam, annealed to 0 within each round (default "
                    f"{default(DistillConfig, 'lr')})")  # fmt: skip
     p.add_argument("--seed", type=int, help=f"default {default(DistillConfig, 'seed')}")
+    p.add_argument("--mixed-precision", help="the network passes' precision: bf16 (autocast), "
+                   "no (fp32) or auto (the default: bf16 on CUDA; on a CPU whichever measured "
+                   "faster for a training step there, as train does)")  # fmt: skip
     add_device(p)
     p.add_argument("--out", required=True, help="the student's run folder, e.g. runs/NAME-k1")
     p.add_argument("--resume", action="store_true", default=False,
@@ -50,4 +53,4 @@ def _distill(args: argparse.Namespace) -> None:
         " and an adversarial one" if dc.adversarial else ""
     )
     print(f"wrote {r.run_dir}: {dc.steps}-step student after {rounds}, "
-          f"{r.steps} steps in {r.seconds:.0f} s, last loss {r.final_loss:.4f}")  # fmt: skip
+          f"{r.steps} steps in {r.seconds:.0f} s ({r.precision}), last loss {r.final_loss:.4f}")  # fmt: skip

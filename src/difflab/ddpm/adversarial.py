@@ -61,7 +61,8 @@ def make_critic(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         critic = ProjectionDiscriminator(in_channels, num_classes, CRITIC_WIDTH).to(device)
-    return critic, torch.optim.Adam(critic.parameters(), lr=CRITIC_LR, betas=(0.0, 0.99))
+    fused = {"fused": True} if torch.device(device).type in ("cuda", "cpu") else {}
+    return critic, torch.optim.Adam(critic.parameters(), lr=CRITIC_LR, betas=(0.0, 0.99), **fused)
 
 
 def adversarial_step(
@@ -75,5 +76,7 @@ def adversarial_step(
     critic_optimizer.zero_grad(set_to_none=True)
     loss.backward()
     critic_optimizer.step()
+    critic.requires_grad_(False)  # the student's loss needs no gradient of the critic's weights
     fool = -critic(x_hat.clamp(-1, 1), y).mean()
+    critic.requires_grad_(True)
     return fool + ANCHOR_WEIGHT * (x_hat - anchor).pow(2).mean(), float(loss.detach())
