@@ -85,9 +85,6 @@ class Distiller:
     def __init__(self, dc: DistillConfig, out: str | Path, device: str = "cpu",
                  resume: bool = False, progress: bool = True) -> None:  # fmt: skip
         self.out, self.progress, self.device = Path(out), progress, torch.device(device)
-        mp = dc.mixed_precision
-        mp = auto_mixed_precision(str(self.device)) if mp == "auto" else mp
-        self.precision = "bf16" if mp == "bf16" else "fp32"
         teacher_dir = check_teacher(dc.teacher)
         t_cfg = RunConfig.load(teacher_dir / ckpt.CONFIG)
         if t_cfg.distill is not None:
@@ -106,6 +103,9 @@ class Distiller:
         if resume:
             dc = self._check_resume(dc)
         self.dc, self.t_cfg = dc, t_cfg
+        mp = dc.mixed_precision  # resolved once the teacher and the options are known good
+        mp = auto_mixed_precision(str(self.device)) if mp == "auto" else mp
+        self.precision = "bf16" if mp == "bf16" else "fp32"
         self.data = load_dataset(t_cfg.train.dataset, "train", t_cfg.train.data_dir)
         self.images = self.data.images.to(self.device)  # uint8 (N, C, H, W)
         self.labels = self.data.labels.to(self.device)
