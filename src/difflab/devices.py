@@ -62,6 +62,12 @@ def _device_type(device: Any) -> str:
     return str(device).split(":")[0]
 
 
+def fused_optimizer(device: Any) -> dict[str, bool]:
+    """The keyword that makes torch's Adam and AdamW one fused kernel over all parameters on
+    ``device`` (CUDA and the CPU have it; measured faster than the per-parameter loop)."""
+    return {"fused": True} if _device_type(device) in ("cuda", "cpu") else {}
+
+
 def check_precision(precision: str | None) -> str:
     """``--precision`` of DDPM sampling: one of :data:`SAMPLING_PRECISIONS` (None is auto)."""
     precision = "auto" if precision is None else precision

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from difflab.devices import fused_optimizer
+
 CRITIC_LR = 2e-4  # the critic's Adam learning rate (betas 0, 0.99), constant
 CRITIC_WIDTH = 32
 STUDENT_LR = 5e-5  # the student's Adam learning rate in the round (betas 0, 0.99), annealed
@@ -61,8 +63,8 @@ def make_critic(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         critic = ProjectionDiscriminator(in_channels, num_classes, CRITIC_WIDTH).to(device)
-    fused = {"fused": True} if torch.device(device).type in ("cuda", "cpu") else {}
-    return critic, torch.optim.Adam(critic.parameters(), lr=CRITIC_LR, betas=(0.0, 0.99), **fused)
+    return critic, torch.optim.Adam(critic.parameters(), lr=CRITIC_LR, betas=(0.0, 0.99),
+                                    **fused_optimizer(device))  # fmt: skip
 
 
 def adversarial_step(

@@ -51,7 +51,7 @@ from difflab.ddpm.distill_steps import (
     teacher_grid,
 )
 from difflab.ddpm.guidance import guidance_weight, sigmas
-from difflab.devices import auto_mixed_precision
+from difflab.devices import auto_mixed_precision, fused_optimizer
 from difflab.errors import UsageError
 from difflab.files import append_jsonl, file_sha256
 
@@ -153,7 +153,7 @@ class Distiller:
         return self.round >= self.dc.rounds
 
     def _optimizer(self) -> torch.optim.Optimizer:
-        fused = {"fused": True} if self.device.type in ("cuda", "cpu") else {}  # one kernel
+        fused = fused_optimizer(self.device)
         if self.adversarial_round:  # betas as usual for adversarial training
             return torch.optim.Adam(self.student.parameters(), lr=STUDENT_LR, betas=(0.0, 0.99),
                                     **fused)  # fmt: skip

@@ -34,7 +34,7 @@ from difflab.ddpm.diffusion import GaussianDiffusion
 from difflab.ddpm.model import ContextUnet
 from difflab.ddpm.runs import init_from_run, resolve_config
 from difflab.ddpm.training_hooks import MakeEvaluator, TrainingHooks, accelerator_options
-from difflab.devices import auto_mixed_precision, resolve_device
+from difflab.devices import auto_mixed_precision, fused_optimizer, resolve_device
 from difflab.errors import UsageError
 from difflab.files import append_jsonl
 from difflab.runfolder import TrainingDiverged, TrainingInterrupted
@@ -116,8 +116,8 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.raw_model = model.to(self.device)  # weights, EMA and checkpoints use this one
         self.ema_model = copy.deepcopy(model).requires_grad_(False)
-        fused = {"fused": True} if self.device.type in ("cuda", "cpu") else {}  # one kernel
-        opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, **fused)
+        opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
+                                **fused_optimizer(self.device))  # fmt: skip
         if tc.compile:
             model = self._compiled(model)
         self.model, self.optimizer = self.accelerator.prepare(model, opt)
